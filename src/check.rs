@@ -1,0 +1,176 @@
+//! Repository verification: structure always, every byte with `--read-data`.
+
+use crate::format::Id;
+use crate::layer::Node;
+use crate::repo::{self, Repo};
+use anyhow::Result;
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+/// What `check` found.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Report {
+    /// Snapshots checked.
+    pub snapshots: usize,
+    /// Distinct layer manifests checked.
+    pub layers: usize,
+    /// Packs known to the index.
+    pub packs: usize,
+    /// Bytes of pack data read and verified (with `--read-data`).
+    pub bytes_read: u64,
+    /// Problems, one line each.
+    pub errors: Vec<String>,
+    /// Snapshots (hex ids) that cannot be fully restored.
+    pub damaged_snapshots: Vec<String>,
+    /// Notes that are not damage (e.g. packs written by an interrupted run).
+    pub notes: Vec<String>,
+}
+
+/// Check the repository. With `read_data`, read every pack and verify every
+/// blob's blake3.
+///
+/// # Errors
+/// Only when the repository cannot be listed at all; damage is reported in
+/// the [`Report`].
+pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
+    let mut r = Report::default();
+    let be = repo.backend();
+    // Indexes.
+    let mut blobs: HashMap<Id, repo::BlobLoc> = HashMap::new();
+    let mut packs: HashMap<Id, u64> = HashMap::new();
+    for id in repo.index_ids()? {
+        match repo.read_index(&id) {
+            Ok(ps) => {
+                for p in ps {
+                    packs.insert(p.id, p.size);
+                    for b in p.blobs {
+                        blobs.insert(b.id, repo::BlobLoc { pack: p.id, blob: b });
+                    }
+                }
+            }
+            Err(e) => r.errors.push(format!("index {}: {e:#}", id.short())),
+        }
+    }
+    r.packs = packs.len();
+    let listed: HashSet<Id> = be
+        .list("packs")?
+        .iter()
+        .filter_map(|n| n.rsplit('/').next().and_then(Id::parse))
+        .collect();
+    let mut bad_packs: HashSet<Id> = HashSet::new();
+    for (id, size) in &packs {
+        if !listed.contains(id) {
+            r.errors.push(format!("pack {} is missing", id.short()));
+            bad_packs.insert(*id);
+        } else if let Ok(s) = be.size(&repo::pack_name(id))
+            && s != *size
+        {
+            r.errors.push(format!("pack {} has size {s}, the index says {size}", id.short()));
+            bad_packs.insert(*id);
+        }
+    }
+    for id in &listed {
+        if !packs.contains_key(id) {
+            r.notes.push(format!(
+                "pack {} is not in any index (left by an interrupted run; harmless)",
+                id.short()
+            ));
+        }
+    }
+    // Data.
+    if read_data {
+        let bar = progress.then(|| crate::progress::bytes_bar("reading packs"));
+        if let Some(b) = &bar {
+            b.set_length(packs.values().sum());
+        }
+        let todo: Vec<Id> = packs.keys().filter(|id| !bad_packs.contains(id)).copied().collect();
+        for id in &todo {
+            let data = match be.read(&repo::pack_name(id)) {
+                Ok(d) => d,
+                Err(e) => {
+                    r.errors.push(format!("pack {}: {e}", id.short()));
+                    bad_packs.insert(*id);
+                    continue;
+                }
+            };
+            r.bytes_read += data.len() as u64;
+            if let Some(b) = &bar {
+                b.inc(data.len() as u64);
+            }
+            if Id::of(&data) != *id {
+                r.errors.push(format!("pack {} is corrupt (blake3 mismatch)", id.short()));
+                bad_packs.insert(*id);
+            }
+            for loc in blobs.values().filter(|l| l.pack == *id) {
+                let b = loc.blob;
+                let start = b.offset as usize;
+                let Some(raw) = data.get(start..start + b.len as usize) else {
+                    r.errors.push(format!("blob {} lies outside pack {}", b.id.short(), id.short()));
+                    bad_packs.insert(*id);
+                    continue;
+                };
+                if let Err(e) = repo::decode_blob(&b, raw.to_vec()) {
+                    r.errors.push(format!("pack {}: {e:#}", id.short()));
+                    bad_packs.insert(*id);
+                }
+            }
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+    }
+    // Snapshots and layers.
+    let mut layer_ok: HashMap<Id, bool> = HashMap::new();
+    let mut damaged = BTreeSet::new();
+    for name in be.list("snapshots")? {
+        let Some(sid) = Id::parse(&name) else {
+            r.notes.push(format!("stray file snapshots/{name}"));
+            continue;
+        };
+        r.snapshots += 1;
+        let snap = match repo.read_snapshot(&sid) {
+            Ok(s) => s,
+            Err(e) => {
+                r.errors.push(format!("snapshot {}: {e:#}", sid.short()));
+                damaged.insert(sid.hex());
+                continue;
+            }
+        };
+        for lid in &snap.layers {
+            let ok = *layer_ok.entry(*lid).or_insert_with(|| match repo.read_layer(lid) {
+                Ok(layer) => {
+                    let mut ok = true;
+                    let mut missing = 0usize;
+                    for e in &layer.entries {
+                        if let Node::File { extents, .. } = &e.node {
+                            for c in extents.iter().flat_map(|x| &x.chunks) {
+                                match blobs.get(&c.id) {
+                                    None => missing += 1,
+                                    Some(l) if bad_packs.contains(&l.pack) => missing += 1,
+                                    _ => {}
+                                }
+                            }
+                        }
+                    }
+                    if missing > 0 {
+                        r.errors.push(format!(
+                            "layer {}: {missing} chunks are missing or damaged",
+                            lid.short()
+                        ));
+                        ok = false;
+                    }
+                    ok
+                }
+                Err(e) => {
+                    r.errors.push(format!("layer {}: {e:#}", lid.short()));
+                    false
+                }
+            });
+            if !ok {
+                damaged.insert(sid.hex());
+            }
+        }
+    }
+    r.layers = layer_ok.len();
+    r.damaged_snapshots = damaged.into_iter().collect();
+    Ok(r)
+}

@@ -1,0 +1,627 @@
+//! Command-line interface: argument types and thin command handlers that
+//! call into the library and render human or `--json` output.
+
+use crate::error::{Coded, need_root};
+use crate::format::{Id, Time};
+use crate::layer::{self, Layer, Node, View};
+use crate::materialize::{self, Item, Target};
+use crate::overlay;
+use crate::repo::{Repo, Snapshot};
+use crate::volume::{self, AttachOpts, Volume};
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// laybak: layered backups on OverlayFS.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Repository directory.
+    #[arg(long, global = true, env = "LAYBAK_REPO")]
+    pub repo: Option<PathBuf>,
+    /// Where volume state lives.
+    #[arg(long, global = true, env = "LAYBAK_STATE_DIR", default_value = "/var/lib/laybak")]
+    pub state_dir: PathBuf,
+    /// The command.
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// Commands.
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Create a new repository.
+    Init,
+    /// Turn a directory into a volume; its contents become the first snapshot.
+    Attach {
+        /// The directory.
+        path: PathBuf,
+        /// Volume name (default: the directory's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Fold local layers beyond this many (keeps the live chain short).
+        #[arg(long, default_value_t = volume::DEFAULT_MAX_LAYERS)]
+        max_layers: usize,
+        /// Tag for the first snapshot (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Print the first snapshot as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Seal the volume's changes as a new snapshot.
+    Snapshot {
+        /// The volume directory.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        path: Option<PathBuf>,
+        /// Snapshot every volume in the state directory.
+        #[arg(long)]
+        all: bool,
+        /// Tag for the snapshot (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Seconds to wait for open files to close before failing.
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
+        /// Print the snapshot as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List snapshots.
+    Snapshots {
+        /// Only this volume.
+        #[arg(long)]
+        volume: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List volumes attached on this host.
+    Volumes {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What changed in a volume since its last snapshot.
+    Status {
+        /// The volume directory.
+        path: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Paths added, deleted or modified between two snapshots.
+    Diff {
+        /// Older snapshot.
+        a: String,
+        /// Newer snapshot.
+        b: String,
+        /// Volume for `latest`.
+        #[arg(long)]
+        volume: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a snapshot into an empty directory, from the repository alone.
+    Restore {
+        /// Snapshot id, unique prefix, or `latest`.
+        snapshot: String,
+        /// Target directory (new or empty).
+        target: PathBuf,
+        /// Restore only these paths (repeatable).
+        #[arg(long = "path")]
+        paths: Vec<String>,
+        /// Volume for `latest`.
+        #[arg(long)]
+        volume: Option<String>,
+    },
+    /// Mount a snapshot read-only.
+    Mount {
+        /// Snapshot id, unique prefix, or `latest`.
+        snapshot: String,
+        /// Mount point (an empty directory; created if missing).
+        target: PathBuf,
+        /// Volume for `latest`.
+        #[arg(long)]
+        volume: Option<String>,
+    },
+    /// Unmount a snapshot mounted with `laybak mount`.
+    Umount {
+        /// The mount point.
+        target: PathBuf,
+    },
+    /// Unmount a volume cleanly (e.g. before shutdown).
+    Down {
+        /// The volume directory.
+        path: PathBuf,
+        /// Seconds to wait for open files to close.
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
+    },
+    /// Mount volumes again (e.g. after a reboot).
+    Up {
+        /// The volume directory.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        path: Option<PathBuf>,
+        /// Every volume in the state directory.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Stop managing a volume: leave a plain directory with its contents.
+    Detach {
+        /// The volume directory.
+        path: PathBuf,
+        /// Seconds to wait for open files to close.
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
+    },
+    /// Verify the repository.
+    Check {
+        /// Read every pack and verify every blob's blake3.
+        #[arg(long)]
+        read_data: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn repo_path(cli: &Cli) -> Result<PathBuf> {
+    if let Some(r) = &cli.repo {
+        return Ok(r.clone());
+    }
+    let vols = volume::all(&cli.state_dir).unwrap_or_default();
+    let mut repos: Vec<&PathBuf> = vols.iter().map(|v| &v.st.repo).collect();
+    repos.sort();
+    repos.dedup();
+    match repos.as_slice() {
+        [one] => Ok((*one).clone()),
+        _ => Err(Coded(
+            2,
+            "no repository given: pass --repo PATH or set LAYBAK_REPO".into(),
+        )
+        .into()),
+    }
+}
+
+fn open_repo(cli: &Cli) -> Result<Repo> {
+    Repo::open(&repo_path(cli)?)
+}
+
+fn tty() -> bool {
+    std::io::stderr().is_terminal()
+}
+
+/// JSON form of a snapshot.
+pub fn snap_json(id: &Id, s: &Snapshot) -> serde_json::Value {
+    json!({
+        "id": id.hex(),
+        "short_id": id.short(),
+        "time": s.time.rfc3339(),
+        "volume": s.volume,
+        "hostname": s.hostname,
+        "tags": s.tags,
+        "parent": s.parent.map(|p| p.hex()),
+        "layers": s.layers.iter().map(|l| l.hex()).collect::<Vec<_>>(),
+        "summary": s.summary,
+    })
+}
+
+fn validate_tags(tags: &[String]) -> Result<()> {
+    for t in tags {
+        if t.is_empty() || t.contains(',') || t.chars().any(char::is_control) {
+            bail!("tag {t:?} is not usable: tags are non-empty and have no commas or control characters");
+        }
+    }
+    Ok(())
+}
+
+/// Run a parsed command line.
+///
+/// # Errors
+/// Whatever the command reports; the caller prints it as one line.
+pub fn run(cli: Cli) -> Result<()> {
+    match &cli.cmd {
+        Cmd::Init => {
+            let p = cli
+                .repo
+                .clone()
+                .ok_or_else(|| Coded(2, "init needs --repo PATH (or LAYBAK_REPO)".into()))?;
+            let r = Repo::init(&p)?;
+            eprintln!("created repository {} at {}", r.config.id.short(), p.display());
+            Ok(())
+        }
+        Cmd::Attach {
+            path,
+            name,
+            max_layers,
+            tags,
+            json,
+        } => {
+            validate_tags(tags)?;
+            need_root("attach")?;
+            let repo = open_repo(&cli)?;
+            let mut vol = volume::attach(
+                &cli.state_dir,
+                &repo,
+                path,
+                AttachOpts {
+                    name: name.clone(),
+                    max_layers: *max_layers,
+                    tags: tags.clone(),
+                },
+            )?;
+            let done = volume::archive_pending(&mut vol, &repo, tty()).with_context(|| {
+                format!(
+                    "{} is attached and mounted, but its contents could not be archived yet (they are safe in the local layer store; the next `laybak snapshot` archives them)",
+                    vol.st.path.display()
+                )
+            })?;
+            print_snaps(&done, *json, false)
+        }
+        Cmd::Snapshot {
+            path,
+            all,
+            tags,
+            wait,
+            json,
+        } => {
+            validate_tags(tags)?;
+            need_root("snapshot")?;
+            let vols = if *all {
+                volume::all(&cli.state_dir)?
+            } else {
+                vec![volume::find(&cli.state_dir, path.as_deref().unwrap_or(Path::new(".")))?]
+            };
+            if vols.is_empty() {
+                bail!("no volumes in {}: attach one first", cli.state_dir.display());
+            }
+            let mut results = Vec::new();
+            let mut failures = Vec::new();
+            for mut v in vols {
+                match snapshot_one(&mut v, tags, Duration::from_secs(*wait)) {
+                    Ok(a) => results.push(a),
+                    Err(e) if *all => failures.push((v.st.name.clone(), e)),
+                    Err(e) => return Err(e),
+                }
+            }
+            print_snaps(&results, *json, *all)?;
+            if let Some((name, e)) = failures.into_iter().next() {
+                return Err(e.context(format!("volume {name}")));
+            }
+            Ok(())
+        }
+        Cmd::Snapshots { volume, json } => {
+            let repo = open_repo(&cli)?;
+            let snaps: Vec<_> = repo
+                .snapshots()?
+                .into_iter()
+                .filter(|(_, s)| volume.as_ref().is_none_or(|v| &s.volume == v))
+                .collect();
+            if *json {
+                let v: Vec<_> = snaps.iter().map(|(i, s)| snap_json(i, s)).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<10} {:<31} {:<12} {:>7} {:>12}  tags", "id", "time", "volume", "layers", "added");
+                for (id, s) in &snaps {
+                    println!(
+                        "{:<10} {:<31} {:<12} {:>7} {:>12}  {}",
+                        id.short(),
+                        s.time.rfc3339(),
+                        s.volume,
+                        s.layers.len(),
+                        s.summary.new_bytes,
+                        s.tags.join(",")
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Volumes { json } => {
+            let vols = volume::all(&cli.state_dir)?;
+            if *json {
+                let v: Vec<_> = vols
+                    .iter()
+                    .map(|v| {
+                        json!({"name": v.st.name, "path": v.st.path, "repo": v.st.repo,
+                        "layers": v.st.layers.len(),
+                        "pending": v.st.layers.iter().filter(|l| l.archived.is_empty()).count(),
+                        "mounted": v.is_mounted().unwrap_or(false)})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for v in vols {
+                    println!(
+                        "{}\t{}\t{} layers\t{}",
+                        v.st.name,
+                        v.st.path.display(),
+                        v.st.layers.len(),
+                        if v.is_mounted().unwrap_or(false) { "up" } else { "down" }
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Status { path, json } => {
+            let vol = volume::find(&cli.state_dir, path)?;
+            let changes = volume::status(&vol)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&changes)?);
+            } else {
+                for c in changes {
+                    let l = match c.change {
+                        "added" => '+',
+                        "deleted" => '-',
+                        "replaced" => 'R',
+                        _ => 'M',
+                    };
+                    println!("{l} {}", c.path);
+                }
+            }
+            Ok(())
+        }
+        Cmd::Diff { a, b, volume, json } => {
+            let repo = open_repo(&cli)?;
+            let (_, sa) = repo.resolve(a, volume.as_deref())?;
+            let (_, sb) = repo.resolve(b, volume.as_deref())?;
+            let la = repo.layers_of(&sa)?;
+            let lb = repo.layers_of(&sb)?;
+            let d = diff_views(&layer::restack(&la), &layer::restack(&lb));
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"added": d.0, "deleted": d.1, "modified": d.2}))?
+                );
+            } else {
+                for p in &d.0 {
+                    println!("+ {p}");
+                }
+                for p in &d.1 {
+                    println!("- {p}");
+                }
+                for p in &d.2 {
+                    println!("M {p}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Restore {
+            snapshot,
+            target,
+            paths,
+            volume,
+        } => {
+            let repo = open_repo(&cli)?;
+            let (_, snap) = repo.resolve(snapshot, volume.as_deref())?;
+            let layers = repo.layers_of(&snap)?;
+            let view = layer::restack(&layers);
+            let items = select(&view, paths)?;
+            materialize::prepare_target(target)?;
+            let bar = tty().then(|| crate::progress::bytes_bar("restoring"));
+            materialize::write_tree(&repo, target, &items, Target::Plain, bar.as_ref())?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            Ok(())
+        }
+        Cmd::Mount {
+            snapshot,
+            target,
+            volume,
+        } => {
+            need_root("mount")?;
+            let repo = open_repo(&cli)?;
+            let (id, snap) = repo.resolve(snapshot, volume.as_deref())?;
+            mount_snapshot(&cli, &repo, &id, &snap, target)
+        }
+        Cmd::Umount { target } => {
+            need_root("umount")?;
+            let canon = std::fs::canonicalize(target)
+                .map_err(|e| anyhow!("{}: {e}", target.display()))?;
+            if volume::all(&cli.state_dir)?.iter().any(|v| v.st.path == canon) {
+                bail!("{} is a volume, not a snapshot mount: use `laybak down`", canon.display());
+            }
+            match overlay::find_mount(&canon)? {
+                None => bail!("nothing is mounted at {}", canon.display()),
+                Some(m) if m.fstype == "overlay" && !m.source.starts_with("laybak-snapshot:") => {
+                    bail!("{} is not a laybak snapshot mount", canon.display())
+                }
+                _ => {}
+            }
+            overlay::unmount_wait(&canon, Duration::from_secs(0))
+        }
+        Cmd::Down { path, wait } => {
+            let mut vol = volume::find(&cli.state_dir, path)?;
+            volume::down(&mut vol, Duration::from_secs(*wait))
+        }
+        Cmd::Up { path, all } => {
+            let vols = if *all {
+                volume::all(&cli.state_dir)?
+            } else {
+                vec![volume::find(&cli.state_dir, path.as_deref().unwrap_or(Path::new(".")))?]
+            };
+            let mut first_err = None;
+            for mut v in vols {
+                if let Err(e) = volume::up(&mut v) {
+                    eprintln!("laybak: volume {}: {e:#}", v.st.name);
+                    first_err.get_or_insert(e);
+                }
+            }
+            first_err.map_or(Ok(()), Err)
+        }
+        Cmd::Detach { path, wait } => {
+            let mut vol = volume::find(&cli.state_dir, path)?;
+            let pending = volume::detach(&mut vol, Duration::from_secs(*wait))?;
+            if pending > 0 {
+                eprintln!(
+                    "laybak: note: {pending} layer(s) of {} were never archived; their changes are in the directory but in no snapshot",
+                    vol.st.name
+                );
+            }
+            Ok(())
+        }
+        Cmd::Check { read_data, json } => {
+            let repo = open_repo(&cli)?;
+            let r = crate::check::check(&repo, *read_data, tty())?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                for n in &r.notes {
+                    eprintln!("note: {n}");
+                }
+                for e in &r.errors {
+                    eprintln!("error: {e}");
+                }
+                for s in &r.damaged_snapshots {
+                    eprintln!("damaged snapshot: {s}");
+                }
+                println!(
+                    "checked {} snapshots, {} layers, {} packs{}: {}",
+                    r.snapshots,
+                    r.layers,
+                    r.packs,
+                    if *read_data { format!(", {} bytes read", r.bytes_read) } else { String::new() },
+                    if r.errors.is_empty() { "no errors".to_string() } else { format!("{} errors", r.errors.len()) }
+                );
+            }
+            if !r.errors.is_empty() {
+                return Err(Coded(
+                    3,
+                    format!(
+                        "repository has {} errors affecting {} snapshots (see above)",
+                        r.errors.len(),
+                        r.damaged_snapshots.len()
+                    ),
+                )
+                .into());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn snapshot_one(v: &mut Volume, tags: &[String], wait: Duration) -> Result<volume::Archived> {
+    let _lock = v.lock()?;
+    let repo_res = Repo::open(&v.st.repo);
+    volume::rotate(v, wait, tags.to_vec())?;
+    let repo = repo_res.with_context(|| {
+        format!(
+            "sealed a new layer of {}, but the repository is unavailable; it stays in the local layer store and the next `laybak snapshot` archives it",
+            v.st.name
+        )
+    })?;
+    let done = volume::archive_pending(v, &repo, tty()).with_context(|| {
+        format!(
+            "sealed a new layer of {}, but archiving failed; it stays in the local layer store and the next `laybak snapshot` archives it",
+            v.st.name
+        )
+    })?;
+    done.into_iter()
+        .last()
+        .ok_or_else(|| anyhow!("internal error: nothing was archived"))
+}
+
+fn print_snaps(done: &[volume::Archived], as_json: bool, many: bool) -> Result<()> {
+    if as_json {
+        let v: Vec<_> = done.iter().map(|a| snap_json(&a.id, &a.snap)).collect();
+        if many {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else if let Some(one) = v.into_iter().last() {
+            println!("{}", serde_json::to_string_pretty(&one)?);
+        }
+    } else if many {
+        for a in done {
+            println!("{}", a.id.hex());
+        }
+    } else if let Some(a) = done.last() {
+        println!("{}", a.id.hex());
+    }
+    Ok(())
+}
+
+/// Entries of `view` under any of `paths` (and their parents); all when
+/// `paths` is empty.
+fn select<'a>(view: &View<'a>, paths: &[String]) -> Result<Vec<Item<'a>>> {
+    let mut want: Vec<Vec<u8>> = Vec::new();
+    for p in paths {
+        let t = p.trim_matches('/').as_bytes().to_vec();
+        if !layer::path_is_safe(&t) {
+            bail!("--path {p:?} is not a clean relative path");
+        }
+        if !view.contains_key(&t) {
+            bail!("--path {p:?} is not in the snapshot");
+        }
+        want.push(t);
+    }
+    let keep = |k: &[u8]| {
+        want.is_empty()
+            || want.iter().any(|w| {
+                k == w.as_slice()
+                    || w.is_empty()
+                    || (k.starts_with(w) && k.get(w.len()) == Some(&b'/'))
+                    || k.is_empty()
+                    || (w.starts_with(k) && w.get(k.len()) == Some(&b'/'))
+            })
+    };
+    Ok(view
+        .iter()
+        .filter(|(k, _)| keep(k))
+        .map(|(_, m)| Item {
+            entry: m.entry,
+            link: m.link_key(),
+        })
+        .collect())
+}
+
+fn same_content(a: &layer::Entry, b: &layer::Entry) -> bool {
+    a.node == b.node && a.meta == b.meta
+}
+
+/// (added, deleted, modified) paths between two views.
+pub fn diff_views(a: &View<'_>, b: &View<'_>) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let (mut add, mut del, mut modi) = (Vec::new(), Vec::new(), Vec::new());
+    for (k, mb) in b {
+        match a.get(k) {
+            None => add.push(layer::show(k)),
+            Some(ma) if !same_content(ma.entry, mb.entry) => modi.push(layer::show(k)),
+            _ => {}
+        }
+    }
+    for k in a.keys() {
+        if !b.contains_key(k) {
+            del.push(layer::show(k));
+        }
+    }
+    (add, del, modi)
+}
+
+fn mount_snapshot(cli: &Cli, repo: &Repo, id: &Id, snap: &Snapshot, target: &Path) -> Result<()> {
+    if !target.exists() {
+        std::fs::create_dir_all(target)?;
+    }
+    let target = std::fs::canonicalize(target)?;
+    if !target.is_dir() || std::fs::read_dir(&target)?.next().is_some() {
+        bail!("mount point {} must be an empty directory", target.display());
+    }
+    let vols = volume::all(&cli.state_dir)?;
+    let (mut lowers, used) = volume::local_layers_for(&vols, snap);
+    for lid in &snap.layers[used..] {
+        let layer: Layer = repo.read_layer(lid)?;
+        lowers.push(volume::cached_layer(&cli.state_dir, repo, lid, &layer)?);
+    }
+    lowers.reverse();
+    let spec = overlay::Spec {
+        lowers,
+        upper: None,
+        source: format!("laybak-snapshot:{}", id.short()),
+    };
+    overlay::mount(&spec, &target)
+}
+
+#[allow(dead_code)]
+fn _unused(_: Node, _: Time) {}

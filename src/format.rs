@@ -1,0 +1,251 @@
+//! On-disk framing shared by every repository file: a magic, a kind byte and
+//! a format version, then (for metadata files) a zstd-compressed postcard
+//! payload. Pure encode/decode; no I/O. See `docs/FORMAT.md`.
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::fmt;
+use std::io::Read;
+
+/// First six bytes of every laybak repository file.
+pub const MAGIC: &[u8; 6] = b"LAYBAK";
+/// The repository format version this build writes and the newest it reads.
+pub const FORMAT_VERSION: u8 = 1;
+/// Upper bound on a decompressed metadata file (config, index, manifest,
+/// snapshot). Checked before and while allocating, so a crafted file cannot
+/// make us allocate unbounded memory.
+pub const MAX_METADATA_SIZE: u64 = 1 << 30;
+
+/// What a repository file holds; the byte after the magic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    /// `config`: repository identity and parameters.
+    Config = b'C' as isize,
+    /// `packs/xx/ID`: compressed blobs followed by their table.
+    Pack = b'P' as isize,
+    /// `index/ID`: which blobs live in which pack.
+    Index = b'I' as isize,
+    /// `layers/ID`: one layer manifest.
+    Layer = b'L' as isize,
+    /// `snapshots/ID`: one snapshot record.
+    Snapshot = b'S' as isize,
+}
+
+impl FileKind {
+    /// Human name used in error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            FileKind::Config => "config",
+            FileKind::Pack => "pack",
+            FileKind::Index => "index",
+            FileKind::Layer => "layer manifest",
+            FileKind::Snapshot => "snapshot record",
+        }
+    }
+}
+
+/// A blake3 digest naming a blob, pack, layer or snapshot.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Id(pub [u8; 32]);
+
+impl Id {
+    /// blake3 of `data`.
+    pub fn of(data: &[u8]) -> Id {
+        Id(*blake3::hash(data).as_bytes())
+    }
+
+    /// Lower-case hex, 64 characters.
+    pub fn hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+
+    /// The first 8 hex characters, for human output.
+    pub fn short(&self) -> String {
+        self.hex()[..8].to_string()
+    }
+
+    /// Parse a full 64-character hex id.
+    pub fn parse(s: &str) -> Option<Id> {
+        if s.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(Id(out))
+    }
+}
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.short())
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+/// The 8-byte header: magic, kind, version.
+pub fn header(kind: FileKind) -> [u8; 8] {
+    let mut h = [0u8; 8];
+    h[..6].copy_from_slice(MAGIC);
+    h[6] = kind as u8;
+    h[7] = FORMAT_VERSION;
+    h
+}
+
+/// Check the header of `data` and return the rest.
+///
+/// # Errors
+/// Not a laybak file, a different kind, or a newer format version.
+pub fn check_header(kind: FileKind, data: &[u8]) -> Result<&[u8]> {
+    if data.len() < 8 || &data[..6] != MAGIC {
+        bail!("not a laybak {} (bad magic)", kind.name());
+    }
+    if data[6] != kind as u8 {
+        bail!("not a laybak {} (kind byte {:#x})", kind.name(), data[6]);
+    }
+    if data[7] > FORMAT_VERSION {
+        bail!(
+            "{} has format version {}, this laybak reads up to {}: upgrade laybak",
+            kind.name(),
+            data[7],
+            FORMAT_VERSION
+        );
+    }
+    if data[7] == 0 {
+        bail!("{} has invalid format version 0", kind.name());
+    }
+    Ok(&data[8..])
+}
+
+/// Encode a metadata value: header, then zstd(postcard(value)).
+///
+/// # Errors
+/// Serialization or compression failure (not expected for valid values).
+pub fn encode<T: Serialize>(kind: FileKind, value: &T) -> Result<Vec<u8>> {
+    let raw = postcard::to_stdvec(value).context("serializing")?;
+    let mut out = header(kind).to_vec();
+    let mut c = zstd::bulk::Compressor::new(3).context("zstd")?;
+    c.include_checksum(true).context("zstd")?;
+    let z = c.compress(&raw).context("compressing")?;
+    out.extend_from_slice(&z);
+    Ok(out)
+}
+
+/// Decode a metadata value written by [`encode`], bounding its size.
+///
+/// # Errors
+/// Wrong header, corrupt compression, oversize payload, or a payload that is
+/// not a valid encoding of `T`.
+pub fn decode<T: DeserializeOwned>(kind: FileKind, data: &[u8]) -> Result<T> {
+    let body = check_header(kind, data)?;
+    let raw = decompress_bounded(body, MAX_METADATA_SIZE)
+        .with_context(|| format!("{} is corrupt", kind.name()))?;
+    let (value, rest) = postcard::take_from_bytes::<T>(&raw)
+        .map_err(|e| anyhow::anyhow!("{} is corrupt: {e}", kind.name()))?;
+    if !rest.is_empty() {
+        bail!("{} is corrupt: {} trailing bytes", kind.name(), rest.len());
+    }
+    Ok(value)
+}
+
+/// zstd-decompress `data`, failing if the output would exceed `limit` bytes.
+///
+/// # Errors
+/// Corrupt input or output larger than `limit`.
+pub fn decompress_bounded(data: &[u8], limit: u64) -> Result<Vec<u8>> {
+    let dec = zstd::stream::read::Decoder::new(data).context("zstd")?;
+    let mut out = Vec::new();
+    dec.take(limit + 1)
+        .read_to_end(&mut out)
+        .context("zstd stream")?;
+    if out.len() as u64 > limit {
+        bail!("decompressed size exceeds {limit} bytes");
+    }
+    Ok(out)
+}
+
+/// A point in time: seconds and nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+pub struct Time {
+    /// Seconds since 1970-01-01T00:00:00Z (negative before).
+    pub secs: i64,
+    /// Nanoseconds, `0..1_000_000_000`.
+    pub nanos: u32,
+}
+
+impl Time {
+    /// The current wall-clock time.
+    pub fn now() -> Time {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Time {
+            secs: d.as_secs() as i64,
+            nanos: d.subsec_nanos(),
+        }
+    }
+
+    /// RFC 3339 in UTC, with nanoseconds.
+    pub fn rfc3339(&self) -> String {
+        if self.secs < 0 {
+            return format!("{}.{:09}s-before-epoch", self.secs, self.nanos);
+        }
+        let t = std::time::UNIX_EPOCH
+            + std::time::Duration::new(self.secs as u64, self.nanos.min(999_999_999));
+        humantime::format_rfc3339_nanos(t).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_hex_round_trip() {
+        let id = Id::of(b"hello");
+        assert_eq!(Id::parse(&id.hex()), Some(id));
+        assert_eq!(Id::parse("zz"), None);
+        assert_eq!(Id::parse(&"g".repeat(64)), None);
+    }
+
+    #[test]
+    fn encode_decode_round_trip_and_header_checks() {
+        let v: Vec<(u32, String)> = vec![(1, "a".into()), (2, "bé".into())];
+        let enc = encode(FileKind::Index, &v).unwrap();
+        let back: Vec<(u32, String)> = decode(FileKind::Index, &enc).unwrap();
+        assert_eq!(back, v);
+        assert!(decode::<Vec<(u32, String)>>(FileKind::Layer, &enc).is_err());
+        let mut newer = enc.clone();
+        newer[7] = FORMAT_VERSION + 1;
+        let err = decode::<Vec<(u32, String)>>(FileKind::Index, &newer).unwrap_err();
+        assert!(err.to_string().contains("upgrade laybak"), "{err}");
+        let mut flipped = enc.clone();
+        let n = flipped.len();
+        flipped[n - 3] ^= 0xff;
+        assert!(decode::<Vec<(u32, String)>>(FileKind::Index, &flipped).is_err());
+    }
+
+    #[test]
+    fn decompress_is_bounded() {
+        let big = vec![0u8; 1 << 20];
+        let z = zstd::bulk::compress(&big, 3).unwrap();
+        assert!(decompress_bounded(&z, 1000).is_err());
+        assert_eq!(decompress_bounded(&z, 1 << 20).unwrap().len(), 1 << 20);
+    }
+
+    #[test]
+    fn rfc3339() {
+        let t = Time { secs: 0, nanos: 5 };
+        assert_eq!(t.rfc3339(), "1970-01-01T00:00:00.000000005Z");
+    }
+}

@@ -1,0 +1,446 @@
+//! Layer manifests and overlay semantics, computed in user space.
+//!
+//! A [`Layer`] is the serialized form of one sealed upperdir: a sorted list of
+//! entries with typed whiteouts and opaque directories (never overlay's
+//! on-disk encodings). [`restack`] merges a chain of layers into the view the
+//! kernel would show; it is a pure function and the single place where
+//! overlay semantics live for restore, diff and mount-from-repository.
+
+use crate::format::Id;
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+/// Inode metadata kept for every entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Permission bits including setuid/setgid/sticky (`mode & 0o7777`).
+    pub mode: u32,
+    /// Owner user id.
+    pub uid: u32,
+    /// Owner group id.
+    pub gid: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Modification time, nanosecond part.
+    pub mtime_ns: u32,
+    /// Extended attributes (name, value), sorted by name. ACLs and file
+    /// capabilities are here as `system.posix_acl_*` and `security.capability`.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// One content-defined chunk of a file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// blake3 of the uncompressed chunk.
+    pub id: Id,
+    /// Uncompressed length.
+    pub len: u32,
+}
+
+/// A run of data at `offset`; the gaps between extents are holes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    /// Byte offset in the file.
+    pub offset: u64,
+    /// The chunks, contiguous from `offset`.
+    pub chunks: Vec<Chunk>,
+}
+
+/// What an entry is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Node {
+    /// The name is deleted in the layers below.
+    Whiteout,
+    /// A directory; `opaque` hides everything below it in lower layers.
+    Dir {
+        /// Replace rather than merge with lower directories.
+        opaque: bool,
+    },
+    /// A regular file.
+    File {
+        /// Apparent size (holes included).
+        size: u64,
+        /// Data extents, ascending and non-overlapping.
+        extents: Vec<Extent>,
+    },
+    /// A symbolic link and its target bytes.
+    Symlink {
+        /// Link target, never followed by laybak.
+        target: Vec<u8>,
+    },
+    /// A named pipe.
+    Fifo,
+    /// A unix socket (restored as an inert socket node).
+    Socket,
+    /// A character device.
+    CharDev {
+        /// Device number.
+        rdev: u64,
+    },
+    /// A block device.
+    BlockDev {
+        /// Device number.
+        rdev: u64,
+    },
+}
+
+impl Node {
+    /// True for directories.
+    pub fn is_dir(&self) -> bool {
+        matches!(self, Node::Dir { .. })
+    }
+
+    /// A short type letter for listings.
+    pub fn letter(&self) -> char {
+        match self {
+            Node::Whiteout => 'w',
+            Node::Dir { .. } => 'd',
+            Node::File { .. } => 'f',
+            Node::Symlink { .. } => 'l',
+            Node::Fifo => 'p',
+            Node::Socket => 's',
+            Node::CharDev { .. } => 'c',
+            Node::BlockDev { .. } => 'b',
+        }
+    }
+}
+
+/// One path in a layer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Path relative to the volume root, components joined by `/`; the root
+    /// itself is the empty path. Bytes, not UTF-8.
+    pub path: Vec<u8>,
+    /// What it is.
+    pub node: Node,
+    /// Metadata (ignored for whiteouts).
+    pub meta: Meta,
+    /// Hard-link group within this layer: entries with the same value are one
+    /// inode. `None` for a single link.
+    pub link: Option<u32>,
+}
+
+/// A layer manifest: the serialized sealed upperdir.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    /// Entries sorted by path bytes, the root (empty path) first.
+    pub entries: Vec<Entry>,
+}
+
+/// Check that a path is relative, has no empty, `.` or `..` components and no
+/// NUL bytes. The empty path (the root) is allowed.
+pub fn path_is_safe(path: &[u8]) -> bool {
+    if path.is_empty() {
+        return true;
+    }
+    path.split(|&b| b == b'/')
+        .all(|c| !c.is_empty() && c != b"." && c != b".." && !c.contains(&0))
+}
+
+/// The parent of a non-root path (`b""` for top-level names).
+pub fn parent(path: &[u8]) -> &[u8] {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => &path[..i],
+        None => b"",
+    }
+}
+
+/// Printable form of a byte path (lossy, for messages only).
+pub fn show(path: &[u8]) -> String {
+    if path.is_empty() {
+        return "/".into();
+    }
+    String::from_utf8_lossy(path).into_owned()
+}
+
+impl Layer {
+    /// Validate the structural rules every reader relies on: safe paths,
+    /// strictly ascending order (no duplicates), the root first and a
+    /// directory, every parent present as a directory in this layer, hard-link
+    /// groups only over non-directories of one kind, extents in order.
+    ///
+    /// # Errors
+    /// The first violation, naming the path.
+    pub fn validate(&self) -> Result<()> {
+        let Some(root) = self.entries.first() else {
+            bail!("layer manifest has no root entry");
+        };
+        if !root.path.is_empty() || !root.node.is_dir() {
+            bail!("layer manifest does not start with the root directory");
+        }
+        if matches!(root.node, Node::Dir { opaque: true }) {
+            bail!("layer manifest has an opaque root");
+        }
+        let mut dirs: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+        dirs.insert(b"");
+        let mut groups: HashMap<u32, &Node> = HashMap::new();
+        for w in self.entries.windows(2) {
+            if w[0].path >= w[1].path {
+                bail!(
+                    "layer manifest entries out of order or duplicated at {}",
+                    show(&w[1].path)
+                );
+            }
+        }
+        for e in &self.entries[1..] {
+            if e.path.is_empty() || !path_is_safe(&e.path) {
+                bail!("layer manifest has an unsafe path {:?}", show(&e.path));
+            }
+            if !dirs.contains(parent(&e.path)) {
+                bail!(
+                    "layer manifest entry {} has no parent directory in the layer",
+                    show(&e.path)
+                );
+            }
+            if e.node.is_dir() {
+                dirs.insert(&e.path);
+            }
+            if let Some(g) = e.link {
+                if e.node.is_dir() || e.node == Node::Whiteout {
+                    bail!("hard-linked directory or whiteout at {}", show(&e.path));
+                }
+                if let Some(first) = groups.get(&g) {
+                    if std::mem::discriminant(*first) != std::mem::discriminant(&e.node) {
+                        bail!("hard-link group {g} mixes file types at {}", show(&e.path));
+                    }
+                } else {
+                    groups.insert(g, &e.node);
+                }
+            }
+            if let Node::File { size, extents } = &e.node {
+                let mut end = 0u64;
+                for x in extents {
+                    if x.offset < end {
+                        bail!("overlapping extents in {}", show(&e.path));
+                    }
+                    let len: u64 = x.chunks.iter().map(|c| c.len as u64).sum();
+                    end = x.offset.saturating_add(len);
+                }
+                if end > *size {
+                    bail!("extents beyond the file size in {}", show(&e.path));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of file data (apparent sizes) in this layer.
+    pub fn data_bytes(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|e| match &e.node {
+                Node::File { size, .. } => *size,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+/// An entry of a merged view: which layer it comes from and the entry itself.
+#[derive(Clone, Copy, Debug)]
+pub struct Merged<'a> {
+    /// Index of the owning layer in the chain (0 = bottom).
+    pub layer: usize,
+    /// The entry as stored in that layer.
+    pub entry: &'a Entry,
+}
+
+impl Merged<'_> {
+    /// Hard-link identity across the chain: (layer, group).
+    pub fn link_key(&self) -> Option<(usize, u32)> {
+        self.entry.link.map(|g| (self.layer, g))
+    }
+}
+
+/// The merged view of a chain, keyed by path.
+pub type View<'a> = BTreeMap<Vec<u8>, Merged<'a>>;
+
+fn remove_descendants(view: &mut View<'_>, path: &[u8]) {
+    let mut lo = path.to_vec();
+    lo.push(b'/');
+    let mut hi = path.to_vec();
+    hi.push(b'/' + 1);
+    if path.is_empty() {
+        // Descendants of the root are all non-empty paths.
+        view.retain(|k, _| k.is_empty());
+        return;
+    }
+    let keys: Vec<Vec<u8>> = view.range(lo..hi).map(|(k, _)| k.clone()).collect();
+    for k in keys {
+        view.remove(&k);
+    }
+}
+
+/// Merge a chain of layers (bottom first) with overlay semantics: a whiteout
+/// hides the name and everything below it, an opaque directory replaces the
+/// lower tree, a non-opaque directory over a lower directory merges with it
+/// (its own metadata wins), anything else replaces what was below. Whiteouts
+/// never appear in the result.
+///
+/// Layers must be [validated](Layer::validate); then every entry of the view
+/// has its parent in the view as a directory.
+pub fn restack(layers: &[Layer]) -> View<'_> {
+    let mut view: View<'_> = BTreeMap::new();
+    for (i, layer) in layers.iter().enumerate() {
+        for e in &layer.entries {
+            match &e.node {
+                Node::Whiteout => {
+                    view.remove(&e.path);
+                    remove_descendants(&mut view, &e.path);
+                }
+                Node::Dir { opaque } => {
+                    let merge = !opaque
+                        && view
+                            .get(&e.path)
+                            .is_some_and(|m| m.entry.node.is_dir());
+                    if !merge {
+                        remove_descendants(&mut view, &e.path);
+                    }
+                    view.insert(e.path.clone(), Merged { layer: i, entry: e });
+                }
+                _ => {
+                    remove_descendants(&mut view, &e.path);
+                    view.insert(e.path.clone(), Merged { layer: i, entry: e });
+                }
+            }
+        }
+    }
+    view
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn dir(p: &str, opaque: bool) -> Entry {
+        Entry {
+            path: p.as_bytes().to_vec(),
+            node: Node::Dir { opaque },
+            meta: Meta::default(),
+            link: None,
+        }
+    }
+    pub fn file(p: &str, tag: u8) -> Entry {
+        Entry {
+            path: p.as_bytes().to_vec(),
+            node: Node::File {
+                size: 1,
+                extents: vec![Extent {
+                    offset: 0,
+                    chunks: vec![Chunk {
+                        id: Id([tag; 32]),
+                        len: 1,
+                    }],
+                }],
+            },
+            meta: Meta::default(),
+            link: None,
+        }
+    }
+    pub fn wh(p: &str) -> Entry {
+        Entry {
+            path: p.as_bytes().to_vec(),
+            node: Node::Whiteout,
+            meta: Meta::default(),
+            link: None,
+        }
+    }
+    pub fn layer(mut e: Vec<Entry>) -> Layer {
+        e.sort_by(|a, b| a.path.cmp(&b.path));
+        Layer { entries: e }
+    }
+    fn paths(v: &View<'_>) -> Vec<(String, usize)> {
+        v.iter()
+            .map(|(k, m)| (String::from_utf8_lossy(k).into_owned(), m.layer))
+            .collect()
+    }
+
+    #[test]
+    fn whiteout_opaque_and_merge() {
+        let l0 = layer(vec![
+            dir("", false),
+            dir("a", false),
+            file("a/x", 1),
+            file("a/y", 1),
+            dir("b", false),
+            file("b/z", 1),
+            file("c", 1),
+            dir("d", false),
+            file("d/q", 1),
+        ]);
+        let l1 = layer(vec![
+            dir("", false),
+            dir("a", false),
+            wh("a/x"),
+            file("a/new", 2),
+            dir("b", true),
+            file("b/w", 2),
+            wh("c"),
+            wh("d"),
+        ]);
+        let l2 = layer(vec![dir("", false), dir("c", false), file("c/k", 3)]);
+        for l in [&l0, &l1, &l2] {
+            l.validate().unwrap();
+        }
+        let chain = [l0, l1, l2];
+        let v = restack(&chain);
+        assert_eq!(
+            paths(&v),
+            vec![
+                ("".into(), 2),
+                ("a".into(), 1),
+                ("a/new".into(), 1),
+                ("a/y".into(), 0),
+                ("b".into(), 1),
+                ("b/w".into(), 1),
+                ("c".into(), 2),
+                ("c/k".into(), 2),
+            ]
+        );
+    }
+
+    #[test]
+    fn file_replaces_dir_and_prefix_siblings_survive() {
+        let l0 = layer(vec![
+            dir("", false),
+            dir("a", false),
+            file("a/x", 1),
+            file("a-b", 1),
+            file("a0", 1),
+        ]);
+        let l1 = layer(vec![dir("", false), file("a", 2)]);
+        let chain = [l0, l1];
+        let v = restack(&chain);
+        assert_eq!(
+            paths(&v),
+            vec![
+                ("".into(), 1),
+                ("a".into(), 1),
+                ("a-b".into(), 0),
+                ("a0".into(), 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn validate_rejects_bad_layers() {
+        let bad = [
+            layer(vec![dir("", false), file("../x", 1)]),
+            layer(vec![dir("", false), file("/x", 1)]),
+            layer(vec![dir("", false), file("a//b", 1)]),
+            layer(vec![dir("", false), file("a/b", 1)]),
+            layer(vec![file("a", 1)]),
+            Layer {
+                entries: vec![dir("", false), file("a", 1), file("a", 2)],
+            },
+            layer(vec![dir("", true)]),
+            layer(vec![dir("", false), file("x\0y", 1)]),
+        ];
+        for l in bad {
+            assert!(l.validate().is_err(), "{l:?}");
+        }
+        assert!(!path_is_safe(b"a/./b"));
+        assert!(path_is_safe(b"a/.b/..c"));
+    }
+}

@@ -1,0 +1,25 @@
+//! laybak: layered backups on OverlayFS.
+//!
+//! A volume is an overlay mount whose upperdir takes every change; a
+//! snapshot seals the upperdir as a layer, remounts on a fresh one, and
+//! archives the sealed layer into a content-addressed repository. Any
+//! snapshot can be restacked from the repository alone.
+//!
+//! Three flows: capture ([`volume`] → [`scan`] → [`repo`]), restack
+//! ([`layer::restack`] → [`materialize`] / [`overlay`]), and (later)
+//! reclaim. See `docs/DESIGN.md` and `docs/FORMAT.md`.
+
+pub mod backend;
+pub mod check;
+pub mod cli;
+pub mod error;
+pub mod failpoint;
+pub mod fold;
+pub mod format;
+pub mod layer;
+pub mod materialize;
+pub mod overlay;
+pub mod progress;
+pub mod repo;
+pub mod scan;
+pub mod volume;

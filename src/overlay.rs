@@ -1,0 +1,465 @@
+//! Overlay mounts: option building (pure) and the mount syscalls.
+//!
+//! Volumes are mounted with the new mount API (fsopen / fsconfig
+//! `lowerdir+` / fsmount / move_mount, kernel ≥ 6.8), falling back to
+//! classic mount(2) with a length-checked option string on older kernels.
+//! Every option is passed explicitly, and the effective options are checked
+//! in mountinfo after mounting. Unmounting is never lazy.
+
+use anyhow::{Context, Result, anyhow, bail};
+use rustix::mount::{
+    FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MountPropagationFlags, MoveMountFlags,
+    UnmountFlags,
+};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The fixed options of every laybak overlay mount (policy A of OVERLAY.md:
+/// no redirects, no metacopy, no index).
+pub const FIXED_OPTIONS: &[(&str, &str)] = &[
+    ("redirect_dir", "nofollow"),
+    ("index", "off"),
+    ("metacopy", "off"),
+    ("nfs_export", "off"),
+    ("xino", "off"),
+];
+
+/// Options that must not show up in mountinfo after a laybak mount.
+pub const FORBIDDEN_EFFECTIVE: &[&str] = &[
+    "redirect_dir=on",
+    "redirect_dir=follow",
+    "index=on",
+    "metacopy=on",
+    "nfs_export=on",
+    "xino=on",
+    "volatile",
+    "fsync=volatile",
+    "userxattr",
+];
+
+/// What to mount.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// Lower layers, top first.
+    pub lowers: Vec<PathBuf>,
+    /// Upper and work dirs; `None` for a read-only view.
+    pub upper: Option<(PathBuf, PathBuf)>,
+    /// Shown as the mount source in mountinfo.
+    pub source: String,
+}
+
+/// Build the classic mount(2) option string. Fails when it would exceed a
+/// page (the kernel would silently truncate it) or a path contains a
+/// character the legacy syntax cannot carry.
+///
+/// # Errors
+/// Too long, or unrepresentable paths.
+pub fn legacy_options(spec: &Spec, uuid: Option<&str>) -> Result<String> {
+    let esc = |p: &Path| -> Result<String> {
+        let s = p
+            .to_str()
+            .ok_or_else(|| anyhow!("layer path {} is not UTF-8", p.display()))?;
+        if s.contains(',') || s.contains('\n') {
+            bail!("layer path {s:?} contains a comma; the legacy mount syntax cannot carry it");
+        }
+        Ok(s.replace(':', "\\:"))
+    };
+    let lowers: Vec<String> = spec.lowers.iter().map(|p| esc(p)).collect::<Result<_>>()?;
+    let mut opts = vec![format!("lowerdir={}", lowers.join(":"))];
+    if let Some((u, w)) = &spec.upper {
+        opts.push(format!("upperdir={}", esc(u)?));
+        opts.push(format!("workdir={}", esc(w)?));
+    }
+    for (k, v) in FIXED_OPTIONS {
+        opts.push(format!("{k}={v}"));
+    }
+    if let Some(u) = uuid {
+        opts.push(format!("uuid={u}"));
+    }
+    let s = opts.join(",");
+    if s.len() >= 4096 - 1 {
+        bail!(
+            "the mount option string would be {} bytes, over the one-page limit of mount(2): squash the volume's layers or use a kernel ≥ 6.8",
+            s.len()
+        );
+    }
+    Ok(s)
+}
+
+fn read_fs_log(fs: &rustix::fd::OwnedFd) -> String {
+    let mut msgs = Vec::new();
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = rustix::io::read(fs, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        msgs.push(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+    }
+    msgs.join("; ")
+}
+
+fn mount_new_api(spec: &Spec, target: &Path, flags: MountAttrFlags) -> Result<()> {
+    let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+        .context("fsopen(overlay): is the overlay module available?")?;
+    let set = |k: &str, v: &std::ffi::OsStr| {
+        rustix::mount::fsconfig_set_string(&fs, k, v)
+            .map_err(|e| anyhow!("overlay option {k}={}: {e} ({})", v.to_string_lossy(), read_fs_log(&fs)))
+    };
+    set("source", std::ffi::OsStr::new(&spec.source))?;
+    for l in &spec.lowers {
+        if l.as_os_str().len() > 255 {
+            bail!("layer path {} is longer than 255 bytes", l.display());
+        }
+        set("lowerdir+", l.as_os_str())?;
+    }
+    if let Some((u, w)) = &spec.upper {
+        set("upperdir", u.as_os_str())?;
+        set("workdir", w.as_os_str())?;
+    }
+    for (k, v) in FIXED_OPTIONS {
+        set(k, std::ffi::OsStr::new(v))?;
+    }
+    // uuid=null (≥ 6.6) keeps overlay from writing trusted.overlay.uuid.
+    if rustix::mount::fsconfig_set_string(&fs, "uuid", "null").is_err() {
+        let _ = read_fs_log(&fs);
+        let _ = rustix::mount::fsconfig_set_string(&fs, "uuid", "off");
+        let _ = read_fs_log(&fs);
+    }
+    rustix::mount::fsconfig_create(&fs)
+        .map_err(|e| anyhow!("creating the overlay failed: {e} ({})", read_fs_log(&fs)))?;
+    let mnt = rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, flags)
+        .map_err(|e| anyhow!("fsmount: {e}"))?;
+    rustix::mount::move_mount(
+        &mnt,
+        "",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .with_context(|| format!("cannot attach the overlay at {}", target.display()))?;
+    Ok(())
+}
+
+fn mount_legacy(spec: &Spec, target: &Path, flags: MountFlags) -> Result<()> {
+    let opts = legacy_options(spec, Some("null"))
+        .or_else(|_| legacy_options(spec, None))?;
+    let c = std::ffi::CString::new(opts)?;
+    match rustix::mount::mount(spec.source.as_str(), target, "overlay", flags, Some(c.as_c_str())) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::INVAL) => {
+            let opts = legacy_options(spec, None)?;
+            let c = std::ffi::CString::new(opts)?;
+            rustix::mount::mount(spec.source.as_str(), target, "overlay", flags, Some(c.as_c_str()))
+                .with_context(|| format!("mount(2) overlay on {}", target.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("mount(2) overlay on {}", target.display())),
+    }
+}
+
+/// Mount an overlay at `target` and verify its effective options. A
+/// read-only view (no upper) is mounted `ro,nosuid,nodev`; a view of a
+/// single layer is a read-only bind mount, as the kernel needs two lowers
+/// without an upper.
+///
+/// # Errors
+/// The kernel refused, or the effective options are not what was asked.
+pub fn mount(spec: &Spec, target: &Path) -> Result<()> {
+    if spec.upper.is_none() && spec.lowers.len() == 1 {
+        return bind_readonly(&spec.lowers[0], target);
+    }
+    if spec.lowers.len() > 500 {
+        bail!(
+            "{} layers exceed the kernel's limit of 500: squash the volume",
+            spec.lowers.len()
+        );
+    }
+    let ro = spec.upper.is_none();
+    let legacy = std::env::var_os("LAYBAK_FORCE_MOUNT2").is_some();
+    if legacy {
+        let mut f = MountFlags::empty();
+        if ro {
+            f |= MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
+        }
+        mount_legacy(spec, target, f)?;
+    } else {
+        let mut f = MountAttrFlags::empty();
+        if ro {
+            f |= MountAttrFlags::MOUNT_ATTR_RDONLY
+                | MountAttrFlags::MOUNT_ATTR_NOSUID
+                | MountAttrFlags::MOUNT_ATTR_NODEV;
+        }
+        match mount_new_api(spec, target, f) {
+            Ok(()) => {}
+            Err(e) if e.to_string().contains("lowerdir+") => {
+                // Kernels before 6.8 do not know `lowerdir+`.
+                let mut f = MountFlags::empty();
+                if ro {
+                    f |= MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
+                }
+                mount_legacy(spec, target, f)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if let Err(e) = verify(target) {
+        let _ = unmount_now(target);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Check mountinfo for forbidden effective options at `target`.
+///
+/// # Errors
+/// Not mounted as overlay, or a forbidden option is in effect.
+pub fn verify(target: &Path) -> Result<()> {
+    let info = find_mount(target)?.ok_or_else(|| anyhow!("{} is not mounted", target.display()))?;
+    if info.fstype != "overlay" {
+        bail!("{} is a {} mount, not overlay", target.display(), info.fstype);
+    }
+    for o in info.super_options.split(',') {
+        if FORBIDDEN_EFFECTIVE.contains(&o) {
+            bail!(
+                "the kernel mounted {} with {o} although laybak asked otherwise (module parameter or distribution default?): refusing to use it",
+                target.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A read-only, nosuid, nodev bind mount of `src` at `target`.
+///
+/// # Errors
+/// The kernel refused.
+pub fn bind_readonly(src: &Path, target: &Path) -> Result<()> {
+    rustix::mount::mount_bind(src, target)
+        .with_context(|| format!("cannot bind {} at {}", src.display(), target.display()))?;
+    let res = rustix::mount::mount_change(target, MountPropagationFlags::PRIVATE)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| {
+            rustix::mount::mount_remount(
+                target,
+                MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
+                "",
+            )
+            .map_err(anyhow::Error::from)
+        });
+    if let Err(e) = res {
+        let _ = unmount_now(target);
+        return Err(e.context(format!("cannot make {} read-only", target.display())));
+    }
+    Ok(())
+}
+
+/// A private read-write bind mount of `src` at `target` (the volume's
+/// backing view, which must not see the overlay later mounted on `src`).
+///
+/// # Errors
+/// The kernel refused.
+pub fn bind_private(src: &Path, target: &Path) -> Result<()> {
+    rustix::mount::mount_bind(src, target)
+        .with_context(|| format!("cannot bind {} at {}", src.display(), target.display()))?;
+    rustix::mount::mount_change(target, MountPropagationFlags::PRIVATE)
+        .with_context(|| format!("cannot make {} private", target.display()))
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone)]
+pub struct MountInfo {
+    /// Mount point.
+    pub target: PathBuf,
+    /// Filesystem type.
+    pub fstype: String,
+    /// Mount source.
+    pub source: String,
+    /// Superblock options.
+    pub super_options: String,
+}
+
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() + 0 && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Parse mountinfo text (pure, for tests).
+pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let l: Vec<&str> = left.split(' ').collect();
+        let r: Vec<&str> = right.splitn(3, ' ').collect();
+        if l.len() < 5 || r.len() < 3 {
+            continue;
+        }
+        out.push(MountInfo {
+            target: PathBuf::from(std::ffi::OsStr::from_bytes(&unescape(l[4]))),
+            fstype: r[0].to_string(),
+            source: String::from_utf8_lossy(&unescape(r[1])).into_owned(),
+            super_options: r[2].to_string(),
+        });
+    }
+    out
+}
+
+/// The topmost mount at exactly `target`, if any.
+///
+/// # Errors
+/// mountinfo unreadable.
+pub fn find_mount(target: &Path) -> Result<Option<MountInfo>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    let canon = std::fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
+    Ok(parse_mountinfo(&text).into_iter().rev().find(|m| m.target == canon))
+}
+
+/// Unmount once, without waiting.
+///
+/// # Errors
+/// Any error from umount2 (EBUSY when in use).
+pub fn unmount_now(target: &Path) -> rustix::io::Result<()> {
+    rustix::mount::unmount(target, UnmountFlags::empty())
+}
+
+/// Processes holding something under `dir`: (pid, command, what).
+pub fn holders(dir: &Path) -> Vec<(u32, String, String)> {
+    let mut out = Vec::new();
+    let dirb = dir.as_os_str().as_bytes();
+    let under = |p: &Path| {
+        let b = p.as_os_str().as_bytes();
+        b == dirb || (b.starts_with(dirb) && b.get(dirb.len()) == Some(&b'/'))
+    };
+    let me = std::process::id();
+    let Ok(rd) = std::fs::read_dir("/proc") else { return out };
+    for ent in rd.flatten() {
+        let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let base = ent.path();
+        let comm = std::fs::read_to_string(base.join("comm"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let mut what = Vec::new();
+        for link in ["cwd", "root"] {
+            if let Ok(t) = std::fs::read_link(base.join(link))
+                && under(&t)
+            {
+                what.push(link.to_string());
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir(base.join("fd")) {
+            for fd in fds.flatten() {
+                if let Ok(t) = std::fs::read_link(fd.path())
+                    && under(&t)
+                {
+                    what.push(format!("open file {}", t.display()));
+                    break;
+                }
+            }
+        }
+        if let Ok(maps) = std::fs::read_to_string(base.join("maps"))
+            && maps
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(5))
+                .any(|p| under(Path::new(p)))
+        {
+            what.push("memory mapping".into());
+        }
+        if !what.is_empty() {
+            out.push((pid, comm, what.join(", ")));
+        }
+    }
+    out
+}
+
+/// Unmount `target`, retrying for up to `wait` while it is busy. When it
+/// stays busy, fail naming the processes that hold it. Never lazy.
+///
+/// # Errors
+/// Still busy after `wait`, or another unmount error.
+pub fn unmount_wait(target: &Path, wait: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        match unmount_now(target) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::BUSY) if start.elapsed() < wait => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(rustix::io::Errno::BUSY) => {
+                let h = holders(target);
+                let list = if h.is_empty() {
+                    "no process found in /proc (a submount or another mount namespace?)".to_string()
+                } else {
+                    h.iter()
+                        .map(|(p, c, w)| format!("pid {p} ({c}): {w}"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                };
+                return Err(crate::error::Busy(format!(
+                    "{} is busy after waiting {}s: {list}; close those files or raise --wait",
+                    target.display(),
+                    wait.as_secs()
+                ))
+                .into());
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot unmount {}", target.display())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_string_has_every_option_and_escapes() {
+        let spec = Spec {
+            lowers: vec!["/a:b".into(), "/c".into()],
+            upper: Some(("/u".into(), "/w".into())),
+            source: "laybak".into(),
+        };
+        let s = legacy_options(&spec, Some("null")).unwrap();
+        assert_eq!(
+            s,
+            "lowerdir=/a\\:b:/c,upperdir=/u,workdir=/w,redirect_dir=nofollow,index=off,metacopy=off,nfs_export=off,xino=off,uuid=null"
+        );
+        let comma = Spec {
+            lowers: vec!["/a,b".into()],
+            upper: None,
+            source: "x".into(),
+        };
+        assert!(legacy_options(&comma, None).is_err());
+        let long = Spec {
+            lowers: (0..200).map(|i| PathBuf::from(format!("/very/long/path/to/layer/{i:020}"))).collect(),
+            upper: None,
+            source: "x".into(),
+        };
+        assert!(legacy_options(&long, None).unwrap_err().to_string().contains("one-page"));
+    }
+
+    #[test]
+    fn mountinfo_parsing() {
+        let text = "36 35 98:0 / /mnt/a\\040b rw,noatime master:1 - overlay laybak:vol rw,lowerdir+=/x,redirect_dir=nofollow\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].target, PathBuf::from("/mnt/a b"));
+        assert_eq!(m[0].fstype, "overlay");
+        assert_eq!(m[0].source, "laybak:vol");
+        assert!(m[0].super_options.contains("redirect_dir=nofollow"));
+    }
+}

@@ -1,0 +1,644 @@
+//! The repository: config, packs of compressed blobs, indexes, layer
+//! manifests and snapshot records, on top of a [`Backend`].
+//!
+//! Write order for a snapshot is packs → index → layer manifest → snapshot
+//! record, each object written atomically, so a snapshot record never points
+//! at data that is not durable. Every object except packs is named by the
+//! blake3 of its bytes; packs are named by the blake3 of the whole file and
+//! every blob inside is verified against its own blake3 id when read.
+
+use crate::backend::{Backend, LocalBackend};
+use crate::format::{self, FileKind, Id, Time};
+use crate::layer::Layer;
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+/// Trailer magic at the very end of every pack.
+pub const PACK_TAIL: &[u8; 8] = b"LBPKTAIL";
+
+/// Repository parameters, fixed at `init`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Config {
+    /// Random repository id.
+    pub id: Id,
+    /// When the repository was created.
+    pub created: Time,
+    /// FastCDC minimum chunk size.
+    pub chunk_min: u32,
+    /// FastCDC average chunk size.
+    pub chunk_avg: u32,
+    /// FastCDC maximum chunk size.
+    pub chunk_max: u32,
+    /// Target pack size in bytes.
+    pub pack_size: u32,
+    /// zstd level for blobs.
+    pub zstd_level: i32,
+}
+
+/// Where a blob lives inside a pack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackBlob {
+    /// blake3 of the uncompressed blob.
+    pub id: Id,
+    /// Offset of the stored bytes from the start of the pack file.
+    pub offset: u64,
+    /// Stored (possibly compressed) length.
+    pub len: u32,
+    /// Uncompressed length.
+    pub raw_len: u32,
+    /// Whether the stored bytes are a zstd frame.
+    pub compressed: bool,
+}
+
+/// One pack as recorded in an index file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IndexPack {
+    /// Pack id (blake3 of the pack file).
+    pub id: Id,
+    /// Pack file size.
+    pub size: u64,
+    /// Its blobs.
+    pub blobs: Vec<PackBlob>,
+}
+
+/// Figures recorded with each snapshot.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Summary {
+    /// Entries in the new layer (including directories and whiteouts).
+    pub entries: u64,
+    /// Regular files in the new layer.
+    pub files: u64,
+    /// Whiteouts (deletions) in the new layer.
+    pub whiteouts: u64,
+    /// Apparent bytes of the files in the new layer.
+    pub data_bytes: u64,
+    /// Blobs this snapshot added to the repository.
+    pub new_blobs: u64,
+    /// Bytes this snapshot added to packs (after compression).
+    pub new_bytes: u64,
+}
+
+/// One point in time of one volume.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// When the layer was sealed.
+    pub time: Time,
+    /// Volume name.
+    pub volume: String,
+    /// Host that took it.
+    pub hostname: String,
+    /// User tags.
+    pub tags: Vec<String>,
+    /// The previous snapshot of the volume.
+    pub parent: Option<Id>,
+    /// Layer manifest ids, bottom first.
+    pub layers: Vec<Id>,
+    /// Size figures.
+    pub summary: Summary,
+}
+
+/// Location of a blob.
+#[derive(Clone, Copy, Debug)]
+pub struct BlobLoc {
+    /// Pack id.
+    pub pack: Id,
+    /// Entry in the pack.
+    pub blob: PackBlob,
+}
+
+/// An open repository.
+pub struct Repo {
+    /// Where it lives (for messages).
+    pub location: PathBuf,
+    backend: Box<dyn Backend>,
+    /// Parameters from `config`.
+    pub config: Config,
+    index: OnceLock<HashMap<Id, BlobLoc>>,
+}
+
+/// Object name of a pack.
+pub fn pack_name(id: &Id) -> String {
+    let h = id.hex();
+    format!("packs/{}/{}", &h[..2], h)
+}
+
+fn hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+impl Repo {
+    /// Create a new repository in `path` (missing or an empty directory).
+    ///
+    /// # Errors
+    /// The path holds something already, or cannot be created.
+    pub fn init(path: &Path) -> Result<Repo> {
+        if path.join("config").exists() {
+            bail!(
+                "{} is already a laybak repository: use it as it is",
+                path.display()
+            );
+        }
+        if path.exists() {
+            if !path.is_dir() {
+                bail!(
+                    "{} exists and is not a directory: choose another path",
+                    path.display()
+                );
+            }
+            if std::fs::read_dir(path)?.next().is_some() {
+                bail!(
+                    "{} is not empty: give a new or empty directory for the repository",
+                    path.display()
+                );
+            }
+        } else {
+            std::fs::create_dir_all(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+        }
+        for d in ["packs", "index", "layers", "snapshots"] {
+            std::fs::create_dir_all(path.join(d))?;
+        }
+        crate::backend::sync_dir(path)?;
+        let seed = format!(
+            "{:?}{}{}",
+            Time::now(),
+            rustix::process::getpid().as_raw_nonzero(),
+            hostname()
+        );
+        let config = Config {
+            id: Id::of(seed.as_bytes()),
+            created: Time::now(),
+            chunk_min: 256 * 1024,
+            chunk_avg: 1024 * 1024,
+            chunk_max: 4 * 1024 * 1024,
+            pack_size: 16 * 1024 * 1024,
+            zstd_level: 3,
+        };
+        let backend = LocalBackend::new(path);
+        backend.write("config", &format::encode(FileKind::Config, &config)?)?;
+        Ok(Repo {
+            location: path.to_path_buf(),
+            backend: Box::new(backend),
+            config,
+            index: OnceLock::new(),
+        })
+    }
+
+    /// Open an existing repository.
+    ///
+    /// # Errors
+    /// Missing, not a laybak repository, newer format, or unreadable.
+    pub fn open(path: &Path) -> Result<Repo> {
+        if !path.exists() {
+            bail!(
+                "no repository at {}: create one with `laybak init --repo {}`",
+                path.display(),
+                path.display()
+            );
+        }
+        let backend = LocalBackend::new(path);
+        let data = match backend.read("config") {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                "{} is not a laybak repository (no config file): check --repo / LAYBAK_REPO",
+                path.display()
+            ),
+            Err(e) => return Err(e).context(format!("cannot read {}/config", path.display())),
+        };
+        let config: Config = format::decode(FileKind::Config, &data)
+            .with_context(|| format!("repository {}", path.display()))?;
+        Ok(Repo {
+            location: path.to_path_buf(),
+            backend: Box::new(backend),
+            config,
+            index: OnceLock::new(),
+        })
+    }
+
+    /// The backend (for check and tests).
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    fn read_named(&self, kind: FileKind, dir: &str, id: &Id) -> Result<Vec<u8>> {
+        let name = format!("{dir}/{}", id.hex());
+        let data = self
+            .backend
+            .read(&name)
+            .with_context(|| format!("cannot read {} {}", kind.name(), id.short()))?;
+        if Id::of(&data) != *id {
+            bail!(
+                "{} {} is corrupt (blake3 mismatch): run `laybak check`",
+                kind.name(),
+                id.short()
+            );
+        }
+        Ok(data)
+    }
+
+    fn write_named(&self, kind: FileKind, dir: &str, data: &[u8]) -> Result<Id> {
+        let id = Id::of(data);
+        self.backend
+            .write(&format!("{dir}/{}", id.hex()), data)
+            .with_context(|| format!("cannot write {} to {}", kind.name(), self.location.display()))?;
+        Ok(id)
+    }
+
+    /// All index files, merged: blob id → location.
+    ///
+    /// # Errors
+    /// An index file is unreadable or corrupt.
+    pub fn index(&self) -> Result<&HashMap<Id, BlobLoc>> {
+        if let Some(i) = self.index.get() {
+            return Ok(i);
+        }
+        let mut map = HashMap::new();
+        for name in self.backend.list("index")? {
+            let id = Id::parse(&name).ok_or_else(|| anyhow!("stray file index/{name}"))?;
+            for p in self.read_index(&id)? {
+                for b in p.blobs {
+                    map.insert(b.id, BlobLoc { pack: p.id, blob: b });
+                }
+            }
+        }
+        Ok(self.index.get_or_init(|| map))
+    }
+
+    /// Ids of all index files.
+    ///
+    /// # Errors
+    /// Listing failed.
+    pub fn index_ids(&self) -> Result<Vec<Id>> {
+        Ok(self
+            .backend
+            .list("index")?
+            .iter()
+            .filter_map(|n| Id::parse(n))
+            .collect())
+    }
+
+    /// One index file.
+    ///
+    /// # Errors
+    /// Unreadable or corrupt.
+    pub fn read_index(&self, id: &Id) -> Result<Vec<IndexPack>> {
+        let data = self.read_named(FileKind::Index, "index", id)?;
+        format::decode(FileKind::Index, &data)
+            .with_context(|| format!("index {}", id.short()))
+    }
+
+    /// Write an index file for `packs`.
+    ///
+    /// # Errors
+    /// The write failed.
+    pub fn write_index(&self, packs: &[IndexPack]) -> Result<Id> {
+        let data = format::encode(FileKind::Index, &packs)?;
+        self.write_named(FileKind::Index, "index", &data)
+    }
+
+    /// Read and verify one blob.
+    ///
+    /// # Errors
+    /// Unknown blob, unreadable pack, or content that does not hash to `id`.
+    pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
+        let loc = *self
+            .index()?
+            .get(id)
+            .ok_or_else(|| anyhow!("blob {} is missing from the index: run `laybak check`", id.short()))?;
+        let raw = self
+            .backend
+            .read_range(&pack_name(&loc.pack), loc.blob.offset, loc.blob.len as u64)
+            .with_context(|| format!("cannot read pack {}", loc.pack.short()))?;
+        decode_blob(&loc.blob, raw).with_context(|| format!("in pack {}", loc.pack.short()))
+    }
+
+    /// Store a layer manifest (after validating it).
+    ///
+    /// # Errors
+    /// Invalid layer or write failure.
+    pub fn write_layer(&self, layer: &Layer) -> Result<Id> {
+        layer.validate()?;
+        let data = format::encode(FileKind::Layer, layer)?;
+        self.write_named(FileKind::Layer, "layers", &data)
+    }
+
+    /// Load and validate a layer manifest.
+    ///
+    /// # Errors
+    /// Missing, corrupt or structurally invalid.
+    pub fn read_layer(&self, id: &Id) -> Result<Layer> {
+        let data = self.read_named(FileKind::Layer, "layers", id)?;
+        let layer: Layer = format::decode(FileKind::Layer, &data)
+            .with_context(|| format!("layer {}", id.short()))?;
+        layer
+            .validate()
+            .with_context(|| format!("layer {} is invalid", id.short()))?;
+        Ok(layer)
+    }
+
+    /// Store a snapshot record.
+    ///
+    /// # Errors
+    /// Write failure.
+    pub fn write_snapshot(&self, snap: &Snapshot) -> Result<Id> {
+        let data = format::encode(FileKind::Snapshot, snap)?;
+        self.write_named(FileKind::Snapshot, "snapshots", &data)
+    }
+
+    /// Load one snapshot record.
+    ///
+    /// # Errors
+    /// Missing or corrupt.
+    pub fn read_snapshot(&self, id: &Id) -> Result<Snapshot> {
+        let data = self.read_named(FileKind::Snapshot, "snapshots", id)?;
+        format::decode(FileKind::Snapshot, &data)
+            .with_context(|| format!("snapshot {}", id.short()))
+    }
+
+    /// All snapshots, oldest first.
+    ///
+    /// # Errors
+    /// A record is unreadable or corrupt.
+    pub fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
+        let mut out = Vec::new();
+        for name in self.backend.list("snapshots")? {
+            let Some(id) = Id::parse(&name) else { continue };
+            out.push((id, self.read_snapshot(&id)?));
+        }
+        out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+        Ok(out)
+    }
+
+    /// Resolve a full id, a unique prefix, or `latest` (of `volume` if given).
+    ///
+    /// # Errors
+    /// Unknown or ambiguous.
+    pub fn resolve(&self, spec: &str, volume: Option<&str>) -> Result<(Id, Snapshot)> {
+        let all = self.snapshots()?;
+        if spec == "latest" {
+            let vols: HashSet<&str> = all.iter().map(|s| s.1.volume.as_str()).collect();
+            if volume.is_none() && vols.len() > 1 {
+                let mut v: Vec<_> = vols.into_iter().collect();
+                v.sort();
+                bail!(
+                    "`latest` is ambiguous: the repository holds volumes {}; add --volume NAME",
+                    v.join(", ")
+                );
+            }
+            return all
+                .into_iter()
+                .rev()
+                .find(|s| volume.is_none_or(|v| s.1.volume == v))
+                .ok_or_else(|| match volume {
+                    Some(v) => anyhow!("no snapshot of volume {v:?} in the repository"),
+                    None => anyhow!("the repository has no snapshots yet"),
+                });
+        }
+        let spec_l = spec.to_ascii_lowercase();
+        if spec_l.is_empty() || !spec_l.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!("{spec:?} is not a snapshot id: give an id or prefix from `laybak snapshots`, or `latest`");
+        }
+        let m: Vec<_> = all
+            .into_iter()
+            .filter(|s| s.0.hex().starts_with(&spec_l))
+            .collect();
+        match m.len() {
+            0 => bail!("no snapshot matches {spec:?}: list them with `laybak snapshots`"),
+            1 => Ok(m.into_iter().next().expect("one element")),
+            n => bail!("snapshot id {spec:?} is ambiguous ({n} matches): give more characters"),
+        }
+    }
+
+    /// Load the manifests of a snapshot, bottom first.
+    ///
+    /// # Errors
+    /// A manifest is missing or corrupt.
+    pub fn layers_of(&self, snap: &Snapshot) -> Result<Vec<Layer>> {
+        snap.layers.iter().map(|l| self.read_layer(l)).collect()
+    }
+
+    /// Host name recorded in new snapshots.
+    pub fn hostname() -> String {
+        hostname()
+    }
+}
+
+/// Decompress and verify a blob read from a pack.
+///
+/// # Errors
+/// Corrupt data or a hash mismatch.
+pub fn decode_blob(b: &PackBlob, raw: Vec<u8>) -> Result<Vec<u8>> {
+    let data = if b.compressed {
+        format::decompress_bounded(&raw, b.raw_len as u64)?
+    } else {
+        raw
+    };
+    if data.len() != b.raw_len as usize || Id::of(&data) != b.id {
+        bail!("blob {} is corrupt (blake3 mismatch)", b.id.short());
+    }
+    Ok(data)
+}
+
+/// Parse the blob table at the end of a pack file.
+///
+/// # Errors
+/// Not a pack, truncated, or an inconsistent table.
+pub fn parse_pack_tail(data: &[u8]) -> Result<Vec<PackBlob>> {
+    format::check_header(FileKind::Pack, data)?;
+    let n = data.len();
+    if n < 8 + 12 || &data[n - 8..] != PACK_TAIL {
+        bail!("pack is truncated (no trailer)");
+    }
+    let tl = u32::from_le_bytes(data[n - 12..n - 8].try_into().expect("4 bytes")) as usize;
+    if tl > n - 20 {
+        bail!("pack trailer length {tl} is out of range");
+    }
+    let table = &data[n - 12 - tl..n - 12];
+    let blobs: Vec<PackBlob> =
+        postcard::from_bytes(table).map_err(|e| anyhow!("pack trailer is corrupt: {e}"))?;
+    let limit = (n - 12 - tl) as u64;
+    for b in &blobs {
+        if b.offset < 8 || b.offset + b.len as u64 > limit {
+            bail!("pack trailer points outside the pack");
+        }
+    }
+    Ok(blobs)
+}
+
+struct PackBuf {
+    data: Vec<u8>,
+    blobs: Vec<PackBlob>,
+}
+
+impl PackBuf {
+    fn new() -> PackBuf {
+        PackBuf {
+            data: format::header(FileKind::Pack).to_vec(),
+            blobs: Vec::new(),
+        }
+    }
+}
+
+/// Collects new blobs into packs. Safe to share across scanner threads:
+/// compression runs on the caller's thread, pack files are written outside
+/// the lock.
+pub struct Packer<'r> {
+    repo: &'r Repo,
+    seen: Mutex<HashSet<Id>>,
+    cur: Mutex<PackBuf>,
+    done: Mutex<Vec<IndexPack>>,
+    stats: Mutex<(u64, u64)>,
+}
+
+impl<'r> Packer<'r> {
+    /// A packer writing to `repo`.
+    pub fn new(repo: &'r Repo) -> Packer<'r> {
+        Packer {
+            repo,
+            seen: Mutex::new(HashSet::new()),
+            cur: Mutex::new(PackBuf::new()),
+            done: Mutex::new(Vec::new()),
+            stats: Mutex::new((0, 0)),
+        }
+    }
+
+    /// Store `data` under `id` (its blake3) unless the repository or this
+    /// run already has it.
+    ///
+    /// # Errors
+    /// Index loading or pack writing failed.
+    pub fn add(&self, id: Id, data: &[u8]) -> Result<()> {
+        if self.repo.index()?.contains_key(&id) {
+            return Ok(());
+        }
+        if !lock(&self.seen).insert(id) {
+            return Ok(());
+        }
+        let z = zstd::bulk::compress(data, self.repo.config.zstd_level)?;
+        let (stored, compressed) = if z.len() < data.len() {
+            (&z[..], true)
+        } else {
+            (data, false)
+        };
+        let full = {
+            let mut cur = lock(&self.cur);
+            let offset = cur.data.len() as u64;
+            cur.data.extend_from_slice(stored);
+            cur.blobs.push(PackBlob {
+                id,
+                offset,
+                len: stored.len() as u32,
+                raw_len: data.len() as u32,
+                compressed,
+            });
+            if cur.data.len() >= self.repo.config.pack_size as usize {
+                Some(std::mem::replace(&mut *cur, PackBuf::new()))
+            } else {
+                None
+            }
+        };
+        {
+            let mut s = lock(&self.stats);
+            s.0 += 1;
+            s.1 += stored.len() as u64;
+        }
+        if let Some(p) = full {
+            self.write_pack(p)?;
+        }
+        Ok(())
+    }
+
+    fn write_pack(&self, mut p: PackBuf) -> Result<()> {
+        if p.blobs.is_empty() {
+            return Ok(());
+        }
+        let table = postcard::to_stdvec(&p.blobs)?;
+        p.data.extend_from_slice(&table);
+        p.data.extend_from_slice(&(table.len() as u32).to_le_bytes());
+        p.data.extend_from_slice(PACK_TAIL);
+        let id = Id::of(&p.data);
+        crate::failpoint::hit("pack-write")?;
+        self.repo
+            .backend
+            .write(&pack_name(&id), &p.data)
+            .with_context(|| format!("cannot write a pack to {}", self.repo.location.display()))?;
+        lock(&self.done).push(IndexPack {
+            id,
+            size: p.data.len() as u64,
+            blobs: p.blobs,
+        });
+        Ok(())
+    }
+
+    /// Flush the last pack and write the index for everything this packer
+    /// stored. Returns (new blobs, new stored bytes).
+    ///
+    /// # Errors
+    /// Pack or index write failed.
+    pub fn finish(self) -> Result<(u64, u64)> {
+        let last = std::mem::replace(&mut *lock(&self.cur), PackBuf::new());
+        self.write_pack(last)?;
+        let done = std::mem::take(&mut *lock(&self.done));
+        if !done.is_empty() {
+            crate::failpoint::hit("index-write")?;
+            self.repo.write_index(&done)?;
+        }
+        let s = *lock(&self.stats);
+        Ok(s)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_round_trip_and_corruption() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repo::init(&d.path().join("r")).unwrap();
+        let p = Packer::new(&repo);
+        let a = vec![7u8; 100_000];
+        let b: Vec<u8> = (0..5000u32).flat_map(|i| i.to_le_bytes()).collect();
+        p.add(Id::of(&a), &a).unwrap();
+        p.add(Id::of(&b), &b).unwrap();
+        p.add(Id::of(&a), &a).unwrap();
+        let (n, _) = p.finish().unwrap();
+        assert_eq!(n, 2);
+        let repo = Repo::open(&d.path().join("r")).unwrap();
+        assert_eq!(repo.read_blob(&Id::of(&a)).unwrap(), a);
+        assert_eq!(repo.read_blob(&Id::of(&b)).unwrap(), b);
+        let packs = repo.backend().list("packs").unwrap();
+        assert_eq!(packs.len(), 1);
+        let path = d.path().join("r/packs").join(&packs[0]);
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(parse_pack_tail(&data).unwrap().len(), 2);
+        let mut bad = data.clone();
+        let loc = repo.index().unwrap()[&Id::of(&b)];
+        bad[loc.blob.offset as usize + 3] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        let repo = Repo::open(&d.path().join("r")).unwrap();
+        assert!(repo.read_blob(&Id::of(&b)).is_err());
+        assert!(parse_pack_tail(&data[..data.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn open_errors_are_clear() {
+        let d = tempfile::tempdir().unwrap();
+        let e = Repo::open(&d.path().join("nope")).err().unwrap();
+        assert!(e.to_string().contains("laybak init"), "{e}");
+        let e = Repo::open(d.path()).err().unwrap();
+        assert!(e.to_string().contains("not a laybak repository"), "{e}");
+        std::fs::write(d.path().join("x"), "").unwrap();
+        assert!(Repo::init(d.path()).is_err());
+    }
+}

@@ -1,0 +1,864 @@
+//! Volumes: attach, rotate (snapshot), archive, up/down, detach, status.
+//!
+//! A volume's layer store lives inside the volume directory itself, in
+//! `.laybak/` on the underlying filesystem, so importing the existing
+//! contents is a rename even when the directory is a mount point of its own
+//! filesystem. Before the overlay is mounted over the directory, a private
+//! bind mount of it is made at `STATE/backing/NAME`; laybak reaches the
+//! layers through that bind while the overlay hides them from users.
+//!
+//! ```text
+//! /srv/data                       overlay mount (what users see)
+//! STATE/backing/data/.laybak/l/N  layer N (sealed layers, and the upper)
+//! STATE/backing/data/.laybak/work overlay workdir
+//! STATE/volumes/data.json         volume state (this module's VolumeState)
+//! STATE/volumes/data.lock         flock held by the running laybak
+//! ```
+
+use crate::error::{Busy, Coded, need_root};
+use crate::fold;
+use crate::format::{Id, Time};
+use crate::layer::Layer;
+use crate::overlay::{self, Spec};
+use crate::repo::{Packer, Repo, Snapshot};
+use crate::scan::{self, Source};
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Name of the layer store inside a volume directory.
+pub const STORE: &str = ".laybak";
+/// Default bound on the live chain (sealed layers below the upper).
+pub const DEFAULT_MAX_LAYERS: usize = 64;
+
+/// Where an attach stands (so `up` can finish an interrupted one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Moving the existing contents into the base layer.
+    Attaching,
+    /// Normal operation.
+    Ready,
+}
+
+/// A sealed layer kept locally.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LocalLayer {
+    /// Directory name under `.laybak/l/`.
+    pub seq: u64,
+    /// When it was sealed.
+    pub sealed: Time,
+    /// Tags for its snapshot.
+    pub tags: Vec<String>,
+    /// Repository layer ids this directory holds, bottom first (more than
+    /// one after a fold); empty while it waits to be archived.
+    pub archived: Vec<String>,
+}
+
+/// Persistent state of one volume (`STATE/volumes/NAME.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VolumeState {
+    /// State file version.
+    pub version: u32,
+    /// Volume name (snapshot records carry it).
+    pub name: String,
+    /// The volume directory.
+    pub path: PathBuf,
+    /// Repository location.
+    pub repo: PathBuf,
+    /// Bound on the live chain.
+    pub max_layers: usize,
+    /// Attach progress.
+    pub phase: Phase,
+    /// Sealed layers, bottom first.
+    pub layers: Vec<LocalLayer>,
+    /// The current upper directory's seq.
+    pub upper: u64,
+    /// Next seq to allocate.
+    pub next_seq: u64,
+    /// Last snapshot written for this volume.
+    pub last_snapshot: Option<String>,
+    /// A fold of layer `.0` into `.1` is in progress.
+    pub folding: Option<(u64, u64)>,
+    /// Whether the volume should be mounted (`down` clears it).
+    pub up: bool,
+}
+
+/// Paths and state of a volume.
+pub struct Volume {
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Its state.
+    pub st: VolumeState,
+}
+
+fn state_file(state_dir: &Path, name: &str) -> PathBuf {
+    state_dir.join("volumes").join(format!("{name}.json"))
+}
+
+/// All volumes registered in `state_dir`.
+///
+/// # Errors
+/// Unreadable state files.
+pub fn all(state_dir: &Path) -> Result<Vec<Volume>> {
+    let dir = state_dir.join("volumes");
+    let mut out = Vec::new();
+    let rd = match fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+    };
+    for ent in rd {
+        let p = ent?.path();
+        if p.extension().is_some_and(|e| e == "json") {
+            let data = fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+            let st: VolumeState = serde_json::from_slice(&data)
+                .with_context(|| format!("volume state {} is corrupt", p.display()))?;
+            out.push(Volume {
+                state_dir: state_dir.to_path_buf(),
+                st,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.st.name.cmp(&b.st.name));
+    Ok(out)
+}
+
+fn canonical_dir(path: &Path) -> Result<PathBuf> {
+    let md = fs::metadata(path).map_err(|e| {
+        anyhow!("{} does not exist or is unreadable ({e}): give an existing directory", path.display())
+    })?;
+    if !md.is_dir() {
+        bail!("{} is not a directory: give a directory", path.display());
+    }
+    Ok(fs::canonicalize(path)?)
+}
+
+/// Find the volume at `path`.
+///
+/// # Errors
+/// `path` is not a laybak volume.
+pub fn find(state_dir: &Path, path: &Path) -> Result<Volume> {
+    let canon = canonical_dir(path)?;
+    all(state_dir)?
+        .into_iter()
+        .find(|v| v.st.path == canon)
+        .ok_or_else(|| {
+            anyhow!(
+                "{} is not a laybak volume (no state in {}): attach it with `laybak attach`, or pass the right --state-dir",
+                canon.display(),
+                state_dir.display()
+            )
+        })
+}
+
+/// An exclusive per-volume lock; released by the kernel when the process
+/// dies, so a crashed run never leaves it stuck.
+pub struct VolumeLock {
+    _f: fs::File,
+}
+
+impl Volume {
+    fn lock_path(&self) -> PathBuf {
+        self.state_dir
+            .join("volumes")
+            .join(format!("{}.lock", self.st.name))
+    }
+
+    /// Take the volume lock, or fail with the holder's pid.
+    ///
+    /// # Errors
+    /// Another laybak holds it (exit code 11).
+    pub fn lock(&self) -> Result<VolumeLock> {
+        let p = self.lock_path();
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .with_context(|| format!("cannot open {}", p.display()))?;
+        if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            let holder = fs::read_to_string(&p).unwrap_or_default();
+            return Err(Busy(format!(
+                "another laybak (pid {}) is working on volume {}; try again when it has finished",
+                holder.trim(),
+                self.st.name
+            ))
+            .into());
+        }
+        f.set_len(0)?;
+        write!(f, "{}", std::process::id())?;
+        Ok(VolumeLock { _f: f })
+    }
+
+    /// Persist the state atomically.
+    ///
+    /// # Errors
+    /// Write failure.
+    pub fn save(&self) -> Result<()> {
+        let p = state_file(&self.state_dir, &self.st.name);
+        let data = serde_json::to_vec_pretty(&self.st)?;
+        crate::backend::atomic_write(&p, &data, 0)
+            .with_context(|| format!("cannot write volume state {}", p.display()))
+    }
+
+    /// The private bind of the volume directory.
+    pub fn backing(&self) -> PathBuf {
+        self.state_dir.join("backing").join(&self.st.name)
+    }
+
+    /// Directory of layer `seq`, reached through the backing bind.
+    pub fn layer_dir(&self, seq: u64) -> PathBuf {
+        self.backing().join(STORE).join("l").join(seq.to_string())
+    }
+
+    fn work_dir(&self) -> PathBuf {
+        self.backing().join(STORE).join("work")
+    }
+
+    /// The mount spec of the live volume.
+    pub fn spec(&self) -> Spec {
+        Spec {
+            lowers: self.st.layers.iter().rev().map(|l| self.layer_dir(l.seq)).collect(),
+            upper: Some((self.layer_dir(self.st.upper), self.work_dir())),
+            source: format!("laybak:{}", self.st.name),
+        }
+    }
+
+    fn backing_mounted(&self) -> Result<bool> {
+        Ok(overlay::find_mount(&self.backing())?.is_some())
+    }
+
+    /// Whether the overlay is mounted at the volume path.
+    ///
+    /// # Errors
+    /// mountinfo unreadable.
+    pub fn is_mounted(&self) -> Result<bool> {
+        Ok(overlay::find_mount(&self.st.path)?.is_some_and(|m| m.fstype == "overlay"))
+    }
+
+    fn ensure_backing(&self) -> Result<()> {
+        if self.backing_mounted()? {
+            return Ok(());
+        }
+        if self.is_mounted()? {
+            bail!(
+                "volume {} is mounted but its backing bind {} is gone: run `laybak down {}` then `laybak up {}`",
+                self.st.name,
+                self.backing().display(),
+                self.st.path.display(),
+                self.st.path.display()
+            );
+        }
+        fs::create_dir_all(self.backing())?;
+        overlay::bind_private(&self.st.path, &self.backing())
+    }
+
+    fn require_mounted(&self) -> Result<()> {
+        if !self.is_mounted()? {
+            bail!(
+                "volume {} is not mounted: bring it up with `laybak up {}`",
+                self.st.name,
+                self.st.path.display()
+            );
+        }
+        if !self.backing_mounted()? {
+            bail!(
+                "volume {} lost its backing bind {}: run `laybak down` and `laybak up`",
+                self.st.name,
+                self.backing().display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Make a fresh empty layer directory carrying `like`'s root metadata. An
+/// existing empty directory (left by a crash) is reused.
+fn new_layer_dir(dir: &Path, like: &Path) -> Result<()> {
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if fs::read_dir(dir)?.next().is_some() {
+                bail!(
+                    "{} already exists and is not empty; the volume state is inconsistent: inspect it by hand",
+                    dir.display()
+                );
+            }
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+    }
+    fold::copy_dir_meta(like, dir)?;
+    crate::backend::sync_dir(dir.parent().unwrap_or(Path::new("/")))?;
+    Ok(())
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && !n.starts_with('.')
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// Options for `attach`.
+pub struct AttachOpts {
+    /// Volume name (default: the directory's name).
+    pub name: Option<String>,
+    /// Bound on the live chain.
+    pub max_layers: usize,
+    /// Tags for the first snapshot.
+    pub tags: Vec<String>,
+}
+
+fn probe_fs(store: &Path) -> Result<()> {
+    let probe = store.join("probe");
+    fs::create_dir(&probe)?;
+    let r = rustix::fs::lsetxattr(&probe, "trusted.laybak.probe", b"1", rustix::fs::XattrFlags::empty());
+    let mut dtype_ok = false;
+    let dirfd = rustix::fs::open(store, rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY, rustix::fs::Mode::empty())?;
+    let mut dir = rustix::fs::Dir::read_from(&dirfd)?;
+    while let Some(Ok(e)) = dir.next() {
+        if e.file_name().to_bytes() == b"probe" {
+            dtype_ok = e.file_type() == rustix::fs::FileType::Directory;
+        }
+    }
+    fs::remove_dir(&probe)?;
+    if r.is_err() {
+        bail!(
+            "the filesystem does not support trusted.* extended attributes, which overlayfs needs: use ext4, xfs or btrfs"
+        );
+    }
+    if !dtype_ok {
+        bail!("the filesystem does not report file types in directory entries (d_type), which overlayfs needs");
+    }
+    Ok(())
+}
+
+/// Attach `path`: its contents become the base layer (by rename) and the
+/// directory becomes an overlay volume. Returns the volume; the caller then
+/// archives the base layer as the first snapshot.
+///
+/// # Errors
+/// Not root, not a directory, already a volume, unsupported filesystem,
+/// overlay artefacts in the data, or a mount failure (after which the
+/// directory is restored).
+pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> Result<Volume> {
+    need_root("attach")?;
+    let path = canonical_dir(path)?;
+    let name = match opts.name {
+        Some(n) => n,
+        None => path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "root".into()),
+    };
+    if !valid_name(&name) {
+        bail!("{name:?} is not a usable volume name: pass --name with letters, digits, '-', '_' or '.'");
+    }
+    let existing = all(state_dir)?;
+    if let Some(v) = existing.iter().find(|v| v.st.path == path) {
+        bail!("{} is already laybak volume {}", path.display(), v.st.name);
+    }
+    if existing.iter().any(|v| v.st.name == name) {
+        bail!("a volume named {name} already exists: pass --name to choose another name");
+    }
+    if overlay::find_mount(&path)?.is_some_and(|m| m.fstype == "overlay") {
+        bail!("{} is already an overlay mount: laybak will not stack on it", path.display());
+    }
+    if path.join(STORE).exists() {
+        bail!(
+            "{} already contains {STORE}: an earlier attach was interrupted or the data belongs to another laybak; remove it or run `laybak up`",
+            path.display()
+        );
+    }
+    // Refuse overlay artefacts in user data before touching anything.
+    scan::walk(&path, Source::Base)?;
+    let store = path.join(STORE);
+    fs::create_dir(&store).with_context(|| format!("cannot create {}", store.display()))?;
+    if let Err(e) = probe_fs(&store) {
+        let _ = fs::remove_dir_all(&store);
+        return Err(e);
+    }
+    let st = VolumeState {
+        version: 1,
+        name,
+        path: path.clone(),
+        repo: repo.location.clone(),
+        max_layers: opts.max_layers.clamp(2, 400),
+        phase: Phase::Attaching,
+        layers: vec![LocalLayer {
+            seq: 1,
+            sealed: Time::now(),
+            tags: opts.tags,
+            archived: Vec::new(),
+        }],
+        upper: 2,
+        next_seq: 3,
+        last_snapshot: None,
+        folding: None,
+        up: true,
+    };
+    fs::create_dir_all(state_dir.join("volumes"))
+        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    let vol = Volume {
+        state_dir: state_dir.to_path_buf(),
+        st,
+    };
+    let _lock = vol.lock()?;
+    fs::create_dir_all(store.join("l"))?;
+    fs::create_dir_all(store.join("work"))?;
+    vol.save()?;
+    let mut vol = vol;
+    finish_attach(&mut vol)?;
+    Ok(vol)
+}
+
+/// Move the volume's contents into the base layer (resumable), then mount.
+fn finish_attach(vol: &mut Volume) -> Result<()> {
+    let path = vol.st.path.clone();
+    let store = path.join(STORE);
+    let base = store.join("l").join("1");
+    if !base.exists() {
+        fs::create_dir(&base)?;
+    }
+    for ent in fs::read_dir(&path)? {
+        let ent = ent?;
+        if ent.file_name() == STORE {
+            continue;
+        }
+        fs::rename(ent.path(), base.join(ent.file_name()))
+            .with_context(|| format!("cannot move {} into the base layer", ent.path().display()))?;
+    }
+    fold::copy_dir_meta(&path, &base)?;
+    let upper = store.join("l").join(vol.st.upper.to_string());
+    new_layer_dir(&upper, &base)?;
+    crate::backend::sync_dir(&store.join("l"))?;
+    crate::backend::sync_dir(&path)?;
+    crate::failpoint::hit("attach-moved")?;
+    vol.ensure_backing()?;
+    overlay::mount(&vol.spec(), &path)?;
+    vol.st.phase = Phase::Ready;
+    vol.st.up = true;
+    vol.save()
+}
+
+/// Result of archiving one layer.
+#[derive(Debug, Clone)]
+pub struct Archived {
+    /// Snapshot id.
+    pub id: Id,
+    /// Snapshot record.
+    pub snap: Snapshot,
+}
+
+/// Archive every pending sealed layer of `vol` in order, one snapshot each.
+///
+/// # Errors
+/// Scan or repository failure; already archived layers stay archived and
+/// the rest stay pending for the next run.
+pub fn archive_pending(
+    vol: &mut Volume,
+    repo: &Repo,
+    progress: bool,
+) -> Result<Vec<Archived>> {
+    let mut out = Vec::new();
+    for i in 0..vol.st.layers.len() {
+        if !vol.st.layers[i].archived.is_empty() {
+            continue;
+        }
+        let dir = vol.layer_dir(vol.st.layers[i].seq);
+        let source = if i == 0 { Source::Base } else { Source::Upper };
+        let bar = progress.then(|| crate::progress::bytes_bar("archiving"));
+        let packer = Packer::new(repo);
+        crate::failpoint::hit("scan")?;
+        let (layer, mut summary) = scan::scan(&dir, source, &packer, &repo.config, bar.as_ref())
+            .with_context(|| format!("archiving layer {} of volume {}", vol.st.layers[i].seq, vol.st.name))?;
+        let (blobs, bytes) = packer.finish()?;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        summary.new_blobs = blobs;
+        summary.new_bytes = bytes;
+        crate::failpoint::hit("manifest-write")?;
+        let layer_id = repo.write_layer(&layer)?;
+        let mut layers: Vec<Id> = Vec::new();
+        for l in &vol.st.layers[..i] {
+            for h in &l.archived {
+                layers.push(Id::parse(h).ok_or_else(|| anyhow!("volume state has a bad layer id {h}"))?);
+            }
+        }
+        layers.push(layer_id);
+        let snap = Snapshot {
+            time: vol.st.layers[i].sealed,
+            volume: vol.st.name.clone(),
+            hostname: Repo::hostname(),
+            tags: vol.st.layers[i].tags.clone(),
+            parent: vol.st.last_snapshot.as_deref().and_then(Id::parse),
+            layers,
+            summary,
+        };
+        crate::failpoint::hit("snapshot-write")?;
+        let id = repo.write_snapshot(&snap)?;
+        crate::failpoint::hit("snapshot-written")?;
+        vol.st.layers[i].archived = vec![layer_id.hex()];
+        vol.st.last_snapshot = Some(id.hex());
+        vol.save()?;
+        out.push(Archived { id, snap });
+    }
+    Ok(out)
+}
+
+/// Seal the upper and remount on a fresh one. The volume is never left
+/// unmounted by a failure here: if the new mount fails, the old layout is
+/// mounted again.
+///
+/// # Errors
+/// Busy (after `wait`), or mount failures.
+pub fn rotate(vol: &mut Volume, wait: Duration, tags: Vec<String>) -> Result<()> {
+    vol.require_mounted()?;
+    if vol.st.layers.len() + 1 >= 480 {
+        bail!(
+            "volume {} has {} unarchived local layers, close to the kernel's limit of 500: make the repository reachable so `laybak snapshot` can archive and fold them",
+            vol.st.name,
+            vol.st.layers.len()
+        );
+    }
+    let old = vol.st.clone();
+    crate::failpoint::hit("before-unmount")?;
+    overlay::unmount_wait(&vol.st.path, wait)?;
+    crate::failpoint::hit("unmounted")?;
+    let res = (|| -> Result<()> {
+        let seq = vol.st.next_seq;
+        new_layer_dir(&vol.layer_dir(seq), &vol.layer_dir(vol.st.upper))?;
+        vol.st.layers.push(LocalLayer {
+            seq: vol.st.upper,
+            sealed: Time::now(),
+            tags,
+            archived: Vec::new(),
+        });
+        vol.st.upper = seq;
+        vol.st.next_seq = seq + 1;
+        vol.save()?;
+        crate::failpoint::hit("state-rotated")?;
+        fold_if_needed(vol)?;
+        overlay::mount(&vol.spec(), &vol.st.path)?;
+        crate::failpoint::hit("remounted")
+    })();
+    if let Err(e) = res {
+        if !vol.is_mounted().unwrap_or(false) {
+            // Put the old layout back; the sealed upper is untouched.
+            vol.st = old;
+            let _ = vol.save();
+            if let Err(e2) = overlay::mount(&vol.spec(), &vol.st.path) {
+                return Err(e.context(format!(
+                    "and remounting the old layout failed too ({e2:#}); run `laybak up {}`",
+                    vol.st.path.display()
+                )));
+            }
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Fold the bottom two archived layers while the volume is unmounted, when
+/// the chain is longer than `max_layers`. Costs the size of the second
+/// layer (renames only), not of the tree.
+fn fold_if_needed(vol: &mut Volume) -> Result<()> {
+    if let Some((up, low)) = vol.st.folding {
+        finish_fold(vol, up, low)?;
+    }
+    while vol.st.layers.len() > vol.st.max_layers
+        && vol.st.layers.len() >= 2
+        && !vol.st.layers[0].archived.is_empty()
+        && !vol.st.layers[1].archived.is_empty()
+    {
+        let (low, up) = (vol.st.layers[0].seq, vol.st.layers[1].seq);
+        vol.st.folding = Some((up, low));
+        vol.save()?;
+        finish_fold(vol, up, low)?;
+    }
+    Ok(())
+}
+
+fn finish_fold(vol: &mut Volume, up: u64, low: u64) -> Result<()> {
+    let keep_markers = false; // the target is the bottom layer
+    crate::failpoint::hit("fold")?;
+    let (u, l) = (vol.layer_dir(up), vol.layer_dir(low));
+    if u.exists() {
+        fold::fold(&u, &l, keep_markers)?;
+        fs::remove_dir(&u)?;
+    }
+    if let Some(pos) = vol.st.layers.iter().position(|x| x.seq == up) {
+        let merged = vol.st.layers.remove(pos);
+        if let Some(base) = vol.st.layers.iter_mut().find(|x| x.seq == low) {
+            base.archived.extend(merged.archived);
+        }
+    }
+    vol.st.folding = None;
+    vol.save()
+}
+
+/// Bring a volume up: finish an interrupted attach or fold, make the
+/// backing bind and mount the overlay. Idempotent.
+///
+/// # Errors
+/// Mount failures.
+pub fn up(vol: &mut Volume) -> Result<bool> {
+    need_root("up")?;
+    let _lock = vol.lock()?;
+    if vol.st.phase == Phase::Attaching {
+        finish_attach(vol)?;
+        return Ok(true);
+    }
+    if vol.is_mounted()? {
+        vol.ensure_backing()?;
+        return Ok(false);
+    }
+    vol.ensure_backing()?;
+    if let Some((u, l)) = vol.st.folding {
+        finish_fold(vol, u, l)?;
+    }
+    let upper = vol.layer_dir(vol.st.upper);
+    if !upper.exists() {
+        let like = vol
+            .st
+            .layers
+            .last()
+            .map(|l| vol.layer_dir(l.seq))
+            .ok_or_else(|| anyhow!("volume state has no layers"))?;
+        new_layer_dir(&upper, &like)?;
+    }
+    overlay::mount(&vol.spec(), &vol.st.path)?;
+    vol.st.up = true;
+    vol.save()?;
+    Ok(true)
+}
+
+/// Unmount a volume cleanly (never lazily) and its backing bind.
+///
+/// # Errors
+/// Busy after `wait`.
+pub fn down(vol: &mut Volume, wait: Duration) -> Result<()> {
+    need_root("down")?;
+    let _lock = vol.lock()?;
+    if vol.is_mounted()? {
+        overlay::unmount_wait(&vol.st.path, wait)?;
+    }
+    if vol.backing_mounted()? {
+        overlay::unmount_wait(&vol.backing(), wait)?;
+    }
+    vol.st.up = false;
+    vol.save()
+}
+
+/// Stop managing a volume: flatten every layer into a plain directory with
+/// the current contents (renames only) and forget the volume locally. The
+/// repository is not touched. Returns how many layers were never archived.
+///
+/// # Errors
+/// Busy, or filesystem errors (rerun `detach` to resume).
+pub fn detach(vol: &mut Volume, wait: Duration) -> Result<usize> {
+    need_root("detach")?;
+    let lock = vol.lock()?;
+    let pending = vol.st.layers.iter().filter(|l| l.archived.is_empty()).count();
+    if vol.is_mounted()? {
+        overlay::unmount_wait(&vol.st.path, wait)?;
+    }
+    vol.ensure_backing()?;
+    if let Some((u, l)) = vol.st.folding {
+        finish_fold(vol, u, l)?;
+    }
+    let base_seq = vol.st.layers.first().map(|l| l.seq).ok_or_else(|| anyhow!("no layers"))?;
+    let base = vol.layer_dir(base_seq);
+    let mut rest: Vec<u64> = vol.st.layers.iter().skip(1).map(|l| l.seq).collect();
+    rest.push(vol.st.upper);
+    for seq in rest {
+        let d = vol.layer_dir(seq);
+        if d.exists() {
+            fold::fold(&d, &base, false)?;
+            fs::remove_dir(&d)?;
+        }
+    }
+    fold::strip_overlay_artifacts(&base)?;
+    let root = vol.backing();
+    for ent in fs::read_dir(&base)? {
+        let ent = ent?;
+        fs::rename(ent.path(), root.join(ent.file_name()))?;
+    }
+    fold::copy_dir_meta(&base, &root)?;
+    let md = fs::symlink_metadata(&base)?;
+    fs::remove_dir_all(root.join(STORE))?;
+    // Removing the store changed the root's mtime; put the volume's back.
+    let t = rustix::fs::Timespec {
+        tv_sec: md.mtime(),
+        tv_nsec: md.mtime_nsec() as _,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        &root,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        rustix::fs::AtFlags::empty(),
+    )?;
+    crate::backend::sync_dir(&root)?;
+    overlay::unmount_wait(&root, wait)?;
+    let _ = fs::remove_dir(&root);
+    fs::remove_file(state_file(&vol.state_dir, &vol.st.name))?;
+    drop(lock);
+    let _ = fs::remove_file(vol.lock_path());
+    Ok(pending)
+}
+
+/// One line of `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Change {
+    /// `added`, `modified`, `deleted` or `replaced` (an opaque directory).
+    pub change: &'static str,
+    /// Path inside the volume (lossy UTF-8).
+    pub path: String,
+}
+
+fn exists_below(vol: &Volume, path: &[u8]) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let comps: Vec<&[u8]> = path.split(|&b| b == b'/').collect();
+    for l in vol.st.layers.iter().rev() {
+        let mut p = vol.layer_dir(l.seq);
+        for (i, c) in comps.iter().enumerate() {
+            p.push(std::ffi::OsStr::from_bytes(c));
+            let Ok(md) = fs::symlink_metadata(&p) else { break };
+            if is_whiteout(&md) {
+                return false;
+            }
+            if i + 1 == comps.len() {
+                return true;
+            }
+            if !md.is_dir() {
+                return false;
+            }
+            if scan::read_xattrs(&p)
+                .unwrap_or_default()
+                .iter()
+                .any(|(k, v)| k.as_slice() == b"trusted.overlay.opaque" && v.as_slice() == b"y")
+            {
+                // Opaque: nothing further down is visible; look only here.
+                let mut q = p.clone();
+                for c in &comps[i + 1..] {
+                    q.push(std::ffi::OsStr::from_bytes(c));
+                }
+                return fs::symlink_metadata(&q).is_ok_and(|m| !is_whiteout(&m));
+            }
+        }
+    }
+    false
+}
+
+fn is_whiteout(md: &fs::Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    md.file_type().is_char_device() && md.rdev() == 0
+}
+
+/// What changed since the last snapshot, read from the upper directory (and,
+/// for each changed path only, a lookup in the layers below).
+///
+/// # Errors
+/// The volume is not mounted, or the upper is unreadable.
+pub fn status(vol: &Volume) -> Result<Vec<Change>> {
+    vol.require_mounted()?;
+    let found = scan::walk(&vol.layer_dir(vol.st.upper), Source::Upper)?;
+    let mut out = Vec::new();
+    for f in found.iter().skip(1) {
+        let e = &f.entry;
+        let below = exists_below(vol, &e.path);
+        let change = match &e.node {
+            crate::layer::Node::Whiteout => "deleted",
+            crate::layer::Node::Dir { opaque: true } if below => "replaced",
+            crate::layer::Node::Dir { .. } if below => continue,
+            _ if below => "modified",
+            _ => "added",
+        };
+        out.push(Change {
+            change,
+            path: crate::layer::show(&e.path),
+        });
+    }
+    Ok(out)
+}
+
+/// Directories for the layers of `snap` that this host still has locally,
+/// as a prefix of the snapshot's layer list: (dirs bottom first, number of
+/// snapshot layers they cover).
+pub fn local_layers_for(vols: &[Volume], snap: &Snapshot) -> (Vec<PathBuf>, usize) {
+    let Some(vol) = vols.iter().find(|v| v.st.name == snap.volume) else {
+        return (Vec::new(), 0);
+    };
+    if !vol.backing_mounted().unwrap_or(false) {
+        return (Vec::new(), 0);
+    }
+    let want: Vec<String> = snap.layers.iter().map(|l| l.hex()).collect();
+    let mut dirs = Vec::new();
+    let mut used = 0;
+    for l in &vol.st.layers {
+        if l.archived.is_empty() {
+            break;
+        }
+        let n = l.archived.len();
+        if used + n <= want.len() && want[used..used + n] == l.archived[..] {
+            dirs.push(vol.layer_dir(l.seq));
+            used += n;
+        } else {
+            break;
+        }
+    }
+    (dirs, used)
+}
+
+/// Materialize one repository layer as an overlay lowerdir in the cache
+/// (reused when present).
+///
+/// # Errors
+/// Repository or filesystem failure.
+pub fn cached_layer(state_dir: &Path, repo: &Repo, id: &Id, layer: &Layer) -> Result<PathBuf> {
+    let cache = state_dir.join("cache");
+    let dir = cache.join(id.hex());
+    if dir.exists() {
+        return Ok(dir);
+    }
+    fs::create_dir_all(&cache)?;
+    let tmp = cache.join(format!(".tmp-{}-{}", id.hex(), std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir(&tmp)?;
+    let items: Vec<crate::materialize::Item<'_>> = layer
+        .entries
+        .iter()
+        .map(|e| crate::materialize::Item {
+            entry: e,
+            link: e.link.map(|g| (0, g)),
+        })
+        .collect();
+    crate::materialize::write_tree(repo, &tmp, &items, crate::materialize::Target::Lowerdir, None)
+        .with_context(|| format!("materializing layer {}", id.short()))?;
+    fs::rename(&tmp, &dir)?;
+    crate::backend::sync_dir(&cache)?;
+    Ok(dir)
+}
+
+/// Fail with exit code 12-style clarity when a command needs a volume that
+/// is down.
+pub fn not_up_error(vol: &Volume) -> anyhow::Error {
+    Coded(
+        1,
+        format!(
+            "volume {} is down: run `laybak up {}`",
+            vol.st.name,
+            vol.st.path.display()
+        ),
+    )
+    .into()
+}
