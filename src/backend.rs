@@ -64,7 +64,9 @@ impl LocalBackend {
     fn path(&self, name: &str) -> io::Result<PathBuf> {
         if name.is_empty()
             || name.starts_with('/')
-            || name.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+            || name
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
         {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -99,10 +101,7 @@ pub fn atomic_write(path: &Path, data: &[u8], tmp_tag: u64) -> io::Result<()> {
         rustix::process::getpid().as_raw_nonzero()
     ));
     let res = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         drop(f);

@@ -43,7 +43,13 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
                 for p in ps {
                     packs.insert(p.id, p.size);
                     for b in p.blobs {
-                        blobs.insert(b.id, repo::BlobLoc { pack: p.id, blob: b });
+                        blobs.insert(
+                            b.id,
+                            repo::BlobLoc {
+                                pack: p.id,
+                                blob: b,
+                            },
+                        );
                     }
                 }
             }
@@ -64,7 +70,10 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
         } else if let Ok(s) = be.size(&repo::pack_name(id))
             && s != *size
         {
-            r.errors.push(format!("pack {} has size {s}, the index says {size}", id.short()));
+            r.errors.push(format!(
+                "pack {} has size {s}, the index says {size}",
+                id.short()
+            ));
             bad_packs.insert(*id);
         }
     }
@@ -82,7 +91,11 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
         if let Some(b) = &bar {
             b.set_length(packs.values().sum());
         }
-        let todo: Vec<Id> = packs.keys().filter(|id| !bad_packs.contains(id)).copied().collect();
+        let todo: Vec<Id> = packs
+            .keys()
+            .filter(|id| !bad_packs.contains(id))
+            .copied()
+            .collect();
         for id in &todo {
             let data = match be.read(&repo::pack_name(id)) {
                 Ok(d) => d,
@@ -97,14 +110,19 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
                 b.inc(data.len() as u64);
             }
             if Id::of(&data) != *id {
-                r.errors.push(format!("pack {} is corrupt (blake3 mismatch)", id.short()));
+                r.errors
+                    .push(format!("pack {} is corrupt (blake3 mismatch)", id.short()));
                 bad_packs.insert(*id);
             }
             for loc in blobs.values().filter(|l| l.pack == *id) {
                 let b = loc.blob;
                 let start = b.offset as usize;
                 let Some(raw) = data.get(start..start + b.len as usize) else {
-                    r.errors.push(format!("blob {} lies outside pack {}", b.id.short(), id.short()));
+                    r.errors.push(format!(
+                        "blob {} lies outside pack {}",
+                        b.id.short(),
+                        id.short()
+                    ));
                     bad_packs.insert(*id);
                     continue;
                 };
@@ -136,35 +154,37 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
             }
         };
         for lid in &snap.layers {
-            let ok = *layer_ok.entry(*lid).or_insert_with(|| match repo.read_layer(lid) {
-                Ok(layer) => {
-                    let mut ok = true;
-                    let mut missing = 0usize;
-                    for e in &layer.entries {
-                        if let Node::File { extents, .. } = &e.node {
-                            for c in extents.iter().flat_map(|x| &x.chunks) {
-                                match blobs.get(&c.id) {
-                                    None => missing += 1,
-                                    Some(l) if bad_packs.contains(&l.pack) => missing += 1,
-                                    _ => {}
+            let ok = *layer_ok
+                .entry(*lid)
+                .or_insert_with(|| match repo.read_layer(lid) {
+                    Ok(layer) => {
+                        let mut ok = true;
+                        let mut missing = 0usize;
+                        for e in &layer.entries {
+                            if let Node::File { extents, .. } = &e.node {
+                                for c in extents.iter().flat_map(|x| &x.chunks) {
+                                    match blobs.get(&c.id) {
+                                        None => missing += 1,
+                                        Some(l) if bad_packs.contains(&l.pack) => missing += 1,
+                                        _ => {}
+                                    }
                                 }
                             }
                         }
+                        if missing > 0 {
+                            r.errors.push(format!(
+                                "layer {}: {missing} chunks are missing or damaged",
+                                lid.short()
+                            ));
+                            ok = false;
+                        }
+                        ok
                     }
-                    if missing > 0 {
-                        r.errors.push(format!(
-                            "layer {}: {missing} chunks are missing or damaged",
-                            lid.short()
-                        ));
-                        ok = false;
+                    Err(e) => {
+                        r.errors.push(format!("layer {}: {e:#}", lid.short()));
+                        false
                     }
-                    ok
-                }
-                Err(e) => {
-                    r.errors.push(format!("layer {}: {e:#}", lid.short()));
-                    false
-                }
-            });
+                });
             if !ok {
                 damaged.insert(sid.hex());
             }

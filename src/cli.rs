@@ -23,7 +23,12 @@ pub struct Cli {
     #[arg(long, global = true, env = "LAYBAK_REPO")]
     pub repo: Option<PathBuf>,
     /// Where volume state lives.
-    #[arg(long, global = true, env = "LAYBAK_STATE_DIR", default_value = "/var/lib/laybak")]
+    #[arg(
+        long,
+        global = true,
+        env = "LAYBAK_STATE_DIR",
+        default_value = "/var/lib/laybak"
+    )]
     pub state_dir: PathBuf,
     /// The command.
     #[command(subcommand)]
@@ -214,7 +219,9 @@ pub fn snap_json(id: &Id, s: &Snapshot) -> serde_json::Value {
 fn validate_tags(tags: &[String]) -> Result<()> {
     for t in tags {
         if t.is_empty() || t.contains(',') || t.chars().any(char::is_control) {
-            bail!("tag {t:?} is not usable: tags are non-empty and have no commas or control characters");
+            bail!(
+                "tag {t:?} is not usable: tags are non-empty and have no commas or control characters"
+            );
         }
     }
     Ok(())
@@ -232,7 +239,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 .clone()
                 .ok_or_else(|| Coded(2, "init needs --repo PATH (or LAYBAK_REPO)".into()))?;
             let r = Repo::init(&p)?;
-            eprintln!("created repository {} at {}", r.config.id.short(), p.display());
+            eprintln!(
+                "created repository {} at {}",
+                r.config.id.short(),
+                p.display()
+            );
             Ok(())
         }
         Cmd::Attach {
@@ -275,10 +286,16 @@ pub fn run(cli: Cli) -> Result<()> {
             let vols = if *all {
                 volume::all(&cli.state_dir)?
             } else {
-                vec![volume::find(&cli.state_dir, path.as_deref().unwrap_or(Path::new(".")))?]
+                vec![volume::find(
+                    &cli.state_dir,
+                    path.as_deref().unwrap_or(Path::new(".")),
+                )?]
             };
             if vols.is_empty() {
-                bail!("no volumes in {}: attach one first", cli.state_dir.display());
+                bail!(
+                    "no volumes in {}: attach one first",
+                    cli.state_dir.display()
+                );
             }
             let mut results = Vec::new();
             let mut failures = Vec::new();
@@ -306,7 +323,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 let v: Vec<_> = snaps.iter().map(|(i, s)| snap_json(i, s)).collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("{:<10} {:<31} {:<12} {:>7} {:>12}  tags", "id", "time", "volume", "layers", "added");
+                println!(
+                    "{:<10} {:<31} {:<12} {:>7} {:>12}  tags",
+                    "id", "time", "volume", "layers", "added"
+                );
                 for (id, s) in &snaps {
                     println!(
                         "{:<10} {:<31} {:<12} {:>7} {:>12}  {}",
@@ -341,7 +361,11 @@ pub fn run(cli: Cli) -> Result<()> {
                         v.st.name,
                         v.st.path.display(),
                         v.st.layers.len(),
-                        if v.is_mounted().unwrap_or(false) { "up" } else { "down" }
+                        if v.is_mounted().unwrap_or(false) {
+                            "up"
+                        } else {
+                            "down"
+                        }
                     );
                 }
             }
@@ -375,7 +399,9 @@ pub fn run(cli: Cli) -> Result<()> {
             if *json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&json!({"added": d.0, "deleted": d.1, "modified": d.2}))?
+                    serde_json::to_string_pretty(
+                        &json!({"added": d.0, "deleted": d.1, "modified": d.2})
+                    )?
                 );
             } else {
                 for p in &d.0 {
@@ -421,10 +447,16 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Umount { target } => {
             need_root("umount")?;
-            let canon = std::fs::canonicalize(target)
-                .map_err(|e| anyhow!("{}: {e}", target.display()))?;
-            if volume::all(&cli.state_dir)?.iter().any(|v| v.st.path == canon) {
-                bail!("{} is a volume, not a snapshot mount: use `laybak down`", canon.display());
+            let canon =
+                std::fs::canonicalize(target).map_err(|e| anyhow!("{}: {e}", target.display()))?;
+            if volume::all(&cli.state_dir)?
+                .iter()
+                .any(|v| v.st.path == canon)
+            {
+                bail!(
+                    "{} is a volume, not a snapshot mount: use `laybak down`",
+                    canon.display()
+                );
             }
             match overlay::find_mount(&canon)? {
                 None => bail!("nothing is mounted at {}", canon.display()),
@@ -443,7 +475,10 @@ pub fn run(cli: Cli) -> Result<()> {
             let vols = if *all {
                 volume::all(&cli.state_dir)?
             } else {
-                vec![volume::find(&cli.state_dir, path.as_deref().unwrap_or(Path::new(".")))?]
+                vec![volume::find(
+                    &cli.state_dir,
+                    path.as_deref().unwrap_or(Path::new(".")),
+                )?]
             };
             let mut first_err = None;
             for mut v in vols {
@@ -485,8 +520,16 @@ pub fn run(cli: Cli) -> Result<()> {
                     r.snapshots,
                     r.layers,
                     r.packs,
-                    if *read_data { format!(", {} bytes read", r.bytes_read) } else { String::new() },
-                    if r.errors.is_empty() { "no errors".to_string() } else { format!("{} errors", r.errors.len()) }
+                    if *read_data {
+                        format!(", {} bytes read", r.bytes_read)
+                    } else {
+                        String::new()
+                    },
+                    if r.errors.is_empty() {
+                        "no errors".to_string()
+                    } else {
+                        format!("{} errors", r.errors.len())
+                    }
                 );
             }
             if !r.errors.is_empty() {
@@ -606,7 +649,10 @@ fn mount_snapshot(cli: &Cli, repo: &Repo, id: &Id, snap: &Snapshot, target: &Pat
     }
     let target = std::fs::canonicalize(target)?;
     if !target.is_dir() || std::fs::read_dir(&target)?.next().is_some() {
-        bail!("mount point {} must be an empty directory", target.display());
+        bail!(
+            "mount point {} must be an empty directory",
+            target.display()
+        );
     }
     let vols = volume::all(&cli.state_dir)?;
     let (mut lowers, used) = volume::local_layers_for(&vols, snap);

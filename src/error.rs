@@ -57,7 +57,11 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
 /// Not root (exit code 12).
 pub fn need_root(what: &str) -> anyhow::Result<()> {
     if !rustix::process::geteuid().is_root() {
-        return Err(Coded(12, format!("{what} needs root (it mounts filesystems): run it as root")).into());
+        return Err(Coded(
+            12,
+            format!("{what} needs root (it mounts filesystems): run it as root"),
+        )
+        .into());
     }
     Ok(())
 }

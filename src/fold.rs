@@ -51,8 +51,13 @@ pub fn copy_dir_meta(from: &Path, to: &Path) -> Result<()> {
         if k.starts_with(OVL_PREFIX) {
             continue;
         }
-        rustix::fs::lsetxattr(to, std::ffi::CString::new(k)?.as_c_str(), &v, rustix::fs::XattrFlags::empty())
-            .with_context(|| format!("cannot copy xattrs to {}", to.display()))?;
+        rustix::fs::lsetxattr(
+            to,
+            std::ffi::CString::new(k)?.as_c_str(),
+            &v,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .with_context(|| format!("cannot copy xattrs to {}", to.display()))?;
     }
     std::os::unix::fs::lchown(to, Some(md.uid()), Some(md.gid()))?;
     rustix::fs::chmod(to, rustix::fs::Mode::from_raw_mode(md.mode() & 0o7777))?;
@@ -101,8 +106,9 @@ pub fn fold(upper: &Path, lower: &Path, keep_markers: bool) -> Result<()> {
                 if opaque && !keep_markers {
                     let _ = rustix::fs::lremovexattr(&src, "trusted.overlay.opaque");
                 }
-                fs::rename(&src, &dst)
-                    .with_context(|| format!("cannot move {} to {}", src.display(), dst.display()))?;
+                fs::rename(&src, &dst).with_context(|| {
+                    format!("cannot move {} to {}", src.display(), dst.display())
+                })?;
             } else {
                 fold(&src, &dst, keep_markers)?;
                 fs::remove_dir(&src)?;

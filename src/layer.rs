@@ -290,10 +290,7 @@ pub fn restack(layers: &[Layer]) -> View<'_> {
                     remove_descendants(&mut view, &e.path);
                 }
                 Node::Dir { opaque } => {
-                    let merge = !opaque
-                        && view
-                            .get(&e.path)
-                            .is_some_and(|m| m.entry.node.is_dir());
+                    let merge = !opaque && view.get(&e.path).is_some_and(|m| m.entry.node.is_dir());
                     if !merge {
                         remove_descendants(&mut view, &e.path);
                     }

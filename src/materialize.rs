@@ -126,7 +126,11 @@ fn set_xattrs_path(path: &Path, xattrs: &[(Vec<u8>, Vec<u8>)], as_root: bool) ->
                 continue; // trusted.* / security.* need root; documented
             }
             return Err(e).with_context(|| {
-                format!("cannot set xattr {} on {}", String::from_utf8_lossy(k), path.display())
+                format!(
+                    "cannot set xattr {} on {}",
+                    String::from_utf8_lossy(k),
+                    path.display()
+                )
             });
         }
     }
@@ -156,8 +160,13 @@ fn apply_meta_at(dir: &OwnedFd, name: &[u8], e: &Entry, as_root: bool) -> Result
         rustix::fs::chmodat(dir, os(name), Mode::from_raw_mode(m.mode), AtFlags::empty())
             .with_context(|| format!("cannot chmod {}", show(&e.path)))?;
     }
-    rustix::fs::utimensat(dir, os(name), &ts(m.mtime, m.mtime_ns), AtFlags::SYMLINK_NOFOLLOW)
-        .with_context(|| format!("cannot set times of {}", show(&e.path)))?;
+    rustix::fs::utimensat(
+        dir,
+        os(name),
+        &ts(m.mtime, m.mtime_ns),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .with_context(|| format!("cannot set times of {}", show(&e.path)))?;
     Ok(())
 }
 
@@ -183,7 +192,11 @@ fn apply_meta_fd(fd: impl AsFd, e: &Entry, as_root: bool, target: Target) -> Res
                 continue;
             }
             return Err(err).with_context(|| {
-                format!("cannot set xattr {} on {}", String::from_utf8_lossy(k), show(&e.path))
+                format!(
+                    "cannot set xattr {} on {}",
+                    String::from_utf8_lossy(k),
+                    show(&e.path)
+                )
             });
         }
     }
@@ -262,7 +275,10 @@ pub fn write_tree(
     for it in items {
         let e = it.entry;
         if !path_is_safe(&e.path) {
-            bail!("refusing manifest entry with unsafe path {:?}", show(&e.path));
+            bail!(
+                "refusing manifest entry with unsafe path {:?}",
+                show(&e.path)
+            );
         }
         stats.entries += 1;
         if e.path.is_empty() {
@@ -289,16 +305,19 @@ pub fn write_tree(
             rustix::fs::mknodat(pdir, os(name), ft, Mode::from_raw_mode(0o600), rdev)
         };
         let res = match &e.node {
-            Node::Dir { .. } => {
-                rustix::fs::mkdirat(pdir, os(name), Mode::from_raw_mode(0o700)).map(|_| {
+            Node::Dir { .. } => rustix::fs::mkdirat(pdir, os(name), Mode::from_raw_mode(0o700))
+                .map(|_| {
                     dirs.push(e);
-                })
-            }
+                }),
             Node::File { size, .. } => {
                 let fd = rustix::fs::openat(
                     pdir,
                     os(name),
-                    OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::WRONLY
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 );
                 fd.and_then(|fd| {
@@ -313,7 +332,10 @@ pub fn write_tree(
             Node::CharDev { rdev } => mk(FileType::CharacterDevice, *rdev),
             Node::BlockDev { rdev } => mk(FileType::BlockDevice, *rdev),
             Node::Whiteout if mode == Target::Lowerdir => mk(FileType::CharacterDevice, 0),
-            Node::Whiteout => bail!("internal error: whiteout {} in a merged view", show(&e.path)),
+            Node::Whiteout => bail!(
+                "internal error: whiteout {} in a merged view",
+                show(&e.path)
+            ),
         };
         if let Err(err) = res {
             if err == rustix::io::Errno::PERM

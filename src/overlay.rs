@@ -103,8 +103,13 @@ fn mount_new_api(spec: &Spec, target: &Path, flags: MountAttrFlags) -> Result<()
     let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
         .context("fsopen(overlay): is the overlay module available?")?;
     let set = |k: &str, v: &std::ffi::OsStr| {
-        rustix::mount::fsconfig_set_string(&fs, k, v)
-            .map_err(|e| anyhow!("overlay option {k}={}: {e} ({})", v.to_string_lossy(), read_fs_log(&fs)))
+        rustix::mount::fsconfig_set_string(&fs, k, v).map_err(|e| {
+            anyhow!(
+                "overlay option {k}={}: {e} ({})",
+                v.to_string_lossy(),
+                read_fs_log(&fs)
+            )
+        })
     };
     set("source", std::ffi::OsStr::new(&spec.source))?;
     for l in &spec.lowers {
@@ -142,16 +147,27 @@ fn mount_new_api(spec: &Spec, target: &Path, flags: MountAttrFlags) -> Result<()
 }
 
 fn mount_legacy(spec: &Spec, target: &Path, flags: MountFlags) -> Result<()> {
-    let opts = legacy_options(spec, Some("null"))
-        .or_else(|_| legacy_options(spec, None))?;
+    let opts = legacy_options(spec, Some("null")).or_else(|_| legacy_options(spec, None))?;
     let c = std::ffi::CString::new(opts)?;
-    match rustix::mount::mount(spec.source.as_str(), target, "overlay", flags, Some(c.as_c_str())) {
+    match rustix::mount::mount(
+        spec.source.as_str(),
+        target,
+        "overlay",
+        flags,
+        Some(c.as_c_str()),
+    ) {
         Ok(()) => Ok(()),
         Err(rustix::io::Errno::INVAL) => {
             let opts = legacy_options(spec, None)?;
             let c = std::ffi::CString::new(opts)?;
-            rustix::mount::mount(spec.source.as_str(), target, "overlay", flags, Some(c.as_c_str()))
-                .with_context(|| format!("mount(2) overlay on {}", target.display()))
+            rustix::mount::mount(
+                spec.source.as_str(),
+                target,
+                "overlay",
+                flags,
+                Some(c.as_c_str()),
+            )
+            .with_context(|| format!("mount(2) overlay on {}", target.display()))
         }
         Err(e) => Err(e).with_context(|| format!("mount(2) overlay on {}", target.display())),
     }
@@ -216,7 +232,11 @@ pub fn mount(spec: &Spec, target: &Path) -> Result<()> {
 pub fn verify(target: &Path) -> Result<()> {
     let info = find_mount(target)?.ok_or_else(|| anyhow!("{} is not mounted", target.display()))?;
     if info.fstype != "overlay" {
-        bail!("{} is a {} mount, not overlay", target.display(), info.fstype);
+        bail!(
+            "{} is a {} mount, not overlay",
+            target.display(),
+            info.fstype
+        );
     }
     for o in info.super_options.split(',') {
         if FORBIDDEN_EFFECTIVE.contains(&o) {
@@ -283,7 +303,10 @@ fn unescape(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() + 0 && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len() + 0
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -299,7 +322,9 @@ fn unescape(s: &str) -> Vec<u8> {
 pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
     let mut out = Vec::new();
     for line in text.lines() {
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         let l: Vec<&str> = left.split(' ').collect();
         let r: Vec<&str> = right.splitn(3, ' ').collect();
         if l.len() < 5 || r.len() < 3 {
@@ -322,7 +347,10 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
 pub fn find_mount(target: &Path) -> Result<Option<MountInfo>> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
     let canon = std::fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
-    Ok(parse_mountinfo(&text).into_iter().rev().find(|m| m.target == canon))
+    Ok(parse_mountinfo(&text)
+        .into_iter()
+        .rev()
+        .find(|m| m.target == canon))
 }
 
 /// Unmount once, without waiting.
@@ -342,7 +370,9 @@ pub fn holders(dir: &Path) -> Vec<(u32, String, String)> {
         b == dirb || (b.starts_with(dirb) && b.get(dirb.len()) == Some(&b'/'))
     };
     let me = std::process::id();
-    let Ok(rd) = std::fs::read_dir("/proc") else { return out };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for ent in rd.flatten() {
         let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
@@ -417,7 +447,9 @@ pub fn unmount_wait(target: &Path, wait: Duration) -> Result<()> {
                 ))
                 .into());
             }
-            Err(e) => return Err(e).with_context(|| format!("cannot unmount {}", target.display())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot unmount {}", target.display()));
+            }
         }
     }
 }
@@ -445,11 +477,18 @@ mod tests {
         };
         assert!(legacy_options(&comma, None).is_err());
         let long = Spec {
-            lowers: (0..200).map(|i| PathBuf::from(format!("/very/long/path/to/layer/{i:020}"))).collect(),
+            lowers: (0..200)
+                .map(|i| PathBuf::from(format!("/very/long/path/to/layer/{i:020}")))
+                .collect(),
             upper: None,
             source: "x".into(),
         };
-        assert!(legacy_options(&long, None).unwrap_err().to_string().contains("one-page"));
+        assert!(
+            legacy_options(&long, None)
+                .unwrap_err()
+                .to_string()
+                .contains("one-page")
+        );
     }
 
     #[test]

@@ -246,7 +246,13 @@ impl Repo {
         let id = Id::of(data);
         self.backend
             .write(&format!("{dir}/{}", id.hex()), data)
-            .with_context(|| format!("cannot write {} to {}", kind.name(), self.location.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot write {} to {}",
+                    kind.name(),
+                    self.location.display()
+                )
+            })?;
         Ok(id)
     }
 
@@ -263,7 +269,13 @@ impl Repo {
             let id = Id::parse(&name).ok_or_else(|| anyhow!("stray file index/{name}"))?;
             for p in self.read_index(&id)? {
                 for b in p.blobs {
-                    map.insert(b.id, BlobLoc { pack: p.id, blob: b });
+                    map.insert(
+                        b.id,
+                        BlobLoc {
+                            pack: p.id,
+                            blob: b,
+                        },
+                    );
                 }
             }
         }
@@ -289,8 +301,7 @@ impl Repo {
     /// Unreadable or corrupt.
     pub fn read_index(&self, id: &Id) -> Result<Vec<IndexPack>> {
         let data = self.read_named(FileKind::Index, "index", id)?;
-        format::decode(FileKind::Index, &data)
-            .with_context(|| format!("index {}", id.short()))
+        format::decode(FileKind::Index, &data).with_context(|| format!("index {}", id.short()))
     }
 
     /// Write an index file for `packs`.
@@ -307,10 +318,12 @@ impl Repo {
     /// # Errors
     /// Unknown blob, unreadable pack, or content that does not hash to `id`.
     pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
-        let loc = *self
-            .index()?
-            .get(id)
-            .ok_or_else(|| anyhow!("blob {} is missing from the index: run `laybak check`", id.short()))?;
+        let loc = *self.index()?.get(id).ok_or_else(|| {
+            anyhow!(
+                "blob {} is missing from the index: run `laybak check`",
+                id.short()
+            )
+        })?;
         let raw = self
             .backend
             .read_range(&pack_name(&loc.pack), loc.blob.offset, loc.blob.len as u64)
@@ -402,7 +415,9 @@ impl Repo {
         }
         let spec_l = spec.to_ascii_lowercase();
         if spec_l.is_empty() || !spec_l.bytes().all(|b| b.is_ascii_hexdigit()) {
-            bail!("{spec:?} is not a snapshot id: give an id or prefix from `laybak snapshots`, or `latest`");
+            bail!(
+                "{spec:?} is not a snapshot id: give an id or prefix from `laybak snapshots`, or `latest`"
+            );
         }
         let m: Vec<_> = all
             .into_iter()
@@ -560,7 +575,8 @@ impl<'r> Packer<'r> {
         }
         let table = postcard::to_stdvec(&p.blobs)?;
         p.data.extend_from_slice(&table);
-        p.data.extend_from_slice(&(table.len() as u32).to_le_bytes());
+        p.data
+            .extend_from_slice(&(table.len() as u32).to_le_bytes());
         p.data.extend_from_slice(PACK_TAIL);
         let id = Id::of(&p.data);
         crate::failpoint::hit("pack-write")?;

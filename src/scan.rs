@@ -162,7 +162,8 @@ pub fn walk(root: &Path, source: Source) -> Result<Vec<Found>> {
     });
     let mut stack: Vec<(PathBuf, Vec<u8>)> = vec![(root.to_path_buf(), Vec::new())];
     while let Some((dir, rel)) = stack.pop() {
-        let rd = std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
+        let rd =
+            std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
         for ent in rd {
             let ent = ent.with_context(|| format!("cannot list {}", dir.display()))?;
             let name = ent.file_name();
@@ -284,7 +285,9 @@ fn data_extents(f: &File, md: &Metadata) -> Result<Vec<(u64, u64)>> {
 fn open_noatime(path: &Path) -> std::io::Result<File> {
     match std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(rustix::fs::OFlags::NOATIME.bits() as i32 | rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .custom_flags(
+            rustix::fs::OFlags::NOATIME.bits() as i32 | rustix::fs::OFlags::NOFOLLOW.bits() as i32,
+        )
         .open(path)
     {
         Err(e) if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) => {
@@ -306,7 +309,8 @@ fn chunk_file(path: &Path, packer: &Packer<'_>, cfg: &crate::repo::Config) -> Re
         let reader = (&mut f).take(len);
         let mut chunks = Vec::new();
         let mut got = 0u64;
-        for c in fastcdc::v2020::StreamCDC::new(reader, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max) {
+        for c in fastcdc::v2020::StreamCDC::new(reader, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max)
+        {
             let c = c.map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
             let id = Id::of(&c.data);
             packer.add(id, &c.data)?;

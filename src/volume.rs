@@ -85,6 +85,10 @@ pub struct VolumeState {
     pub folding: Option<(u64, u64)>,
     /// Whether the volume should be mounted (`down` clears it).
     pub up: bool,
+    /// Modification time (secs, nanos) of the volume root before attach,
+    /// re-applied to the base layer after its contents are moved in.
+    #[serde(default)]
+    pub attach_root_mtime: Option<(i64, i64)>,
 }
 
 /// Paths and state of a volume.
@@ -129,7 +133,10 @@ pub fn all(state_dir: &Path) -> Result<Vec<Volume>> {
 
 fn canonical_dir(path: &Path) -> Result<PathBuf> {
     let md = fs::metadata(path).map_err(|e| {
-        anyhow!("{} does not exist or is unreadable ({e}): give an existing directory", path.display())
+        anyhow!(
+            "{} does not exist or is unreadable ({e}): give an existing directory",
+            path.display()
+        )
     })?;
     if !md.is_dir() {
         bail!("{} is not a directory: give a directory", path.display());
@@ -223,7 +230,13 @@ impl Volume {
     /// The mount spec of the live volume.
     pub fn spec(&self) -> Spec {
         Spec {
-            lowers: self.st.layers.iter().rev().map(|l| self.layer_dir(l.seq)).collect(),
+            lowers: self
+                .st
+                .layers
+                .iter()
+                .rev()
+                .map(|l| self.layer_dir(l.seq))
+                .collect(),
             upper: Some((self.layer_dir(self.st.upper), self.work_dir())),
             source: format!("laybak:{}", self.st.name),
         }
@@ -297,11 +310,29 @@ fn new_layer_dir(dir: &Path, like: &Path) -> Result<()> {
     Ok(())
 }
 
+fn set_mtime(p: &Path, secs: i64, nanos: i64) -> Result<()> {
+    let t = rustix::fs::Timespec {
+        tv_sec: secs,
+        tv_nsec: nanos as _,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        p,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .with_context(|| format!("cannot set times of {}", p.display()))
+}
+
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
         && !n.starts_with('.')
-        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 /// Options for `attach`.
@@ -317,9 +348,18 @@ pub struct AttachOpts {
 fn probe_fs(store: &Path) -> Result<()> {
     let probe = store.join("probe");
     fs::create_dir(&probe)?;
-    let r = rustix::fs::lsetxattr(&probe, "trusted.laybak.probe", b"1", rustix::fs::XattrFlags::empty());
+    let r = rustix::fs::lsetxattr(
+        &probe,
+        "trusted.laybak.probe",
+        b"1",
+        rustix::fs::XattrFlags::empty(),
+    );
     let mut dtype_ok = false;
-    let dirfd = rustix::fs::open(store, rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY, rustix::fs::Mode::empty())?;
+    let dirfd = rustix::fs::open(
+        store,
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY,
+        rustix::fs::Mode::empty(),
+    )?;
     let mut dir = rustix::fs::Dir::read_from(&dirfd)?;
     while let Some(Ok(e)) = dir.next() {
         if e.file_name().to_bytes() == b"probe" {
@@ -333,7 +373,9 @@ fn probe_fs(store: &Path) -> Result<()> {
         );
     }
     if !dtype_ok {
-        bail!("the filesystem does not report file types in directory entries (d_type), which overlayfs needs");
+        bail!(
+            "the filesystem does not report file types in directory entries (d_type), which overlayfs needs"
+        );
     }
     Ok(())
 }
@@ -357,7 +399,9 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
             .unwrap_or_else(|| "root".into()),
     };
     if !valid_name(&name) {
-        bail!("{name:?} is not a usable volume name: pass --name with letters, digits, '-', '_' or '.'");
+        bail!(
+            "{name:?} is not a usable volume name: pass --name with letters, digits, '-', '_' or '.'"
+        );
     }
     let existing = all(state_dir)?;
     if let Some(v) = existing.iter().find(|v| v.st.path == path) {
@@ -367,7 +411,10 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
         bail!("a volume named {name} already exists: pass --name to choose another name");
     }
     if overlay::find_mount(&path)?.is_some_and(|m| m.fstype == "overlay") {
-        bail!("{} is already an overlay mount: laybak will not stack on it", path.display());
+        bail!(
+            "{} is already an overlay mount: laybak will not stack on it",
+            path.display()
+        );
     }
     if path.join(STORE).exists() {
         bail!(
@@ -377,6 +424,7 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
     }
     // Refuse overlay artefacts in user data before touching anything.
     scan::walk(&path, Source::Base)?;
+    let root_md = fs::symlink_metadata(&path)?;
     let store = path.join(STORE);
     fs::create_dir(&store).with_context(|| format!("cannot create {}", store.display()))?;
     if let Err(e) = probe_fs(&store) {
@@ -401,6 +449,7 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
         last_snapshot: None,
         folding: None,
         up: true,
+        attach_root_mtime: Some((root_md.mtime(), root_md.mtime_nsec())),
     };
     fs::create_dir_all(state_dir.join("volumes"))
         .with_context(|| format!("cannot create {}", state_dir.display()))?;
@@ -434,6 +483,9 @@ fn finish_attach(vol: &mut Volume) -> Result<()> {
             .with_context(|| format!("cannot move {} into the base layer", ent.path().display()))?;
     }
     fold::copy_dir_meta(&path, &base)?;
+    if let Some((secs, nanos)) = vol.st.attach_root_mtime {
+        set_mtime(&base, secs, nanos)?;
+    }
     let upper = store.join("l").join(vol.st.upper.to_string());
     new_layer_dir(&upper, &base)?;
     crate::backend::sync_dir(&store.join("l"))?;
@@ -460,11 +512,7 @@ pub struct Archived {
 /// # Errors
 /// Scan or repository failure; already archived layers stay archived and
 /// the rest stay pending for the next run.
-pub fn archive_pending(
-    vol: &mut Volume,
-    repo: &Repo,
-    progress: bool,
-) -> Result<Vec<Archived>> {
+pub fn archive_pending(vol: &mut Volume, repo: &Repo, progress: bool) -> Result<Vec<Archived>> {
     let mut out = Vec::new();
     for i in 0..vol.st.layers.len() {
         if !vol.st.layers[i].archived.is_empty() {
@@ -476,7 +524,12 @@ pub fn archive_pending(
         let packer = Packer::new(repo);
         crate::failpoint::hit("scan")?;
         let (layer, mut summary) = scan::scan(&dir, source, &packer, &repo.config, bar.as_ref())
-            .with_context(|| format!("archiving layer {} of volume {}", vol.st.layers[i].seq, vol.st.name))?;
+            .with_context(|| {
+                format!(
+                    "archiving layer {} of volume {}",
+                    vol.st.layers[i].seq, vol.st.name
+                )
+            })?;
         let (blobs, bytes) = packer.finish()?;
         if let Some(b) = bar {
             b.finish_and_clear();
@@ -488,7 +541,9 @@ pub fn archive_pending(
         let mut layers: Vec<Id> = Vec::new();
         for l in &vol.st.layers[..i] {
             for h in &l.archived {
-                layers.push(Id::parse(h).ok_or_else(|| anyhow!("volume state has a bad layer id {h}"))?);
+                layers.push(
+                    Id::parse(h).ok_or_else(|| anyhow!("volume state has a bad layer id {h}"))?,
+                );
             }
         }
         layers.push(layer_id);
@@ -665,7 +720,12 @@ pub fn down(vol: &mut Volume, wait: Duration) -> Result<()> {
 pub fn detach(vol: &mut Volume, wait: Duration) -> Result<usize> {
     need_root("detach")?;
     let lock = vol.lock()?;
-    let pending = vol.st.layers.iter().filter(|l| l.archived.is_empty()).count();
+    let pending = vol
+        .st
+        .layers
+        .iter()
+        .filter(|l| l.archived.is_empty())
+        .count();
     if vol.is_mounted()? {
         overlay::unmount_wait(&vol.st.path, wait)?;
     }
@@ -673,7 +733,12 @@ pub fn detach(vol: &mut Volume, wait: Duration) -> Result<usize> {
     if let Some((u, l)) = vol.st.folding {
         finish_fold(vol, u, l)?;
     }
-    let base_seq = vol.st.layers.first().map(|l| l.seq).ok_or_else(|| anyhow!("no layers"))?;
+    let base_seq = vol
+        .st
+        .layers
+        .first()
+        .map(|l| l.seq)
+        .ok_or_else(|| anyhow!("no layers"))?;
     let base = vol.layer_dir(base_seq);
     let mut rest: Vec<u64> = vol.st.layers.iter().skip(1).map(|l| l.seq).collect();
     rest.push(vol.st.upper);
@@ -686,27 +751,15 @@ pub fn detach(vol: &mut Volume, wait: Duration) -> Result<usize> {
     }
     fold::strip_overlay_artifacts(&base)?;
     let root = vol.backing();
+    let md = fs::symlink_metadata(&base)?;
     for ent in fs::read_dir(&base)? {
         let ent = ent?;
         fs::rename(ent.path(), root.join(ent.file_name()))?;
     }
     fold::copy_dir_meta(&base, &root)?;
-    let md = fs::symlink_metadata(&base)?;
     fs::remove_dir_all(root.join(STORE))?;
-    // Removing the store changed the root's mtime; put the volume's back.
-    let t = rustix::fs::Timespec {
-        tv_sec: md.mtime(),
-        tv_nsec: md.mtime_nsec() as _,
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        &root,
-        &rustix::fs::Timestamps {
-            last_access: t,
-            last_modification: t,
-        },
-        rustix::fs::AtFlags::empty(),
-    )?;
+    // Moving entries and removing the store changed the root's mtime.
+    set_mtime(&root, md.mtime(), md.mtime_nsec())?;
     crate::backend::sync_dir(&root)?;
     overlay::unmount_wait(&root, wait)?;
     let _ = fs::remove_dir(&root);
@@ -732,7 +785,9 @@ fn exists_below(vol: &Volume, path: &[u8]) -> bool {
         let mut p = vol.layer_dir(l.seq);
         for (i, c) in comps.iter().enumerate() {
             p.push(std::ffi::OsStr::from_bytes(c));
-            let Ok(md) = fs::symlink_metadata(&p) else { break };
+            let Ok(md) = fs::symlink_metadata(&p) else {
+                break;
+            };
             if is_whiteout(&md) {
                 return false;
             }
@@ -842,8 +897,14 @@ pub fn cached_layer(state_dir: &Path, repo: &Repo, id: &Id, layer: &Layer) -> Re
             link: e.link.map(|g| (0, g)),
         })
         .collect();
-    crate::materialize::write_tree(repo, &tmp, &items, crate::materialize::Target::Lowerdir, None)
-        .with_context(|| format!("materializing layer {}", id.short()))?;
+    crate::materialize::write_tree(
+        repo,
+        &tmp,
+        &items,
+        crate::materialize::Target::Lowerdir,
+        None,
+    )
+    .with_context(|| format!("materializing layer {}", id.short()))?;
     fs::rename(&tmp, &dir)?;
     crate::backend::sync_dir(&cache)?;
     Ok(dir)

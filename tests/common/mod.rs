@@ -1,0 +1,277 @@
+//! Shared harness for the integration tests: an isolated environment
+//! (repository, state dir, volumes under one temp dir) driving the real
+//! `laybak` binary, and a listing of a directory tree for comparisons.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Fail loudly when not root: in CI the test fails, elsewhere it is skipped
+/// with a visible message.
+pub fn need_root() -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("this test mounts overlayfs and needs root; CI must run tests as root");
+    }
+    eprintln!(
+        "\n*** SKIPPED: this test mounts overlayfs and needs root; run the tests as root ***\n"
+    );
+    false
+}
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub repo: PathBuf,
+    pub state: PathBuf,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    #[track_caller]
+    pub fn ok(self) -> Run {
+        assert_eq!(self.code, 0, "command failed: {}", self.stderr);
+        self
+    }
+    #[track_caller]
+    pub fn fails(self, code: i32, needle: &str) -> Run {
+        assert_eq!(
+            self.code, code,
+            "unexpected exit; stderr: {} stdout: {}",
+            self.stderr, self.stdout
+        );
+        assert!(
+            self.stderr.contains(needle),
+            "stderr {:?} does not mention {needle:?}",
+            self.stderr
+        );
+        assert_eq!(
+            self.stderr.trim_end().lines().count(),
+            1,
+            "error should be one line: {:?}",
+            self.stderr
+        );
+        self
+    }
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let base = std::env::var_os("LAYBAK_TEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = tempfile::Builder::new()
+            .prefix("lbt")
+            .tempdir_in(base)
+            .unwrap();
+        let repo = dir.path().join("repo");
+        let state = dir.path().join("state");
+        Env { dir, repo, state }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_laybak"));
+        c.env_remove("LAYBAK_FAILPOINT")
+            .env("LAYBAK_REPO", &self.repo)
+            .env("LAYBAK_STATE_DIR", &self.state);
+        c
+    }
+
+    pub fn run(&self, args: &[&OsStr]) -> Run {
+        self.run_env(args, &[])
+    }
+
+    pub fn run_env(&self, args: &[&OsStr], env: &[(&str, &str)]) -> Run {
+        let mut c = self.cmd();
+        c.args(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o: Output = c.output().expect("run laybak");
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    pub fn lb(&self, args: &[&str]) -> Run {
+        let a: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        self.run(&a)
+    }
+
+    pub fn init(&self) {
+        self.lb(&["init"]).ok();
+    }
+}
+
+/// Unmount everything below the temp dir (tests clean up even on failure).
+impl Drop for Env {
+    fn drop(&mut self) {
+        let root = self.dir.path().to_path_buf();
+        for _ in 0..3 {
+            let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            let mut targets: Vec<PathBuf> = text
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .map(|t| PathBuf::from(t.replace("\\040", " ")))
+                .filter(|t| t.starts_with(&root))
+                .collect();
+            if targets.is_empty() {
+                break;
+            }
+            targets.reverse();
+            for t in targets {
+                let _ = rustix::mount::unmount(&t, rustix::mount::UnmountFlags::DETACH);
+            }
+        }
+    }
+}
+
+/// One entry of a tree listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rec {
+    pub kind: char,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: (i64, i64),
+    pub size: u64,
+    pub content: Option<blake3::Hash>,
+    pub target: Option<Vec<u8>>,
+    pub rdev: u64,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Smallest path sharing this inode, for hard-link groups of 2+.
+    pub link_group: Option<Vec<u8>>,
+}
+
+fn xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    laybak::scan::read_xattrs(p)
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(b"trusted.overlay.") && !k.starts_with(b"security.selinux"))
+        .collect()
+}
+
+/// List a tree: path (relative, bytes; root = empty) → record.
+pub fn listing(root: &Path) -> BTreeMap<Vec<u8>, Rec> {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<(u64, u64), Vec<Vec<u8>>> = BTreeMap::new();
+    let mut stack = vec![(root.to_path_buf(), Vec::<u8>::new())];
+    while let Some((p, rel)) = stack.pop() {
+        let md = std::fs::symlink_metadata(&p).unwrap();
+        let ft = md.file_type();
+        let kind = if ft.is_dir() {
+            'd'
+        } else if ft.is_file() {
+            'f'
+        } else if ft.is_symlink() {
+            'l'
+        } else if ft.is_fifo() {
+            'p'
+        } else if ft.is_socket() {
+            's'
+        } else if ft.is_char_device() {
+            'c'
+        } else {
+            'b'
+        };
+        if ft.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap() {
+                let e = e.unwrap();
+                if rel.is_empty() && e.file_name() == ".laybak" {
+                    continue;
+                }
+                let mut r = rel.clone();
+                if !r.is_empty() {
+                    r.push(b'/');
+                }
+                r.extend_from_slice(e.file_name().as_bytes());
+                stack.push((e.path(), r));
+            }
+        } else {
+            inodes
+                .entry((md.dev(), md.ino()))
+                .or_default()
+                .push(rel.clone());
+        }
+        out.insert(
+            rel.clone(),
+            Rec {
+                kind,
+                mode: md.mode() & 0o7777,
+                uid: md.uid(),
+                gid: md.gid(),
+                mtime: (md.mtime(), md.mtime_nsec()),
+                size: if ft.is_dir() { 0 } else { md.len() },
+                content: ft
+                    .is_file()
+                    .then(|| blake3::hash(&std::fs::read(&p).unwrap())),
+                target: ft.is_symlink().then(|| {
+                    std::fs::read_link(&p)
+                        .unwrap()
+                        .as_os_str()
+                        .as_bytes()
+                        .to_vec()
+                }),
+                rdev: md.rdev(),
+                xattrs: xattrs(&p),
+                link_group: None,
+            },
+        );
+    }
+    for (_, paths) in inodes {
+        if paths.len() > 1 {
+            let min = paths.iter().min().unwrap().clone();
+            for p in paths {
+                out.get_mut(&p).unwrap().link_group = Some(min.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Assert two listings are equal, reporting the first differences readably.
+#[track_caller]
+pub fn assert_same(what: &str, want: &BTreeMap<Vec<u8>, Rec>, got: &BTreeMap<Vec<u8>, Rec>) {
+    let mut diffs = Vec::new();
+    for (k, v) in want {
+        match got.get(k) {
+            None => diffs.push(format!("missing {:?}", String::from_utf8_lossy(k))),
+            Some(g) if g != v => diffs.push(format!(
+                "differs {:?}:\n  want {v:?}\n  got  {g:?}",
+                String::from_utf8_lossy(k)
+            )),
+            _ => {}
+        }
+    }
+    for k in got.keys() {
+        if !want.contains_key(k) {
+            diffs.push(format!("extra {:?}", String::from_utf8_lossy(k)));
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} differences:\n{}",
+        diffs.len(),
+        diffs[..diffs.len().min(20)].join("\n")
+    );
+}
+
+pub fn os(p: &Path) -> &OsStr {
+    p.as_os_str()
+}

@@ -1,0 +1,648 @@
+//! End-to-end tests of the real `laybak` binary on real overlay mounts.
+
+mod common;
+use common::*;
+use std::ffi::OsStr;
+use std::fs;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Deterministic xorshift PRNG (the seed is printed on failure).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        // Partly compressible: runs of a repeated byte between random ones.
+        let mut v = Vec::with_capacity(n);
+        while v.len() < n {
+            let r = self.next();
+            if r % 3 == 0 {
+                v.extend(std::iter::repeat_n(
+                    (r >> 8) as u8,
+                    ((r >> 16) % 64) as usize,
+                ));
+            } else {
+                v.extend_from_slice(&r.to_le_bytes());
+            }
+        }
+        v.truncate(n);
+        v
+    }
+}
+
+fn files_in(root: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let mut files = Vec::new();
+    let mut dirs = vec![];
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        dirs.push(d.clone());
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                files.push(e.path());
+            }
+        }
+    }
+    files.sort();
+    dirs.sort();
+    (files, dirs)
+}
+
+fn set_mtime(p: &Path, secs: i64, nanos: i64) {
+    let t = rustix::fs::Timespec {
+        tv_sec: secs,
+        tv_nsec: nanos as _,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        p,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+}
+
+/// One random operation on the mounted volume.
+fn random_op(rng: &mut Rng, root: &Path, n: &mut u32) {
+    let (files, dirs) = files_in(root);
+    let dir = dirs[rng.below(dirs.len())].clone();
+    *n += 1;
+    let fresh = dir.join(format!("n{n}"));
+    let pick = |rng: &mut Rng| (!files.is_empty()).then(|| files[rng.below(files.len())].clone());
+    match rng.below(19) {
+        0 | 1 => {
+            let size = if rng.below(10) == 0 {
+                300_000 + rng.below(900_000)
+            } else {
+                rng.below(20_000)
+            };
+            fs::write(&fresh, rng.bytes(size)).unwrap();
+        }
+        2 => {
+            if let Some(f) = pick(rng) {
+                let size = rng.below(30_000);
+                fs::write(&f, rng.bytes(size)).unwrap();
+            }
+        }
+        3 => {
+            if let Some(f) = pick(rng) {
+                let k = 1 + rng.below(5000);
+                let extra = rng.bytes(k);
+                fs::OpenOptions::new()
+                    .append(true)
+                    .open(&f)
+                    .unwrap()
+                    .write_all(&extra)
+                    .unwrap();
+            }
+        }
+        4 => {
+            if let Some(f) = pick(rng) {
+                let len = fs::metadata(&f).unwrap().len();
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(&f)
+                    .unwrap()
+                    .set_len(len / 2)
+                    .unwrap();
+            }
+        }
+        5 => {
+            if let Some(f) = pick(rng) {
+                fs::remove_file(f).unwrap();
+            }
+        }
+        6 => {
+            if dir != root {
+                fs::remove_dir_all(&dir).unwrap();
+                fs::create_dir(&dir).unwrap();
+                fs::write(dir.join("again"), rng.bytes(100)).unwrap();
+            }
+        }
+        7 => {
+            fs::create_dir(&fresh).unwrap();
+            fs::write(fresh.join("inner"), rng.bytes(500)).unwrap();
+        }
+        8 => {
+            if let Some(f) = pick(rng) {
+                let mode = [0o600, 0o644, 0o755, 0o4755, 0o640][rng.below(5)];
+                fs::set_permissions(&f, fs::Permissions::from_mode(mode)).unwrap();
+            }
+        }
+        9 => {
+            if let Some(f) = pick(rng) {
+                let id = 1000 + rng.below(5) as u32;
+                std::os::unix::fs::lchown(&f, Some(id), Some(id + 1)).unwrap();
+            }
+        }
+        10 => {
+            let target = ["n1", "../x", "/etc/passwd", "dangling"][rng.below(4)];
+            std::os::unix::fs::symlink(target, &fresh).unwrap();
+        }
+        11 => {
+            if let Some(f) = pick(rng) {
+                fs::hard_link(&f, &fresh).unwrap();
+            }
+        }
+        12 => {
+            if let Some(f) = pick(rng) {
+                let k = 1 + rng.below(40);
+                let v = rng.bytes(k);
+                rustix::fs::lsetxattr(&f, "user.test", &v, rustix::fs::XattrFlags::empty())
+                    .unwrap();
+            }
+        }
+        13 => {
+            if let Some(f) = pick(rng) {
+                let _ = rustix::fs::lremovexattr(&f, "user.test");
+            }
+        }
+        14 => {
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &fresh,
+                rustix::fs::FileType::Fifo,
+                rustix::fs::Mode::from_raw_mode(0o644),
+                0,
+            )
+            .unwrap();
+        }
+        15 => {
+            let f = fs::File::create(&fresh).unwrap();
+            f.set_len(8 << 20).unwrap();
+            f.write_all_at(&rng.bytes(5000), 3 << 20).unwrap();
+        }
+        16 => {
+            let mut name = format!("bin{n}-").into_bytes();
+            name.extend_from_slice(&[0xff, 0xfe, b'x', 0x80]);
+            fs::write(dir.join(OsStr::from_bytes(&name)), rng.bytes(64)).unwrap();
+        }
+        17 => {
+            if let Some(f) = pick(rng) {
+                fs::rename(&f, &fresh).unwrap();
+            }
+        }
+        _ => {
+            if let Some(f) = pick(rng) {
+                set_mtime(
+                    &f,
+                    1_600_000_000 + rng.below(1_000_000) as i64,
+                    rng.below(1_000_000_000) as i64,
+                );
+            }
+        }
+    }
+}
+
+fn snapshot_id(env: &Env, vol: &Path) -> String {
+    let r = env.run(&[OsStr::new("snapshot"), os(vol)]).ok();
+    let id = r.stdout.trim().to_string();
+    assert_eq!(id.len(), 64, "snapshot prints only the id: {:?}", r.stdout);
+    id
+}
+
+fn random_rounds(seed: u64, rounds: usize, ops: usize) {
+    if !need_root() {
+        return;
+    }
+    eprintln!("seed {seed}");
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    let mut rng = Rng(seed);
+    let mut n = 0;
+    for _ in 0..20 {
+        random_op(&mut rng, &vol, &mut n);
+    }
+    let mut expected = vec![listing(&vol)];
+    let r = env.run(&[OsStr::new("attach"), os(&vol)]).ok();
+    let mut ids = vec![r.stdout.trim().to_string()];
+    assert_same(
+        "merged view right after attach",
+        &expected[0],
+        &listing(&vol),
+    );
+    for _ in 0..rounds {
+        for _ in 0..ops {
+            random_op(&mut rng, &vol, &mut n);
+        }
+        expected.push(listing(&vol));
+        ids.push(snapshot_id(&env, &vol));
+        assert_same(
+            "merged view across rotation",
+            expected.last().unwrap(),
+            &listing(&vol),
+        );
+    }
+    // From the repository alone: take the volume down and hide its state.
+    env.run(&[OsStr::new("down"), os(&vol)]).ok();
+    let empty_state = env.path("no-state");
+    for (i, (id, want)) in ids.iter().zip(&expected).enumerate() {
+        let target = env.path(&format!("restore-{i}"));
+        let r = env
+            .cmd()
+            .env("LAYBAK_STATE_DIR", &empty_state)
+            .args(["restore", id.as_str()])
+            .arg(&target)
+            .output()
+            .unwrap();
+        assert!(
+            r.status.success(),
+            "restore {i}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        assert_same(
+            &format!("seed {seed}: snapshot {i} restored"),
+            want,
+            &listing(&target),
+        );
+    }
+    env.lb(&["check", "--read-data"]).ok();
+    // Back up, and a historical mount of an early snapshot matches too.
+    env.run(&[OsStr::new("up"), os(&vol)]).ok();
+    let m = env.path("m1");
+    env.run(&[OsStr::new("mount"), OsStr::new(&ids[1]), os(&m)])
+        .ok();
+    let mut mounted = listing(&m);
+    let mut want = expected[1].clone();
+    // A read-only overlay shows the top layer's root; compare contents only.
+    mounted.remove(&Vec::new());
+    want.remove(&Vec::new());
+    for (k, w) in &want {
+        let g = &mounted[k];
+        assert_eq!(
+            (w.kind, w.content, &w.target, w.mode, w.uid, w.mtime),
+            (g.kind, g.content, &g.target, g.mode, g.uid, g.mtime),
+            "mounted {:?}",
+            String::from_utf8_lossy(k)
+        );
+    }
+    assert_eq!(mounted.len(), want.len());
+    env.run(&[OsStr::new("umount"), os(&m)]).ok();
+    // Detach leaves the current contents as a plain directory.
+    let last = listing(&vol);
+    env.run(&[OsStr::new("detach"), os(&vol)]).ok();
+    assert!(
+        laybak::overlay::find_mount(&vol)
+            .unwrap()
+            .is_none_or(|m| m.fstype != "overlay")
+    );
+    assert_same("after detach", &last, &listing(&vol));
+    assert!(!vol.join(".laybak").exists());
+}
+
+#[test]
+fn random_operations_restore_identically_seed_1() {
+    random_rounds(0x9e3779b97f4a7c15, 6, 25);
+}
+
+#[test]
+fn random_operations_restore_identically_seed_2() {
+    random_rounds(0xdeadbeefcafef00d, 6, 25);
+}
+
+#[test]
+fn random_operations_restore_identically_seed_3() {
+    random_rounds(12345678901234567, 4, 60);
+}
+
+#[test]
+fn whiteouts_opaque_dirs_and_status() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir_all(vol.join("d/sub")).unwrap();
+    fs::write(vol.join("d/sub/f"), b"1").unwrap();
+    fs::write(vol.join("keep"), b"k").unwrap();
+    fs::write(vol.join("gone"), b"g").unwrap();
+    let first = env
+        .run(&[OsStr::new("attach"), os(&vol)])
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    fs::remove_file(vol.join("gone")).unwrap();
+    fs::remove_dir_all(vol.join("d")).unwrap();
+    fs::create_dir(vol.join("d")).unwrap();
+    fs::write(vol.join("d/new"), b"n").unwrap();
+    fs::write(vol.join("keep"), b"k2").unwrap();
+    fs::write(vol.join("added"), b"a").unwrap();
+    let st = env.run(&[OsStr::new("status"), os(&vol)]).ok().stdout;
+    let lines: Vec<&str> = st.lines().collect();
+    for want in ["- gone", "R d", "M keep", "+ added", "+ d/new"] {
+        assert!(lines.contains(&want), "status lacks {want:?}: {st}");
+    }
+    let second = snapshot_id(&env, &vol);
+    assert!(
+        env.run(&[OsStr::new("status"), os(&vol)])
+            .ok()
+            .stdout
+            .is_empty()
+    );
+    let d = env.lb(&["diff", &first, &second, "--json"]).ok().stdout;
+    let v: serde_json::Value = serde_json::from_str(&d).unwrap();
+    let list = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(
+        list("added").contains(&"added".to_string())
+            && list("added").contains(&"d/new".to_string())
+    );
+    assert!(
+        list("deleted").contains(&"gone".to_string())
+            && list("deleted").contains(&"d/sub/f".to_string())
+    );
+    assert!(list("modified").contains(&"keep".to_string()));
+    let t = env.path("r");
+    env.run(&[OsStr::new("restore"), OsStr::new(&second), os(&t)])
+        .ok();
+    assert_eq!(fs::read(t.join("d/new")).unwrap(), b"n");
+    assert!(!t.join("d/sub").exists() && !t.join("gone").exists());
+    let t2 = env.path("r2");
+    env.run(&[
+        OsStr::new("restore"),
+        OsStr::new(&second[..10]),
+        os(&t2),
+        OsStr::new("--path"),
+        OsStr::new("d"),
+    ])
+    .ok();
+    assert!(t2.join("d/new").exists() && !t2.join("keep").exists());
+    let json = env.lb(&["snapshots", "--json"]).ok().stdout;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    let s1 = &v[1];
+    assert_eq!(s1["id"], second.as_str());
+    assert_eq!(s1["parent"], first.as_str());
+    assert_eq!(s1["layers"].as_array().unwrap().len(), 2);
+    assert_eq!(s1["volume"], "vol");
+    assert!(s1["time"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(s1["summary"]["whiteouts"], 1);
+}
+
+#[test]
+fn busy_volume_names_the_holder_and_stays_mounted() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    env.run(&[OsStr::new("attach"), os(&vol)]).ok();
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .current_dir(&vol)
+        .spawn()
+        .unwrap();
+    fs::write(vol.join("written"), b"w").unwrap();
+    let r = env.run(&[
+        OsStr::new("snapshot"),
+        os(&vol),
+        OsStr::new("--wait"),
+        OsStr::new("0"),
+    ]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    r.fails(11, &format!("pid {} (sleep): cwd", child.id()));
+    assert_eq!(fs::read(vol.join("written")).unwrap(), b"w");
+    assert!(laybak::overlay::find_mount(&vol).unwrap().unwrap().fstype == "overlay");
+    snapshot_id(&env, &vol);
+}
+
+#[test]
+fn unreachable_repository_keeps_the_layer_and_next_run_archives_it() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    env.run(&[OsStr::new("attach"), os(&vol)]).ok();
+    fs::write(vol.join("one"), b"1").unwrap();
+    let r = env.run_env(
+        &[OsStr::new("snapshot"), os(&vol)],
+        &[("LAYBAK_FAILPOINT", "pack-write:error")],
+    );
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("next `laybak snapshot` archives it"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.is_empty());
+    fs::write(vol.join("two"), b"2").unwrap();
+    // The repository goes away entirely, then comes back.
+    let moved = env.path("repo-away");
+    fs::rename(&env.repo, &moved).unwrap();
+    let r = env.run(&[OsStr::new("snapshot"), os(&vol)]);
+    assert_ne!(r.code, 0);
+    fs::rename(&moved, &env.repo).unwrap();
+    fs::write(vol.join("three"), b"3").unwrap();
+    snapshot_id(&env, &vol);
+    let v: serde_json::Value =
+        serde_json::from_str(&env.lb(&["snapshots", "--json"]).ok().stdout).unwrap();
+    let snaps = v.as_array().unwrap();
+    assert_eq!(snaps.len(), 4, "attach + three sealed layers, none lost");
+    for (i, want) in [
+        (1, vec!["one"]),
+        (2, vec!["one", "two"]),
+        (3, vec!["one", "two", "three"]),
+    ] {
+        let t = env.path(&format!("r{i}"));
+        env.lb(&[
+            "restore",
+            snaps[i]["id"].as_str().unwrap(),
+            t.to_str().unwrap(),
+        ])
+        .ok();
+        let mut names: Vec<String> = fs::read_dir(&t)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        let mut w: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        w.sort();
+        assert_eq!(names, w, "snapshot {i}");
+    }
+    env.lb(&["check", "--read-data"]).ok();
+}
+
+#[test]
+fn crash_at_every_snapshot_failpoint_loses_nothing() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    fs::write(vol.join("base"), b"b").unwrap();
+    env.run(&[OsStr::new("attach"), os(&vol)]).ok();
+    let points = [
+        "before-unmount",
+        "unmounted",
+        "state-rotated",
+        "remounted",
+        "scan",
+        "pack-write",
+        "index-write",
+        "manifest-write",
+        "snapshot-write",
+        "snapshot-written",
+    ];
+    let mut written = Vec::new();
+    for (i, fp) in points.iter().enumerate() {
+        let name = format!("f{i}");
+        fs::write(vol.join(&name), name.as_bytes()).unwrap();
+        written.push(name);
+        let r = env.run_env(
+            &[OsStr::new("snapshot"), os(&vol)],
+            &[("LAYBAK_FAILPOINT", fp)],
+        );
+        assert_ne!(r.code, 0, "failpoint {fp} was not reached");
+        assert!(
+            r.stderr.contains(&format!("failpoint {fp}")),
+            "{fp}: {}",
+            r.stderr
+        );
+        env.run(&[OsStr::new("up"), os(&vol)]).ok();
+        for w in &written {
+            assert_eq!(
+                fs::read(vol.join(w)).unwrap(),
+                w.as_bytes(),
+                "after crash at {fp}"
+            );
+        }
+        env.lb(&["check", "--read-data"]).ok();
+    }
+    snapshot_id(&env, &vol);
+    // Every snapshot restores, and the newest has every write.
+    let v: serde_json::Value =
+        serde_json::from_str(&env.lb(&["snapshots", "--json"]).ok().stdout).unwrap();
+    for (i, s) in v.as_array().unwrap().iter().enumerate() {
+        env.lb(&[
+            "restore",
+            s["id"].as_str().unwrap(),
+            env.path(&format!("r{i}")).to_str().unwrap(),
+        ])
+        .ok();
+    }
+    let last = env.path(&format!("r{}", v.as_array().unwrap().len() - 1));
+    for w in &written {
+        assert_eq!(fs::read(last.join(w)).unwrap(), w.as_bytes());
+    }
+    assert_eq!(fs::read(last.join("base")).unwrap(), b"b");
+}
+
+#[test]
+fn live_chain_is_folded_and_stays_bounded() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    fs::write(vol.join("f"), b"0").unwrap();
+    env.run(&[
+        OsStr::new("attach"),
+        os(&vol),
+        OsStr::new("--max-layers"),
+        OsStr::new("3"),
+    ])
+    .ok();
+    let mut ids = Vec::new();
+    let mut views = Vec::new();
+    for i in 1..=6 {
+        fs::write(vol.join("f"), i.to_string()).unwrap();
+        fs::create_dir_all(vol.join(format!("d{i}"))).unwrap();
+        if i > 1 {
+            fs::remove_dir(vol.join(format!("d{}", i - 1))).unwrap();
+        }
+        views.push(listing(&vol));
+        ids.push(snapshot_id(&env, &vol));
+        let info = laybak::overlay::find_mount(&vol).unwrap().unwrap();
+        let lowers = info.super_options.matches("lowerdir").count();
+        assert!(
+            lowers <= 3,
+            "chain has {lowers} lowers: {}",
+            info.super_options
+        );
+        assert_same("after fold", views.last().unwrap(), &listing(&vol));
+    }
+    // Early snapshots are no longer local as single layers: mount from the repository.
+    let m = env.path("m");
+    env.run(&[OsStr::new("mount"), OsStr::new(&ids[1]), os(&m)])
+        .ok();
+    assert_eq!(fs::read(m.join("f")).unwrap(), b"2");
+    assert!(m.join("d2").is_dir() && !m.join("d1").exists());
+    env.run(&[OsStr::new("umount"), os(&m)]).ok();
+    for (i, id) in ids.iter().enumerate() {
+        let t = env.path(&format!("r{i}"));
+        env.run(&[OsStr::new("restore"), OsStr::new(id), os(&t)])
+            .ok();
+        assert_same("restore after folds", &views[i], &listing(&t));
+    }
+}
+
+#[test]
+fn attach_of_a_mount_point_moves_instead_of_copying() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    rustix::mount::mount(
+        "tmpfs",
+        &vol,
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        None,
+    )
+    .unwrap();
+    fs::write(vol.join("big"), vec![7u8; 1 << 20]).unwrap();
+    let ino = fs::metadata(vol.join("big")).unwrap().ino();
+    env.run(&[OsStr::new("attach"), os(&vol)]).ok();
+    assert_eq!(
+        fs::metadata(vol.join("big")).unwrap().ino(),
+        ino,
+        "data was copied, not moved"
+    );
+    let backing = env.state.join("backing/vol/.laybak/l/1/big");
+    assert_eq!(fs::metadata(backing).unwrap().ino(), ino);
+    fs::write(vol.join("x"), b"x").unwrap();
+    snapshot_id(&env, &vol);
+    env.run(&[OsStr::new("detach"), os(&vol)]).ok();
+    assert_eq!(fs::read(vol.join("x")).unwrap(), b"x");
+    assert_eq!(fs::metadata(vol.join("big")).unwrap().ino(), ino);
+}
