@@ -11,6 +11,9 @@ use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
+/// Extended attributes as (name, value) pairs, sorted by name.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Inode metadata kept for every entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
@@ -26,7 +29,7 @@ pub struct Meta {
     pub mtime_ns: u32,
     /// Extended attributes (name, value), sorted by name. ACLs and file
     /// capabilities are here as `system.posix_acl_*` and `security.capability`.
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub xattrs: Xattrs,
 }
 
 /// One content-defined chunk of a file.

@@ -8,7 +8,7 @@
 //! stored as user data; redirect / metacopy / index artefacts are refused.
 
 use crate::format::Id;
-use crate::layer::{Chunk, Entry, Extent, Layer, Meta, Node, show};
+use crate::layer::{Chunk, Entry, Extent, Layer, Meta, Node, Xattrs, show};
 use crate::repo::{Packer, Summary};
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
@@ -45,7 +45,7 @@ pub struct Found {
 ///
 /// # Errors
 /// The filesystem refused the listing.
-pub fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+pub fn read_xattrs(path: &Path) -> Result<Xattrs> {
     let mut out = Vec::new();
     let n = match rustix::fs::llistxattr_query(path) {
         Ok(n) => n,
@@ -75,7 +75,7 @@ pub fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     Ok(out)
 }
 
-fn meta_of(md: &Metadata, xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Meta {
+fn meta_of(md: &Metadata, xattrs: Xattrs) -> Meta {
     Meta {
         mode: md.mode() & 0o7777,
         uid: md.uid(),
@@ -89,9 +89,9 @@ fn meta_of(md: &Metadata, xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Meta {
 /// Split overlay bookkeeping from user xattrs. Returns (opaque, user xattrs).
 fn interpret_xattrs(
     path: &[u8],
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    xattrs: Xattrs,
     source: Source,
-) -> Result<(bool, Vec<(Vec<u8>, Vec<u8>)>)> {
+) -> Result<(bool, Xattrs)> {
     let mut opaque = false;
     let mut keep = Vec::new();
     for (name, value) in xattrs {
