@@ -87,11 +87,7 @@ fn meta_of(md: &Metadata, xattrs: Xattrs) -> Meta {
 }
 
 /// Split overlay bookkeeping from user xattrs. Returns (opaque, user xattrs).
-fn interpret_xattrs(
-    path: &[u8],
-    xattrs: Xattrs,
-    source: Source,
-) -> Result<(bool, Xattrs)> {
+fn interpret_xattrs(path: &[u8], xattrs: Xattrs, source: Source) -> Result<(bool, Xattrs)> {
     let mut opaque = false;
     let mut keep = Vec::new();
     for (name, value) in xattrs {
