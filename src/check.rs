@@ -91,6 +91,10 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
         if let Some(b) = &bar {
             b.set_length(packs.values().sum());
         }
+        let mut by_pack: HashMap<Id, Vec<repo::PackBlob>> = HashMap::new();
+        for l in blobs.values() {
+            by_pack.entry(l.pack).or_default().push(l.blob);
+        }
         let todo: Vec<Id> = packs
             .keys()
             .filter(|id| !bad_packs.contains(id))
@@ -114,10 +118,17 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
                     .push(format!("pack {} is corrupt (blake3 mismatch)", id.short()));
                 bad_packs.insert(*id);
             }
-            for loc in blobs.values().filter(|l| l.pack == *id) {
-                let b = loc.blob;
+            if let Err(e) = repo::parse_pack_tail(&data) {
+                r.errors.push(format!("pack {}: {e:#}", id.short()));
+                bad_packs.insert(*id);
+            }
+            for b in by_pack.get(id).map(Vec::as_slice).unwrap_or_default() {
+                let b = *b;
                 let start = b.offset as usize;
-                let Some(raw) = data.get(start..start + b.len as usize) else {
+                let Some(raw) = start
+                    .checked_add(b.len as usize)
+                    .and_then(|end| data.get(start..end))
+                else {
                     r.errors.push(format!(
                         "blob {} lies outside pack {}",
                         b.id.short(),

@@ -468,10 +468,12 @@ pub fn run(cli: Cli) -> Result<()> {
             overlay::unmount_wait(&canon, Duration::from_secs(0))
         }
         Cmd::Down { path, wait } => {
+            need_root("down")?;
             let mut vol = volume::find(&cli.state_dir, path)?;
             volume::down(&mut vol, Duration::from_secs(*wait))
         }
         Cmd::Up { path, all } => {
+            need_root("up")?;
             let vols = if *all {
                 volume::all(&cli.state_dir)?
             } else {
@@ -490,6 +492,7 @@ pub fn run(cli: Cli) -> Result<()> {
             first_err.map_or(Ok(()), Err)
         }
         Cmd::Detach { path, wait } => {
+            need_root("detach")?;
             let mut vol = volume::find(&cli.state_dir, path)?;
             let pending = volume::detach(&mut vol, Duration::from_secs(*wait))?;
             if pending > 0 {

@@ -12,8 +12,8 @@ pub const MAGIC: &[u8; 6] = b"LAYBAK";
 /// The repository format version this build writes and the newest it reads.
 pub const FORMAT_VERSION: u8 = 1;
 /// Upper bound on a decompressed metadata file (config, index, manifest,
-/// snapshot). Checked before and while allocating, so a crafted file cannot
-/// make us allocate unbounded memory.
+/// snapshot), enforced while decompressing, so a crafted file cannot make
+/// us allocate unbounded memory.
 pub const MAX_METADATA_SIZE: u64 = 1 << 30;
 
 /// What a repository file holds; the byte after the magic.
@@ -70,7 +70,11 @@ impl Id {
 
     /// Parse a full 64-character hex id.
     pub fn parse(s: &str) -> Option<Id> {
-        if s.len() != 64 {
+        if s.len() != 64
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return None;
         }
         let mut out = [0u8; 32];
@@ -216,6 +220,8 @@ mod tests {
         assert_eq!(Id::parse(&id.hex()), Some(id));
         assert_eq!(Id::parse("zz"), None);
         assert_eq!(Id::parse(&"g".repeat(64)), None);
+        assert_eq!(Id::parse(&id.hex().to_uppercase()), None);
+        assert_eq!(Id::parse(&format!("+{}", &id.hex()[1..])), None);
     }
 
     #[test]

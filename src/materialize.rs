@@ -137,13 +137,37 @@ fn set_xattrs_path(path: &Path, xattrs: &[(Vec<u8>, Vec<u8>)], as_root: bool) ->
     Ok(())
 }
 
+/// The xattrs to write: in a plain directory, the user's own
+/// `trusted.overlay.X` (stored escaped as `trusted.overlay.overlay.X`, as
+/// the kernel keeps it in an upperdir) is written back unescaped; in a
+/// lowerdir the escaped form is what overlay expects.
+fn user_xattrs(x: &[(Vec<u8>, Vec<u8>)], target: Target) -> Vec<(Vec<u8>, Vec<u8>)> {
+    const ESC: &[u8] = b"trusted.overlay.overlay.";
+    x.iter()
+        .map(|(k, v)| match k.strip_prefix(ESC) {
+            Some(rest) if target == Target::Plain => {
+                let mut n = b"trusted.overlay.".to_vec();
+                n.extend_from_slice(rest);
+                (n, v.clone())
+            }
+            _ => (k.clone(), v.clone()),
+        })
+        .collect()
+}
+
 fn proc_path(dir: &OwnedFd, name: &[u8]) -> std::path::PathBuf {
     use rustix::fd::AsRawFd;
     Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(os(name))
 }
 
 /// Metadata for a non-directory, non-regular entry, by name in its parent.
-fn apply_meta_at(dir: &OwnedFd, name: &[u8], e: &Entry, as_root: bool) -> Result<()> {
+fn apply_meta_at(
+    dir: &OwnedFd,
+    name: &[u8],
+    e: &Entry,
+    as_root: bool,
+    target: Target,
+) -> Result<()> {
     let m = &e.meta;
     if as_root {
         rustix::fs::chownat(
@@ -155,7 +179,11 @@ fn apply_meta_at(dir: &OwnedFd, name: &[u8], e: &Entry, as_root: bool) -> Result
         )
         .with_context(|| format!("cannot chown {}", show(&e.path)))?;
     }
-    set_xattrs_path(&proc_path(dir, name), &m.xattrs, as_root)?;
+    set_xattrs_path(
+        &proc_path(dir, name),
+        &user_xattrs(&m.xattrs, target),
+        as_root,
+    )?;
     if !matches!(e.node, Node::Symlink { .. }) {
         rustix::fs::chmodat(dir, os(name), Mode::from_raw_mode(m.mode), AtFlags::empty())
             .with_context(|| format!("cannot chmod {}", show(&e.path)))?;
@@ -182,7 +210,7 @@ fn apply_meta_fd(fd: impl AsFd, e: &Entry, as_root: bool, target: Target) -> Res
         )
         .with_context(|| format!("cannot chown {}", show(&e.path)))?;
     }
-    let mut xattrs = m.xattrs.clone();
+    let mut xattrs = user_xattrs(&m.xattrs, target);
     if target == Target::Lowerdir && matches!(e.node, Node::Dir { opaque: true }) {
         xattrs.push((b"trusted.overlay.opaque".to_vec(), b"y".to_vec()));
     }
@@ -349,7 +377,7 @@ pub fn write_tree(
             return Err(err).with_context(|| format!("cannot create {}", show(&e.path)));
         }
         if !matches!(e.node, Node::Dir { .. } | Node::File { .. }) {
-            apply_meta_at(pdir, name, e, as_root)?;
+            apply_meta_at(pdir, name, e, as_root, mode)?;
         }
     }
     drop(w.cached.take());

@@ -3,9 +3,9 @@
 //!
 //! Write order for a snapshot is packs → index → layer manifest → snapshot
 //! record, each object written atomically, so a snapshot record never points
-//! at data that is not durable. Every object except packs is named by the
-//! blake3 of its bytes; packs are named by the blake3 of the whole file and
-//! every blob inside is verified against its own blake3 id when read.
+//! at data that is not durable. Every object but `config` is named by the
+//! blake3 of its bytes, and every blob inside a pack is verified against its
+//! own blake3 id when read.
 
 use crate::backend::{Backend, LocalBackend};
 use crate::format::{self, FileKind, Id, Time};
@@ -22,7 +22,7 @@ pub const PACK_TAIL: &[u8; 8] = b"LBPKTAIL";
 /// Repository parameters, fixed at `init`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Config {
-    /// Random repository id.
+    /// Repository id: blake3 of creation time, pid and host name.
     pub id: Id,
     /// When the repository was created.
     pub created: Time,
@@ -117,6 +117,7 @@ pub struct Repo {
     /// Parameters from `config`.
     pub config: Config,
     index: OnceLock<HashMap<Id, BlobLoc>>,
+    added: Mutex<HashMap<Id, BlobLoc>>,
 }
 
 /// Object name of a pack.
@@ -187,6 +188,7 @@ impl Repo {
             backend: Box::new(backend),
             config,
             index: OnceLock::new(),
+            added: Mutex::new(HashMap::new()),
         })
     }
 
@@ -218,6 +220,7 @@ impl Repo {
             backend: Box::new(backend),
             config,
             index: OnceLock::new(),
+            added: Mutex::new(HashMap::new()),
         })
     }
 
@@ -266,7 +269,9 @@ impl Repo {
         }
         let mut map = HashMap::new();
         for name in self.backend.list("index")? {
-            let id = Id::parse(&name).ok_or_else(|| anyhow!("stray file index/{name}"))?;
+            let Some(id) = Id::parse(&name) else {
+                continue; // not a laybak file; `check` reports it
+            };
             for p in self.read_index(&id)? {
                 for b in p.blobs {
                     map.insert(
@@ -280,6 +285,32 @@ impl Repo {
             }
         }
         Ok(self.index.get_or_init(|| map))
+    }
+
+    /// Where a blob is: in the loaded index or written by this process.
+    ///
+    /// # Errors
+    /// The index cannot be loaded.
+    pub fn locate(&self, id: &Id) -> Result<Option<BlobLoc>> {
+        if let Some(l) = self.index()?.get(id) {
+            return Ok(Some(*l));
+        }
+        Ok(lock(&self.added).get(id).copied())
+    }
+
+    fn note_written(&self, packs: &[IndexPack]) {
+        let mut added = lock(&self.added);
+        for p in packs {
+            for b in &p.blobs {
+                added.insert(
+                    b.id,
+                    BlobLoc {
+                        pack: p.id,
+                        blob: *b,
+                    },
+                );
+            }
+        }
     }
 
     /// Ids of all index files.
@@ -318,7 +349,7 @@ impl Repo {
     /// # Errors
     /// Unknown blob, unreadable pack, or content that does not hash to `id`.
     pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
-        let loc = *self.index()?.get(id).ok_or_else(|| {
+        let loc = self.locate(id)?.ok_or_else(|| {
             anyhow!(
                 "blob {} is missing from the index: run `laybak check`",
                 id.short()
@@ -362,6 +393,14 @@ impl Repo {
     pub fn write_snapshot(&self, snap: &Snapshot) -> Result<Id> {
         let data = format::encode(FileKind::Snapshot, snap)?;
         self.write_named(FileKind::Snapshot, "snapshots", &data)
+    }
+
+    /// The id a snapshot record will have once written.
+    ///
+    /// # Errors
+    /// Serialization failure.
+    pub fn snapshot_id(snap: &Snapshot) -> Result<Id> {
+        Ok(Id::of(&format::encode(FileKind::Snapshot, snap)?))
     }
 
     /// Load one snapshot record.
@@ -450,7 +489,8 @@ impl Repo {
 /// Corrupt data or a hash mismatch.
 pub fn decode_blob(b: &PackBlob, raw: Vec<u8>) -> Result<Vec<u8>> {
     let data = if b.compressed {
-        format::decompress_bounded(&raw, b.raw_len as u64)?
+        format::decompress_bounded(&raw, b.raw_len as u64)
+            .map_err(|e| anyhow!("blob {} is corrupt ({e:#})", b.id.short()))?
     } else {
         raw
     };
@@ -475,11 +515,18 @@ pub fn parse_pack_tail(data: &[u8]) -> Result<Vec<PackBlob>> {
         bail!("pack trailer length {tl} is out of range");
     }
     let table = &data[n - 12 - tl..n - 12];
-    let blobs: Vec<PackBlob> =
-        postcard::from_bytes(table).map_err(|e| anyhow!("pack trailer is corrupt: {e}"))?;
+    let (blobs, rest): (Vec<PackBlob>, _) =
+        postcard::take_from_bytes(table).map_err(|e| anyhow!("pack trailer is corrupt: {e}"))?;
+    if !rest.is_empty() {
+        bail!("pack trailer is corrupt: {} trailing bytes", rest.len());
+    }
     let limit = (n - 12 - tl) as u64;
     for b in &blobs {
-        if b.offset < 8 || b.offset + b.len as u64 > limit {
+        if b.offset < 8
+            || b.offset
+                .checked_add(b.len as u64)
+                .is_none_or(|end| end > limit)
+        {
             bail!("pack trailer points outside the pack");
         }
     }
@@ -529,7 +576,7 @@ impl<'r> Packer<'r> {
     /// # Errors
     /// Index loading or pack writing failed.
     pub fn add(&self, id: Id, data: &[u8]) -> Result<()> {
-        if self.repo.index()?.contains_key(&id) {
+        if self.repo.locate(&id)?.is_some() {
             return Ok(());
         }
         if !lock(&self.seen).insert(id) {
@@ -604,6 +651,7 @@ impl<'r> Packer<'r> {
         if !done.is_empty() {
             crate::failpoint::hit("index-write")?;
             self.repo.write_index(&done)?;
+            self.repo.note_written(&done);
         }
         let s = *lock(&self.stats);
         Ok(s)

@@ -19,6 +19,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+/// Extents up to this size are read whole and chunked in memory.
+const IN_MEMORY_EXTENT: u64 = 16 << 20;
+
 /// Namespace of overlay's private xattrs (laybak mounts in trusted mode).
 pub const OVL_PREFIX: &[u8] = b"trusted.overlay.";
 
@@ -302,8 +305,28 @@ fn chunk_file(path: &Path, packer: &Packer<'_>, cfg: &crate::repo::Config) -> Re
     let mut extents = Vec::new();
     for (offset, len) in data_extents(&f, &md)? {
         f.seek(SeekFrom::Start(offset))?;
-        let reader = (&mut f).take(len);
         let mut chunks = Vec::new();
+        if len <= IN_MEMORY_EXTENT {
+            // Small extents: one read, chunked in memory (StreamCDC would
+            // allocate a chunk_max buffer per file).
+            let mut data = vec![0u8; len as usize];
+            f.read_exact(&mut data)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            for c in
+                fastcdc::v2020::FastCDC::new(&data, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max)
+            {
+                let piece = &data[c.offset..c.offset + c.length];
+                let id = Id::of(piece);
+                packer.add(id, piece)?;
+                chunks.push(Chunk {
+                    id,
+                    len: c.length as u32,
+                });
+            }
+            extents.push(Extent { offset, chunks });
+            continue;
+        }
+        let reader = (&mut f).take(len);
         let mut got = 0u64;
         for c in fastcdc::v2020::StreamCDC::new(reader, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max)
         {

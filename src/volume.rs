@@ -56,6 +56,11 @@ pub struct LocalLayer {
     /// Repository layer ids this directory holds, bottom first (more than
     /// one after a fold); empty while it waits to be archived.
     pub archived: Vec<String>,
+    /// (layer id, snapshot id) of a snapshot record being written, so a
+    /// run that crashed after writing it adopts it instead of writing a
+    /// second record for the same layer.
+    #[serde(default)]
+    pub writing: Option<(String, String)>,
 }
 
 /// Persistent state of one volume (`STATE/volumes/NAME.json`).
@@ -443,6 +448,7 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
             sealed: Time::now(),
             tags: opts.tags,
             archived: Vec::new(),
+            writing: None,
         }],
         upper: 2,
         next_seq: 3,
@@ -518,6 +524,19 @@ pub fn archive_pending(vol: &mut Volume, repo: &Repo, progress: bool) -> Result<
         if !vol.st.layers[i].archived.is_empty() {
             continue;
         }
+        if let Some((lid, sid)) = vol.st.layers[i].writing.clone()
+            && repo.backend().size(&format!("snapshots/{sid}")).is_ok()
+            && let Some(id) = Id::parse(&sid)
+        {
+            // A previous run wrote the record and crashed before noting it.
+            let snap = repo.read_snapshot(&id)?;
+            vol.st.layers[i].archived = vec![lid];
+            vol.st.layers[i].writing = None;
+            vol.st.last_snapshot = Some(sid);
+            vol.save()?;
+            out.push(Archived { id, snap });
+            continue;
+        }
         let dir = vol.layer_dir(vol.st.layers[i].seq);
         let source = if i == 0 { Source::Base } else { Source::Upper };
         let bar = progress.then(|| crate::progress::bytes_bar("archiving"));
@@ -556,10 +575,15 @@ pub fn archive_pending(vol: &mut Volume, repo: &Repo, progress: bool) -> Result<
             layers,
             summary,
         };
+        let id = Repo::snapshot_id(&snap)?;
+        vol.st.layers[i].writing = Some((layer_id.hex(), id.hex()));
+        vol.save()?;
         crate::failpoint::hit("snapshot-write")?;
-        let id = repo.write_snapshot(&snap)?;
+        let written = repo.write_snapshot(&snap)?;
+        debug_assert_eq!(written, id);
         crate::failpoint::hit("snapshot-written")?;
         vol.st.layers[i].archived = vec![layer_id.hex()];
+        vol.st.layers[i].writing = None;
         vol.st.last_snapshot = Some(id.hex());
         vol.save()?;
         out.push(Archived { id, snap });
@@ -594,6 +618,7 @@ pub fn rotate(vol: &mut Volume, wait: Duration, tags: Vec<String>) -> Result<()>
             sealed: Time::now(),
             tags,
             archived: Vec::new(),
+            writing: None,
         });
         vol.st.upper = seq;
         vol.st.next_seq = seq + 1;

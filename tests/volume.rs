@@ -544,6 +544,28 @@ fn crash_at_every_snapshot_failpoint_loses_nothing() {
         env.lb(&["check", "--read-data"]).ok();
     }
     snapshot_id(&env, &vol);
+    // One record per sealed layer: no duplicates from crashed runs.
+    let v: serde_json::Value =
+        serde_json::from_str(&env.lb(&["snapshots", "--json"]).ok().stdout).unwrap();
+    let mut tops: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            s["layers"]
+                .as_array()
+                .unwrap()
+                .last()
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let n = tops.len();
+    tops.sort();
+    tops.dedup();
+    assert_eq!(tops.len(), n, "two snapshot records for one layer");
     // Every snapshot restores, and the newest has every write.
     let v: serde_json::Value =
         serde_json::from_str(&env.lb(&["snapshots", "--json"]).ok().stdout).unwrap();
