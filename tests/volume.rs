@@ -668,3 +668,39 @@ fn attach_of_a_mount_point_moves_instead_of_copying() {
     assert_eq!(fs::read(vol.join("x")).unwrap(), b"x");
     assert_eq!(fs::metadata(vol.join("big")).unwrap().ino(), ino);
 }
+
+#[test]
+fn legacy_mount2_path_works_too() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    fs::write(vol.join("a"), b"1").unwrap();
+    let legacy = [("LAYBAK_FORCE_MOUNT2", "1")];
+    env.run_env(&[OsStr::new("attach"), os(&vol)], &legacy).ok();
+    fs::write(vol.join("a"), b"2").unwrap();
+    for _ in 0..2 {
+        let r = env
+            .run_env(&[OsStr::new("snapshot"), os(&vol)], &legacy)
+            .ok();
+        assert_eq!(r.stdout.trim().len(), 64);
+    }
+    let info = laybak::overlay::find_mount(&vol).unwrap().unwrap();
+    assert!(
+        info.super_options.contains("lowerdir="),
+        "{}",
+        info.super_options
+    );
+    assert!(info.super_options.contains("redirect_dir=nofollow"));
+    let m = env.path("m");
+    env.run_env(
+        &[OsStr::new("mount"), OsStr::new("latest"), os(&m)],
+        &legacy,
+    )
+    .ok();
+    assert_eq!(fs::read(m.join("a")).unwrap(), b"2");
+    env.run(&[OsStr::new("umount"), os(&m)]).ok();
+}
