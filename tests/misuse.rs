@@ -90,7 +90,7 @@ fn misuse_table() {
     fs::create_dir(&whiteouty).unwrap();
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &whiteouty.join("dev0"),
+        whiteouty.join("dev0"),
         rustix::fs::FileType::CharacterDevice,
         rustix::fs::Mode::from_raw_mode(0o600),
         0,
@@ -100,7 +100,7 @@ fn misuse_table() {
     fs::create_dir(&xattry).unwrap();
     fs::write(xattry.join("f"), b"f").unwrap();
     rustix::fs::lsetxattr(
-        &xattry.join("f"),
+        xattry.join("f"),
         "trusted.overlay.opaque",
         b"y",
         rustix::fs::XattrFlags::empty(),
