@@ -162,6 +162,37 @@ pub fn decode<T: DeserializeOwned>(kind: FileKind, data: &[u8]) -> Result<T> {
     Ok(value)
 }
 
+/// Encode a metadata value that may be rewritten in place under a fixed
+/// name (snapshot records): header, blake3 of the rest, then
+/// zstd(postcard(value)). The embedded hash verifies it on read.
+///
+/// # Errors
+/// As [`encode`].
+pub fn encode_sealed<T: Serialize>(kind: FileKind, value: &T) -> Result<Vec<u8>> {
+    let plain = encode(kind, value)?;
+    let mut out = plain[..8].to_vec();
+    out.extend_from_slice(blake3::hash(&plain[8..]).as_bytes());
+    out.extend_from_slice(&plain[8..]);
+    Ok(out)
+}
+
+/// Decode a value written by [`encode_sealed`], verifying its hash.
+///
+/// # Errors
+/// Wrong header, hash mismatch, or a corrupt payload.
+pub fn decode_sealed<T: DeserializeOwned>(kind: FileKind, data: &[u8]) -> Result<T> {
+    let body = check_header(kind, data)?;
+    if body.len() < 32 {
+        bail!("{} is truncated", kind.name());
+    }
+    if blake3::hash(&body[32..]).as_bytes() != &body[..32] {
+        bail!("{} is corrupt (blake3 mismatch)", kind.name());
+    }
+    let mut plain = data[..8].to_vec();
+    plain.extend_from_slice(&body[32..]);
+    decode(kind, &plain)
+}
+
 /// zstd-decompress `data`, failing if the output would exceed `limit` bytes.
 ///
 /// # Errors
@@ -239,6 +270,24 @@ mod tests {
         let n = flipped.len();
         flipped[n - 3] ^= 0xff;
         assert!(decode::<Vec<(u32, String)>>(FileKind::Index, &flipped).is_err());
+    }
+
+    #[test]
+    fn sealed_round_trip_detects_flips() {
+        let v = vec![1u64, 2, 3];
+        let enc = encode_sealed(FileKind::Snapshot, &v).unwrap();
+        assert_eq!(
+            decode_sealed::<Vec<u64>>(FileKind::Snapshot, &enc).unwrap(),
+            v
+        );
+        for i in 8..enc.len() {
+            let mut bad = enc.clone();
+            bad[i] ^= 0x10;
+            assert!(
+                decode_sealed::<Vec<u64>>(FileKind::Snapshot, &bad).is_err(),
+                "flip at {i}"
+            );
+        }
     }
 
     #[test]

@@ -309,6 +309,118 @@ pub fn restack(layers: &[Layer]) -> View<'_> {
     view
 }
 
+/// Squash consecutive layers into one with the same effect: for any chain
+/// `below`, `restack(below ++ [squash(layers)])` shows what
+/// `restack(below ++ layers)` shows. With `bottom` (nothing is below the
+/// result) whiteouts disappear and no directory needs to be opaque.
+///
+/// Rules, applied layer by layer: a whiteout removes the path's subtree and
+/// leaves a whiteout (unless `bottom`); an opaque directory removes the
+/// subtree; a directory over a directory keeps the lower one's opacity and
+/// children, its own metadata wins; a directory over a whiteout or a
+/// non-directory becomes opaque (it hides whatever the chain below has);
+/// anything else replaces. Whiteouts below an opaque directory are dropped
+/// (the directory already hides everything). Hard-link groups are
+/// renumbered; a group left with one member becomes a plain entry.
+///
+/// The input layers must be [validated](Layer::validate); the result is.
+pub fn squash(layers: &[Layer], bottom: bool) -> Layer {
+    let mut map: BTreeMap<Vec<u8>, (usize, Entry)> = BTreeMap::new();
+    let drop_below = |map: &mut BTreeMap<Vec<u8>, (usize, Entry)>, path: &[u8]| {
+        let keys: Vec<Vec<u8>> = if path.is_empty() {
+            map.keys().filter(|k| !k.is_empty()).cloned().collect()
+        } else {
+            let mut lo = path.to_vec();
+            lo.push(b'/');
+            let mut hi = path.to_vec();
+            hi.push(b'/' + 1);
+            map.range(lo..hi).map(|(k, _)| k.clone()).collect()
+        };
+        for k in keys {
+            map.remove(&k);
+        }
+    };
+    for (i, layer) in layers.iter().enumerate() {
+        for e in &layer.entries {
+            match &e.node {
+                Node::Whiteout => {
+                    drop_below(&mut map, &e.path);
+                    if bottom {
+                        map.remove(&e.path);
+                    } else {
+                        map.insert(e.path.clone(), (i, e.clone()));
+                    }
+                }
+                Node::Dir { opaque } => {
+                    let keep = match map.get(&e.path).map(|(_, p)| &p.node) {
+                        _ if e.path.is_empty() => Some(false),
+                        _ if *opaque => None,
+                        Some(Node::Dir { opaque: o }) => Some(*o),
+                        Some(_) => None,
+                        None => Some(false),
+                    };
+                    let now_opaque = match keep {
+                        Some(o) => o,
+                        None => {
+                            drop_below(&mut map, &e.path);
+                            true
+                        }
+                    };
+                    let mut d = e.clone();
+                    d.node = Node::Dir {
+                        opaque: now_opaque && !bottom,
+                    };
+                    map.insert(e.path.clone(), (i, d));
+                }
+                _ => {
+                    drop_below(&mut map, &e.path);
+                    map.insert(e.path.clone(), (i, e.clone()));
+                }
+            }
+        }
+    }
+    // Whiteouts under an opaque directory hide nothing more.
+    let opaque: Vec<Vec<u8>> = map
+        .iter()
+        .filter(|(_, (_, e))| e.node == Node::Dir { opaque: true })
+        .map(|(k, _)| k.clone())
+        .collect();
+    for o in opaque {
+        let mut lo = o.clone();
+        lo.push(b'/');
+        let mut hi = o.clone();
+        hi.push(b'/' + 1);
+        let wh: Vec<Vec<u8>> = map
+            .range(lo..hi)
+            .filter(|(_, (_, e))| e.node == Node::Whiteout)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in wh {
+            map.remove(&k);
+        }
+    }
+    let mut members: HashMap<(usize, u32), u32> = HashMap::new();
+    for (i, e) in map.values() {
+        if let Some(g) = e.link {
+            *members.entry((*i, g)).or_default() += 1;
+        }
+    }
+    let mut renum: HashMap<(usize, u32), u32> = HashMap::new();
+    let entries = map
+        .into_values()
+        .map(|(i, mut e)| {
+            e.link = e.link.and_then(|g| {
+                (members[&(i, g)] > 1).then(|| {
+                    let n = renum.len() as u32;
+                    *renum.entry((i, g)).or_insert(n)
+                })
+            });
+            e
+        })
+        .collect();
+    Layer { entries }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -442,5 +554,116 @@ pub(crate) mod tests {
         }
         assert!(!path_is_safe(b"a/./b"));
         assert!(path_is_safe(b"a/.b/..c"));
+    }
+
+    use proptest::prelude::*;
+
+    /// A random valid layer over a small name space.
+    fn arb_layer() -> impl Strategy<Value = Layer> {
+        let names = ["a", "b", "c"];
+        let path = proptest::collection::vec(0usize..3, 1..4)
+            .prop_map(move |v| v.iter().map(|i| names[*i]).collect::<Vec<_>>().join("/"));
+        let node = prop_oneof![
+            Just(0u8), // whiteout
+            Just(1u8), // dir
+            Just(2u8), // opaque dir
+            Just(3u8), // file
+            Just(4u8), // hard-linked file
+        ];
+        (
+            proptest::collection::vec((path, node, 0u8..4), 0..8),
+            0u32..3,
+        )
+            .prop_map(|(items, root_mode)| {
+                let mut m: BTreeMap<Vec<u8>, Entry> = BTreeMap::new();
+                let mut root = dir("", false);
+                root.meta.mode = root_mode;
+                m.insert(Vec::new(), root);
+                for (p, kind, tag) in items {
+                    let pb = p.as_bytes().to_vec();
+                    // Skip paths under a non-directory of this layer.
+                    let mut blocked = false;
+                    let comps: Vec<&str> = p.split('/').collect();
+                    for k in 1..comps.len() {
+                        let anc = comps[..k].join("/").into_bytes();
+                        if let Some(a) = m.get(&anc)
+                            && !a.node.is_dir()
+                        {
+                            blocked = true;
+                        }
+                    }
+                    if blocked || m.contains_key(&pb) {
+                        continue;
+                    }
+                    let has_children = m
+                        .keys()
+                        .any(|k| k.len() > pb.len() && k.starts_with(&pb) && k[pb.len()] == b'/');
+                    let mut e = match kind {
+                        0 if !has_children => wh(&p),
+                        2 => dir(&p, true),
+                        3 | 4 if !has_children => file(&p, tag),
+                        _ => dir(&p, false),
+                    };
+                    if kind == 4 && !e.node.is_dir() && e.node != Node::Whiteout {
+                        e.link = Some(0);
+                    }
+                    e.meta.mode = tag as u32;
+                    for k in 1..comps.len() {
+                        let anc = comps[..k].join("/");
+                        m.entry(anc.clone().into_bytes())
+                            .or_insert_with(|| dir(&anc, false));
+                    }
+                    m.insert(pb, e);
+                }
+                Layer {
+                    entries: m.into_values().collect(),
+                }
+            })
+    }
+
+    /// A view in comparable form: path → (node, meta, other members of its
+    /// hard-link group).
+    fn canon(v: &View<'_>) -> BTreeMap<Vec<u8>, (Node, Meta, Vec<Vec<u8>>)> {
+        let mut groups: HashMap<(usize, u32), Vec<Vec<u8>>> = HashMap::new();
+        for (k, m) in v {
+            if let Some(g) = m.link_key() {
+                groups.entry(g).or_default().push(k.clone());
+            }
+        }
+        v.iter()
+            .map(|(k, m)| {
+                let mut node = m.entry.node.clone();
+                if let Node::Dir { .. } = node {
+                    node = Node::Dir { opaque: false };
+                }
+                let g = m.link_key().map(|g| groups[&g].clone()).unwrap_or_default();
+                let g = if g.len() > 1 { g } else { Vec::new() };
+                (k.clone(), (node, m.entry.meta.clone(), g))
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn squash_preserves_every_view(chain in proptest::collection::vec(arb_layer(), 1..6), a in 0usize..6, b in 0usize..7) {
+            for l in &chain {
+                prop_assert!(l.validate().is_ok(), "generator made an invalid layer: {l:?}");
+            }
+            let n = chain.len();
+            let (a, b) = (a.min(n - 1), b.clamp(a.min(n - 1) + 1, n));
+            let sq = squash(&chain[a..b], a == 0);
+            prop_assert!(sq.validate().is_ok(), "{:?}", sq.validate());
+            let mut new_chain: Vec<Layer> = chain[..a].to_vec();
+            new_chain.push(sq);
+            new_chain.extend_from_slice(&chain[b..]);
+            // The squashed point itself and every later point look the same.
+            for top in b..=n {
+                let old = canon(&restack(&chain[..top]));
+                let k = a + 1 + (top - b);
+                let new = canon(&restack(&new_chain[..k]));
+                prop_assert_eq!(old, new, "chain {:?} squash {}..{}", chain, a, b);
+            }
+        }
     }
 }

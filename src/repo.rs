@@ -391,25 +391,52 @@ impl Repo {
     /// # Errors
     /// Write failure.
     pub fn write_snapshot(&self, snap: &Snapshot) -> Result<Id> {
-        let data = format::encode(FileKind::Snapshot, snap)?;
-        self.write_named(FileKind::Snapshot, "snapshots", &data)
+        let data = format::encode_sealed(FileKind::Snapshot, snap)?;
+        let id = Id::of(&data);
+        self.write_snapshot_data(&id, &data)?;
+        Ok(id)
     }
 
-    /// The id a snapshot record will have once written.
+    fn write_snapshot_data(&self, id: &Id, data: &[u8]) -> Result<()> {
+        self.backend
+            .write(&format!("snapshots/{}", id.hex()), data)
+            .with_context(|| {
+                format!(
+                    "cannot write snapshot record to {}",
+                    self.location.display()
+                )
+            })
+    }
+
+    /// Replace the record of an existing snapshot (same id), e.g. after its
+    /// layers were squashed. Atomic: readers see the old or the new record.
+    ///
+    /// # Errors
+    /// Write failure.
+    pub fn rewrite_snapshot(&self, id: &Id, snap: &Snapshot) -> Result<()> {
+        let data = format::encode_sealed(FileKind::Snapshot, snap)?;
+        self.write_snapshot_data(id, &data)
+    }
+
+    /// The id a new snapshot record will have once written: the blake3 of
+    /// its first version. The id stays when the record is rewritten.
     ///
     /// # Errors
     /// Serialization failure.
     pub fn snapshot_id(snap: &Snapshot) -> Result<Id> {
-        Ok(Id::of(&format::encode(FileKind::Snapshot, snap)?))
+        Ok(Id::of(&format::encode_sealed(FileKind::Snapshot, snap)?))
     }
 
-    /// Load one snapshot record.
+    /// Load one snapshot record, verifying its embedded blake3.
     ///
     /// # Errors
     /// Missing or corrupt.
     pub fn read_snapshot(&self, id: &Id) -> Result<Snapshot> {
-        let data = self.read_named(FileKind::Snapshot, "snapshots", id)?;
-        format::decode(FileKind::Snapshot, &data)
+        let data = self
+            .backend
+            .read(&format!("snapshots/{}", id.hex()))
+            .with_context(|| format!("cannot read snapshot {}", id.short()))?;
+        format::decode_sealed(FileKind::Snapshot, &data)
             .with_context(|| format!("snapshot {}", id.short()))
     }
 
