@@ -71,6 +71,15 @@ pub enum Cmd {
         /// Seconds to wait for open files to close before failing.
         #[arg(long, default_value_t = 10)]
         wait: u64,
+        /// Seconds to wait while the repository is being pruned.
+        #[arg(long, default_value_t = 60)]
+        lock_wait: u64,
+        /// Apply the volume's stored retention policy afterwards.
+        #[arg(long)]
+        forget: bool,
+        /// Prune after forgetting.
+        #[arg(long, requires = "forget")]
+        prune: bool,
         /// Print the snapshot as JSON.
         #[arg(long)]
         json: bool,
@@ -164,6 +173,66 @@ pub enum Cmd {
         #[arg(long, default_value_t = 10)]
         wait: u64,
     },
+    /// Forget snapshots by a retention policy; their layers are squashed
+    /// into the next kept snapshot's.
+    Forget {
+        /// Only this volume's snapshots.
+        #[arg(long)]
+        volume: Option<String>,
+        /// The rules.
+        #[command(flatten)]
+        keep: KeepArgs,
+        /// Print what would happen; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Prune afterwards.
+        #[arg(long)]
+        prune: bool,
+        /// Repack packs whose unused share is above this (with --prune).
+        #[arg(long, default_value = "5%", value_parser = parse_fraction)]
+        max_unused: f64,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fold every snapshot of a volume before SNAP into SNAP's base layer.
+    Squash {
+        /// The volume.
+        #[arg(long)]
+        volume: String,
+        /// The oldest snapshot to keep.
+        #[arg(long)]
+        until: String,
+        /// Print what would happen; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete data no snapshot references.
+    Prune {
+        /// Print what would be removed and the bytes freed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Repack packs whose unused share is above this.
+        #[arg(long, default_value = "5%", value_parser = parse_fraction)]
+        max_unused: f64,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or set a volume's retention policy (used by `snapshot --forget`).
+    Policy {
+        /// The volume directory.
+        path: PathBuf,
+        /// The rules to store.
+        #[command(flatten)]
+        keep: KeepArgs,
+        /// Remove the stored policy.
+        #[arg(long)]
+        clear: bool,
+    },
     /// Verify the repository.
     Check {
         /// Read every pack and verify every blob's blake3.
@@ -173,6 +242,67 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Retention rules (a snapshot is kept when any rule keeps it; the newest of
+/// each volume is always kept).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct KeepArgs {
+    /// Keep the newest N snapshots.
+    #[arg(long, default_value_t = 0)]
+    pub keep_last: usize,
+    /// Keep the newest snapshot of each of the last N hours.
+    #[arg(long, default_value_t = 0)]
+    pub keep_hourly: usize,
+    /// ... of each of the last N days.
+    #[arg(long, default_value_t = 0)]
+    pub keep_daily: usize,
+    /// ... of each of the last N weeks.
+    #[arg(long, default_value_t = 0)]
+    pub keep_weekly: usize,
+    /// ... of each of the last N months.
+    #[arg(long, default_value_t = 0)]
+    pub keep_monthly: usize,
+    /// ... of each of the last N years.
+    #[arg(long, default_value_t = 0)]
+    pub keep_yearly: usize,
+    /// Keep everything within this duration of the newest (e.g. 2d, 12h).
+    #[arg(long, value_parser = parse_duration)]
+    pub keep_within: Option<Duration>,
+    /// Keep snapshots with this tag (repeatable).
+    #[arg(long = "keep-tag")]
+    pub keep_tags: Vec<String>,
+}
+
+fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 2d, 12h, 1w)"))
+}
+
+fn parse_fraction(s: &str) -> std::result::Result<f64, String> {
+    let v = match s.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
+        None => s.trim().parse::<f64>(),
+    }
+    .map_err(|_| format!("{s:?} is not a percentage (example: 5%)"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("{s:?} must be between 0% and 100%"));
+    }
+    Ok(v)
+}
+
+impl KeepArgs {
+    fn policy(&self) -> crate::reclaim::Policy {
+        crate::reclaim::Policy {
+            last: self.keep_last,
+            hourly: self.keep_hourly,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+            monthly: self.keep_monthly,
+            yearly: self.keep_yearly,
+            within_secs: self.keep_within.map(|d| d.as_secs()),
+            tags: self.keep_tags.clone(),
+        }
+    }
 }
 
 fn repo_path(cli: &Cli) -> Result<PathBuf> {
@@ -266,7 +396,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     tags: tags.clone(),
                 },
             )?;
-            let done = volume::archive_pending(&mut vol, &repo, tty()).with_context(|| {
+            let done = volume::archive_pending(&mut vol, &repo, tty(), LOCK_WAIT).with_context(|| {
                 format!(
                     "{} is attached and mounted, but its contents could not be archived yet (they are safe in the local layer store; the next `laybak snapshot` archives them)",
                     vol.st.path.display()
@@ -279,6 +409,9 @@ pub fn run(cli: Cli) -> Result<()> {
             all,
             tags,
             wait,
+            lock_wait,
+            forget,
+            prune,
             json,
         } => {
             validate_tags(tags)?;
@@ -300,7 +433,18 @@ pub fn run(cli: Cli) -> Result<()> {
             let mut results = Vec::new();
             let mut failures = Vec::new();
             for mut v in vols {
-                match snapshot_one(&mut v, tags, Duration::from_secs(*wait)) {
+                match snapshot_one(
+                    &mut v,
+                    tags,
+                    Duration::from_secs(*wait),
+                    Duration::from_secs(*lock_wait),
+                )
+                .and_then(|a| {
+                    if *forget {
+                        apply_policy(&v, *prune)?;
+                    }
+                    Ok(a)
+                }) {
                     Ok(a) => results.push(a),
                     Err(e) if *all => failures.push((v.st.name.clone(), e)),
                     Err(e) => return Err(e),
@@ -391,6 +535,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Diff { a, b, volume, json } => {
             let repo = open_repo(&cli)?;
+            let _l = crate::lock::for_reading(&repo, "diff", LOCK_WAIT)?;
             let (_, sa) = repo.resolve(a, volume.as_deref())?;
             let (_, sb) = repo.resolve(b, volume.as_deref())?;
             let la = repo.layers_of(&sa)?;
@@ -423,6 +568,7 @@ pub fn run(cli: Cli) -> Result<()> {
             volume,
         } => {
             let repo = open_repo(&cli)?;
+            let _l = crate::lock::for_reading(&repo, "restore", LOCK_WAIT)?;
             let (_, snap) = repo.resolve(snapshot, volume.as_deref())?;
             let layers = repo.layers_of(&snap)?;
             let view = layer::restack(&layers);
@@ -442,6 +588,7 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             need_root("mount")?;
             let repo = open_repo(&cli)?;
+            let _l = crate::lock::for_reading(&repo, "mount", LOCK_WAIT)?;
             let (id, snap) = repo.resolve(snapshot, volume.as_deref())?;
             mount_snapshot(&cli, &repo, &id, &snap, target)
         }
@@ -503,8 +650,76 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Forget {
+            volume,
+            keep,
+            dry_run,
+            prune,
+            max_unused,
+            json,
+        } => {
+            let policy = keep.policy();
+            if policy.is_empty() {
+                return Err(Coded(
+                    2,
+                    "no retention rule given: pass at least one --keep-* option (the newest snapshot of each volume is always kept)".into(),
+                )
+                .into());
+            }
+            let repo = open_repo(&cli)?;
+            let keep_fn = crate::reclaim::keep_by(policy);
+            run_forget(
+                &repo,
+                &keep_fn,
+                volume.as_deref(),
+                *dry_run,
+                prune.then_some(*max_unused),
+                *json,
+            )
+        }
+        Cmd::Squash {
+            volume,
+            until,
+            dry_run,
+            json,
+        } => {
+            let repo = open_repo(&cli)?;
+            let (id, snap) = repo.resolve(until, Some(volume))?;
+            if &snap.volume != volume {
+                bail!(
+                    "snapshot {} belongs to volume {}, not {volume}",
+                    id.short(),
+                    snap.volume
+                );
+            }
+            let keep_fn = crate::reclaim::keep_from(id);
+            run_forget(&repo, &keep_fn, Some(volume), *dry_run, None, *json)
+        }
+        Cmd::Prune {
+            dry_run,
+            max_unused,
+            json,
+        } => {
+            let repo = open_repo(&cli)?;
+            let r = crate::reclaim::prune(&repo, *max_unused, *dry_run, None)?;
+            print_prune(&r, *dry_run, *json)
+        }
+        Cmd::Policy { path, keep, clear } => {
+            let mut vol = volume::find(&cli.state_dir, path)?;
+            let p = keep.policy();
+            if *clear {
+                vol.st.policy = None;
+                vol.save()?;
+            } else if !p.is_empty() {
+                vol.st.policy = Some(p);
+                vol.save()?;
+            }
+            println!("{}", serde_json::to_string_pretty(&vol.st.policy)?);
+            Ok(())
+        }
         Cmd::Check { read_data, json } => {
             let repo = open_repo(&cli)?;
+            let _l = crate::lock::for_reading(&repo, "check", LOCK_WAIT)?;
             let r = crate::check::check(&repo, *read_data, tty())?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
@@ -551,7 +766,38 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn snapshot_one(v: &mut Volume, tags: &[String], wait: Duration) -> Result<volume::Archived> {
+const LOCK_WAIT: Duration = Duration::from_secs(60);
+
+fn apply_policy(v: &Volume, prune: bool) -> Result<()> {
+    let Some(policy) = v.st.policy.clone().filter(|p| !p.is_empty()) else {
+        bail!(
+            "volume {} has no retention policy: set one with `laybak policy {} --keep-daily 7 ...`",
+            v.st.name,
+            v.st.path.display()
+        );
+    };
+    let repo = Repo::open(&v.st.repo)?;
+    {
+        let _l = crate::lock::shared(&repo, "forget", LOCK_WAIT)?;
+        crate::reclaim::forget(
+            &repo,
+            &crate::reclaim::keep_by(policy),
+            Some(&v.st.name),
+            false,
+        )?;
+    }
+    if prune {
+        crate::reclaim::prune(&repo, 0.05, false, None)?;
+    }
+    Ok(())
+}
+
+fn snapshot_one(
+    v: &mut Volume,
+    tags: &[String],
+    wait: Duration,
+    lock_wait: Duration,
+) -> Result<volume::Archived> {
     let _lock = v.lock()?;
     let repo_res = Repo::open(&v.st.repo);
     volume::rotate(v, wait, tags.to_vec())?;
@@ -561,7 +807,7 @@ fn snapshot_one(v: &mut Volume, tags: &[String], wait: Duration) -> Result<volum
             v.st.name
         )
     })?;
-    let done = volume::archive_pending(v, &repo, tty()).with_context(|| {
+    let done = volume::archive_pending(v, &repo, tty(), lock_wait).with_context(|| {
         format!(
             "sealed a new layer of {}, but archiving failed; it stays in the local layer store and the next `laybak snapshot` archives it",
             v.st.name
@@ -570,6 +816,85 @@ fn snapshot_one(v: &mut Volume, tags: &[String], wait: Duration) -> Result<volum
     done.into_iter()
         .last()
         .ok_or_else(|| anyhow!("internal error: nothing was archived"))
+}
+
+fn run_forget(
+    repo: &Repo,
+    keep_fn: crate::reclaim::KeepFn<'_>,
+    volume: Option<&str>,
+    dry_run: bool,
+    prune: Option<f64>,
+    json: bool,
+) -> Result<()> {
+    let (report, plan, layers) = {
+        let _l = if dry_run {
+            None
+        } else {
+            Some(crate::lock::shared(repo, "forget", LOCK_WAIT)?)
+        };
+        crate::reclaim::forget(repo, keep_fn, volume, dry_run)?
+    };
+    let pr = match prune {
+        Some(mu) => Some(crate::reclaim::prune(
+            repo,
+            mu,
+            dry_run,
+            dry_run.then_some((&plan, layers.as_slice())),
+        )?),
+        None => None,
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"forget": report, "prune": pr, "dry_run": dry_run})
+            )?
+        );
+        return Ok(());
+    }
+    let verb = if dry_run { "would remove" } else { "removed" };
+    for id in &report.remove {
+        println!("{verb} snapshot {id}");
+    }
+    for id in &report.rewritten {
+        println!(
+            "{} snapshot {id} (layers squashed)",
+            if dry_run { "would rewrite" } else { "rewrote" }
+        );
+    }
+    println!(
+        "{} snapshots kept, {} {}, {} new squashed layers, {} bytes of records and layers {}",
+        report.keep.len(),
+        report.remove.len(),
+        if dry_run { "to remove" } else { "removed" },
+        report.new_layers.len(),
+        report.bytes_freed,
+        if dry_run { "to free" } else { "freed" },
+    );
+    if let Some(r) = pr {
+        print_prune(&r, dry_run, false)?;
+    }
+    Ok(())
+}
+
+fn print_prune(r: &crate::reclaim::PruneReport, dry_run: bool, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    println!(
+        "{} {} bytes: {} packs deleted, {} repacked into {}, {} unindexed packs, {} layers, {} index files replaced; {} unused bytes left below the threshold",
+        if dry_run { "would free" } else { "freed" },
+        r.bytes_freed,
+        r.packs_deleted,
+        r.packs_repacked,
+        r.packs_written,
+        r.packs_unindexed,
+        r.layers_deleted,
+        r.indexes_replaced,
+        r.unused_bytes_kept
+    );
+    Ok(())
 }
 
 fn print_snaps(done: &[volume::Archived], as_json: bool, many: bool) -> Result<()> {

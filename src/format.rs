@@ -29,6 +29,10 @@ pub enum FileKind {
     Layer = b'L' as isize,
     /// `snapshots/ID`: one snapshot record.
     Snapshot = b'S' as isize,
+    /// `plans/ID`: a forget in progress (snapshot rewrites and deletions).
+    Plan = b'F' as isize,
+    /// `locks/ID`: a repository lock.
+    Lock = b'K' as isize,
 }
 
 impl FileKind {
@@ -40,6 +44,8 @@ impl FileKind {
             FileKind::Index => "index",
             FileKind::Layer => "layer manifest",
             FileKind::Snapshot => "snapshot record",
+            FileKind::Plan => "forget plan",
+            FileKind::Lock => "lock",
         }
     }
 }

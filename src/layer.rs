@@ -623,7 +623,9 @@ pub(crate) mod tests {
 
     /// A view in comparable form: path → (node, meta, other members of its
     /// hard-link group).
-    fn canon(v: &View<'_>) -> BTreeMap<Vec<u8>, (Node, Meta, Vec<Vec<u8>>)> {
+    type Canon = BTreeMap<Vec<u8>, (Node, Meta, Vec<Vec<u8>>)>;
+
+    fn canon(v: &View<'_>) -> Canon {
         let mut groups: HashMap<(usize, u32), Vec<Vec<u8>>> = HashMap::new();
         for (k, m) in v {
             if let Some(g) = m.link_key() {

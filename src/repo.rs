@@ -162,7 +162,7 @@ impl Repo {
             std::fs::create_dir_all(path)
                 .with_context(|| format!("cannot create {}", path.display()))?;
         }
-        for d in ["packs", "index", "layers", "snapshots"] {
+        for d in ["packs", "index", "layers", "snapshots", "locks", "plans"] {
             std::fs::create_dir_all(path.join(d))?;
         }
         crate::backend::sync_dir(path)?;
@@ -574,6 +574,59 @@ impl PackBuf {
     }
 }
 
+/// Finish a pack: append the blob table, its length and the tail magic.
+/// Returns (pack id, bytes, index entry), or `None` for an empty pack.
+fn seal(mut p: PackBuf) -> Option<(Id, Vec<u8>, IndexPack)> {
+    if p.blobs.is_empty() {
+        return None;
+    }
+    let table = postcard::to_stdvec(&p.blobs).expect("serializing a Vec of plain structs");
+    p.data.extend_from_slice(&table);
+    p.data
+        .extend_from_slice(&(table.len() as u32).to_le_bytes());
+    p.data.extend_from_slice(PACK_TAIL);
+    let id = Id::of(&p.data);
+    let ip = IndexPack {
+        id,
+        size: p.data.len() as u64,
+        blobs: p.blobs,
+    };
+    Some((id, p.data, ip))
+}
+
+/// Builds packs from already stored (compressed) blobs, for repacking.
+pub struct PackAssembler {
+    target: usize,
+    cur: PackBuf,
+}
+
+impl PackAssembler {
+    /// Packs of about `target` bytes.
+    pub fn new(target: usize) -> PackAssembler {
+        PackAssembler {
+            target,
+            cur: PackBuf::new(),
+        }
+    }
+
+    /// Add a blob's stored bytes; returns a finished pack when one fills.
+    pub fn add_stored(&mut self, b: &PackBlob, raw: &[u8]) -> Option<(Id, Vec<u8>, IndexPack)> {
+        let offset = self.cur.data.len() as u64;
+        self.cur.data.extend_from_slice(raw);
+        self.cur.blobs.push(PackBlob { offset, ..*b });
+        if self.cur.data.len() >= self.target {
+            seal(std::mem::replace(&mut self.cur, PackBuf::new()))
+        } else {
+            None
+        }
+    }
+
+    /// The last, partly filled pack.
+    pub fn finish(self) -> Option<(Id, Vec<u8>, IndexPack)> {
+        seal(self.cur)
+    }
+}
+
 /// Collects new blobs into packs. Safe to share across scanner threads:
 /// compression runs on the caller's thread, pack files are written outside
 /// the lock.
@@ -643,26 +696,16 @@ impl<'r> Packer<'r> {
         Ok(())
     }
 
-    fn write_pack(&self, mut p: PackBuf) -> Result<()> {
-        if p.blobs.is_empty() {
+    fn write_pack(&self, p: PackBuf) -> Result<()> {
+        let Some((id, data, ip)) = seal(p) else {
             return Ok(());
-        }
-        let table = postcard::to_stdvec(&p.blobs)?;
-        p.data.extend_from_slice(&table);
-        p.data
-            .extend_from_slice(&(table.len() as u32).to_le_bytes());
-        p.data.extend_from_slice(PACK_TAIL);
-        let id = Id::of(&p.data);
+        };
         crate::failpoint::hit("pack-write")?;
         self.repo
             .backend
-            .write(&pack_name(&id), &p.data)
+            .write(&pack_name(&id), &data)
             .with_context(|| format!("cannot write a pack to {}", self.repo.location.display()))?;
-        lock(&self.done).push(IndexPack {
-            id,
-            size: p.data.len() as u64,
-            blobs: p.blobs,
-        });
+        lock(&self.done).push(ip);
         Ok(())
     }
 

@@ -94,6 +94,9 @@ pub struct VolumeState {
     /// re-applied to the base layer after its contents are moved in.
     #[serde(default)]
     pub attach_root_mtime: Option<(i64, i64)>,
+    /// Retention policy applied by `snapshot --forget`.
+    #[serde(default)]
+    pub policy: Option<crate::reclaim::Policy>,
 }
 
 /// Paths and state of a volume.
@@ -456,6 +459,7 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
         folding: None,
         up: true,
         attach_root_mtime: Some((root_md.mtime(), root_md.mtime_nsec())),
+        policy: None,
     };
     fs::create_dir_all(state_dir.join("volumes"))
         .with_context(|| format!("cannot create {}", state_dir.display()))?;
@@ -518,8 +522,18 @@ pub struct Archived {
 /// # Errors
 /// Scan or repository failure; already archived layers stay archived and
 /// the rest stay pending for the next run.
-pub fn archive_pending(vol: &mut Volume, repo: &Repo, progress: bool) -> Result<Vec<Archived>> {
+pub fn archive_pending(
+    vol: &mut Volume,
+    repo: &Repo,
+    progress: bool,
+    lock_wait: Duration,
+) -> Result<Vec<Archived>> {
     let mut out = Vec::new();
+    if vol.st.layers.iter().all(|l| !l.archived.is_empty()) {
+        return Ok(out);
+    }
+    // Shared: prune (exclusive) must not delete what we are adding.
+    let _lock = crate::lock::shared(repo, &format!("snapshot of {}", vol.st.name), lock_wait)?;
     for i in 0..vol.st.layers.len() {
         if !vol.st.layers[i].archived.is_empty() {
             continue;
@@ -557,14 +571,7 @@ pub fn archive_pending(vol: &mut Volume, repo: &Repo, progress: bool) -> Result<
         summary.new_bytes = bytes;
         crate::failpoint::hit("manifest-write")?;
         let layer_id = repo.write_layer(&layer)?;
-        let mut layers: Vec<Id> = Vec::new();
-        for l in &vol.st.layers[..i] {
-            for h in &l.archived {
-                layers.push(
-                    Id::parse(h).ok_or_else(|| anyhow!("volume state has a bad layer id {h}"))?,
-                );
-            }
-        }
+        let mut layers = below_layers(vol, repo, i)?;
         layers.push(layer_id);
         let snap = Snapshot {
             time: vol.st.layers[i].sealed,
@@ -589,6 +596,35 @@ pub fn archive_pending(vol: &mut Volume, repo: &Repo, progress: bool) -> Result<
         out.push(Archived { id, snap });
     }
     Ok(out)
+}
+
+/// The repository layers under local layer `i`: the previous snapshot's
+/// layers as the repository has them now (`forget` may have squashed them),
+/// or, for the first snapshot, the local record.
+fn below_layers(vol: &Volume, repo: &Repo, i: usize) -> Result<Vec<Id>> {
+    if i == 0 {
+        return Ok(Vec::new());
+    }
+    if let Some(parent) = vol.st.last_snapshot.as_deref().and_then(Id::parse)
+        && let Ok(s) = repo.read_snapshot(&parent)
+    {
+        return Ok(s.layers);
+    }
+    let mut layers = Vec::new();
+    for l in &vol.st.layers[..i] {
+        for h in &l.archived {
+            let id = Id::parse(h).ok_or_else(|| anyhow!("volume state has a bad layer id {h}"))?;
+            if repo.backend().size(&format!("layers/{h}")).is_err() {
+                bail!(
+                    "the previous snapshot of volume {} is gone from the repository and so is layer {}: this volume's history cannot be continued in this repository; detach and attach it again",
+                    vol.st.name,
+                    id.short()
+                );
+            }
+            layers.push(id);
+        }
+    }
+    Ok(layers)
 }
 
 /// Seal the upper and remount on a fresh one. The volume is never left

@@ -1,0 +1,202 @@
+//! Repository locks: shared for writers that add data (snapshot), exclusive
+//! for prune, which deletes. A lock is a small file in `locks/` naming host,
+//! pid and time. A crashed run never leaves a lock that needs a manual
+//! unlock: a lock of this host whose process is gone is stale at once, a lock
+//! of another host is stale after [`STALE_AFTER`] (live holders refresh
+//! theirs while they run, every [`REFRESH_EVERY`]); stale locks are removed
+//! by whoever finds them.
+
+use crate::format::{self, FileKind, Id, Time};
+use crate::repo::Repo;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// A lock of another host older than this is stale.
+pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
+/// How often a holder refreshes its lock file.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(5 * 60);
+
+/// Contents of a lock file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LockInfo {
+    /// Host name of the holder.
+    pub host: String,
+    /// Process id of the holder.
+    pub pid: u32,
+    /// When it was taken or last refreshed.
+    pub time: Time,
+    /// Exclusive (prune) or shared (snapshot, restore, check).
+    pub exclusive: bool,
+    /// What the holder is doing.
+    pub what: String,
+}
+
+impl LockInfo {
+    fn describe(&self) -> String {
+        format!("{} (pid {} on {})", self.what, self.pid, self.host)
+    }
+}
+
+/// A held lock; removed on drop.
+pub struct Lock<'r> {
+    repo: &'r Repo,
+    name: String,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Lock<'_> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.repo.backend().remove(&self.name);
+    }
+}
+
+fn is_stale(l: &LockInfo, host: &str, now: Time) -> bool {
+    if l.host == host {
+        // kill(pid, 0): ESRCH means the process is gone.
+        return match rustix::process::Pid::from_raw(l.pid as i32) {
+            Some(pid) => rustix::process::test_kill_process(pid) == Err(rustix::io::Errno::SRCH),
+            None => true,
+        };
+    }
+    now.secs - l.time.secs > STALE_AFTER.as_secs() as i64
+}
+
+/// Other live locks in the repository (stale ones are removed).
+fn others(repo: &Repo, mine: &str) -> Result<Vec<LockInfo>> {
+    let host = Repo::hostname();
+    let now = Time::now();
+    let mut out = Vec::new();
+    for name in repo.backend().list("locks")? {
+        let full = format!("locks/{name}");
+        if full == mine {
+            continue;
+        }
+        let Ok(data) = repo.backend().read(&full) else {
+            continue; // removed meanwhile
+        };
+        match format::decode::<LockInfo>(FileKind::Lock, &data) {
+            Ok(l) if !is_stale(&l, &host, now) => out.push(l),
+            _ => {
+                let _ = repo.backend().remove(&full);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn take<'r>(repo: &'r Repo, exclusive: bool, what: &str) -> Result<Lock<'r>> {
+    let info = LockInfo {
+        host: Repo::hostname(),
+        pid: std::process::id(),
+        time: Time::now(),
+        exclusive,
+        what: what.to_string(),
+    };
+    let data = format::encode(FileKind::Lock, &info)?;
+    let name = format!(
+        "locks/{}",
+        Id::of(format!("{:?}{}{}", info.time, info.pid, info.host).as_bytes()).hex()
+    );
+    repo.backend()
+        .write(&name, &data)
+        .with_context(|| format!("cannot write a lock to {}", repo.location.display()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let lock = Lock {
+        repo,
+        name: name.clone(),
+        stop: stop.clone(),
+    };
+    // Refresh the lock while held, so other hosts do not take it for stale.
+    let backend_path = repo.location.clone();
+    std::thread::spawn(move || {
+        let b = crate::backend::LocalBackend::new(&backend_path);
+        let mut slept = Duration::ZERO;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(500));
+            slept += Duration::from_millis(500);
+            if slept >= REFRESH_EVERY && !stop.load(Ordering::Relaxed) {
+                slept = Duration::ZERO;
+                let mut i = info.clone();
+                i.time = Time::now();
+                if let Ok(d) = format::encode(FileKind::Lock, &i) {
+                    use crate::backend::Backend;
+                    let _ = b.write(&name, &d);
+                }
+            }
+        }
+    });
+    Ok(lock)
+}
+
+/// Take a shared lock, waiting up to `wait` while an exclusive lock (prune)
+/// is held.
+///
+/// # Errors
+/// Still excluded after `wait` (exit code 11), or the lock cannot be written.
+pub fn shared<'r>(repo: &'r Repo, what: &str, wait: Duration) -> Result<Lock<'r>> {
+    let start = std::time::Instant::now();
+    loop {
+        let lock = take(repo, false, what)?;
+        let blocking: Vec<LockInfo> = others(repo, &lock.name)?
+            .into_iter()
+            .filter(|l| l.exclusive)
+            .collect();
+        if blocking.is_empty() {
+            return Ok(lock);
+        }
+        drop(lock);
+        if start.elapsed() >= wait {
+            return Err(crate::error::Busy(format!(
+                "the repository is locked by {}; try again when it has finished",
+                blocking[0].describe()
+            ))
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Take an exclusive lock: no other live lock may exist.
+///
+/// # Errors
+/// Another live lock exists (exit code 11).
+pub fn exclusive<'r>(repo: &'r Repo, what: &str) -> Result<Lock<'r>> {
+    let lock = take(repo, true, what)?;
+    let other = others(repo, &lock.name)?;
+    if let Some(o) = other.first() {
+        let msg = format!(
+            "the repository is in use by {}; try again when it has finished",
+            o.describe()
+        );
+        drop(lock);
+        return Err(crate::error::Busy(msg).into());
+    }
+    Ok(lock)
+}
+
+/// A shared lock for commands that only read (restore, mount, check,
+/// diff). A repository this process cannot write to (read-only media,
+/// permissions) is read without a lock: nobody can prune it through us.
+///
+/// # Errors
+/// An exclusive lock is held past `wait`.
+pub fn for_reading<'r>(repo: &'r Repo, what: &str, wait: Duration) -> Result<Option<Lock<'r>>> {
+    match shared(repo, what, wait) {
+        Ok(l) => Ok(Some(l)),
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                    io.kind() == std::io::ErrorKind::PermissionDenied
+                        || io.kind() == std::io::ErrorKind::ReadOnlyFilesystem
+                })
+            }) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
