@@ -63,6 +63,7 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
         .filter_map(|n| n.rsplit('/').next().and_then(Id::parse))
         .collect();
     let mut bad_packs: HashSet<Id> = HashSet::new();
+    let mut bad_blobs: HashSet<Id> = HashSet::new();
     for (id, size) in &packs {
         if !listed.contains(id) {
             r.errors.push(format!("pack {} is missing", id.short()));
@@ -113,14 +114,14 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
             if let Some(b) = &bar {
                 b.inc(data.len() as u64);
             }
+            // A damaged pack is reported; what it costs is decided blob by
+            // blob below (its intact blobs still restore).
             if Id::of(&data) != *id {
                 r.errors
                     .push(format!("pack {} is corrupt (blake3 mismatch)", id.short()));
-                bad_packs.insert(*id);
             }
             if let Err(e) = repo::parse_pack_tail(&data) {
                 r.errors.push(format!("pack {}: {e:#}", id.short()));
-                bad_packs.insert(*id);
             }
             for b in by_pack.get(id).map(Vec::as_slice).unwrap_or_default() {
                 let b = *b;
@@ -134,12 +135,12 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
                         b.id.short(),
                         id.short()
                     ));
-                    bad_packs.insert(*id);
+                    bad_blobs.insert(b.id);
                     continue;
                 };
                 if let Err(e) = repo::decode_blob(&b, raw.to_vec()) {
                     r.errors.push(format!("pack {}: {e:#}", id.short()));
-                    bad_packs.insert(*id);
+                    bad_blobs.insert(b.id);
                 }
             }
         }
@@ -176,7 +177,12 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
                                 for c in extents.iter().flat_map(|x| &x.chunks) {
                                     match blobs.get(&c.id) {
                                         None => missing += 1,
-                                        Some(l) if bad_packs.contains(&l.pack) => missing += 1,
+                                        Some(l)
+                                            if bad_packs.contains(&l.pack)
+                                                || bad_blobs.contains(&c.id) =>
+                                        {
+                                            missing += 1
+                                        }
                                         _ => {}
                                     }
                                 }

@@ -233,6 +233,12 @@ pub enum Cmd {
         #[arg(long)]
         clear: bool,
     },
+    /// Repair the repository: `index` rebuilds the index from the packs.
+    Repair {
+        /// What to repair.
+        #[arg(value_enum)]
+        what: RepairWhat,
+    },
     /// Verify the repository.
     Check {
         /// Read every pack and verify every blob's blake3.
@@ -303,6 +309,13 @@ impl KeepArgs {
             tags: self.keep_tags.clone(),
         }
     }
+}
+
+/// What `repair` can rebuild.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum RepairWhat {
+    /// Rebuild the index from the packs (after a lost or damaged index).
+    Index,
 }
 
 fn repo_path(cli: &Cli) -> Result<PathBuf> {
@@ -715,6 +728,23 @@ pub fn run(cli: Cli) -> Result<()> {
                 vol.save()?;
             }
             println!("{}", serde_json::to_string_pretty(&vol.st.policy)?);
+            Ok(())
+        }
+        Cmd::Repair {
+            what: RepairWhat::Index,
+        } => {
+            let repo = open_repo(&cli)?;
+            let r = crate::reclaim::repair_index(&repo)?;
+            for p in &r.unreadable_packs {
+                eprintln!("laybak: unreadable pack {p}");
+            }
+            println!(
+                "indexed {} blobs from {} packs; {} damaged blobs and {} unreadable packs left out",
+                r.blobs,
+                r.packs,
+                r.bad_blobs,
+                r.unreadable_packs.len()
+            );
             Ok(())
         }
         Cmd::Check { read_data, json } => {

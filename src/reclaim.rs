@@ -568,6 +568,75 @@ pub fn prune(
     Ok(report)
 }
 
+/// What `repair index` did.
+#[derive(Debug, Default, Serialize)]
+pub struct RepairReport {
+    /// Packs read.
+    pub packs: usize,
+    /// Blobs indexed.
+    pub blobs: usize,
+    /// Packs whose table could not be read (their blobs are lost).
+    pub unreadable_packs: Vec<String>,
+    /// Blobs that failed verification and were left out.
+    pub bad_blobs: usize,
+}
+
+/// Rebuild the index from the packs themselves: read every pack, parse its
+/// blob table, verify every blob, and replace all index files with one
+/// index of what verified. Takes the exclusive lock.
+///
+/// # Errors
+/// Busy repository or I/O failures.
+pub fn repair_index(repo: &Repo) -> Result<RepairReport> {
+    let _lock = crate::lock::exclusive(repo, "repair index")?;
+    let be = repo.backend();
+    let mut report = RepairReport::default();
+    let mut all: Vec<IndexPack> = Vec::new();
+    for name in be.list("packs")? {
+        let Some(id) = name.rsplit('/').next().and_then(Id::parse) else {
+            continue;
+        };
+        report.packs += 1;
+        let data = be.read(&repo::pack_name(&id))?;
+        let blobs = match repo::parse_pack_tail(&data) {
+            Ok(b) => b,
+            Err(e) => {
+                report
+                    .unreadable_packs
+                    .push(format!("{}: {e:#}", id.short()));
+                continue;
+            }
+        };
+        let good: Vec<PackBlob> = blobs
+            .into_iter()
+            .filter(|b| {
+                let raw = data[b.offset as usize..b.offset as usize + b.len as usize].to_vec();
+                let ok = repo::decode_blob(b, raw).is_ok();
+                if !ok {
+                    report.bad_blobs += 1;
+                }
+                ok
+            })
+            .collect();
+        report.blobs += good.len();
+        if !good.is_empty() {
+            all.push(IndexPack {
+                id,
+                size: data.len() as u64,
+                blobs: good,
+            });
+        }
+    }
+    let old = repo.index_ids()?;
+    let new = repo.write_index(&all)?;
+    for i in old {
+        if i != new {
+            be.remove(&format!("index/{}", i.hex()))?;
+        }
+    }
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

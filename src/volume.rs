@@ -318,6 +318,47 @@ fn new_layer_dir(dir: &Path, like: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Make the volume's underlying directory immutable while it is attached,
+/// so that nothing can be created in it during the milliseconds a snapshot
+/// has the volume unmounted (or while it is down): such a write would land
+/// under the overlay and vanish from view. Writers see an error instead.
+/// Filesystems without inode flags are left as they are.
+fn guard(dir: &Path, on: bool) -> Result<()> {
+    use rustix::fs::IFlags;
+    let fd = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .with_context(|| format!("cannot open {}", dir.display()))?;
+    let unsupported = |e: rustix::io::Errno| {
+        matches!(
+            e,
+            rustix::io::Errno::NOTTY | rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL
+        )
+    };
+    let flags = match rustix::fs::ioctl_getflags(&fd) {
+        Ok(f) => f,
+        Err(e) if unsupported(e) => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read flags of {}", dir.display())),
+    };
+    let new = if on {
+        flags | IFlags::IMMUTABLE
+    } else {
+        flags - IFlags::IMMUTABLE
+    };
+    if new != flags {
+        match rustix::fs::ioctl_setflags(&fd, new) {
+            Ok(()) => {}
+            Err(e) if unsupported(e) => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot set flags of {}", dir.display()));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn set_mtime(p: &Path, secs: i64, nanos: i64) -> Result<()> {
     let t = rustix::fs::Timespec {
         tv_sec: secs,
@@ -502,6 +543,7 @@ fn finish_attach(vol: &mut Volume) -> Result<()> {
     crate::backend::sync_dir(&path)?;
     crate::failpoint::hit("attach-moved")?;
     vol.ensure_backing()?;
+    guard(&vol.backing(), true)?;
     overlay::mount(&vol.spec(), &path)?;
     vol.st.phase = Phase::Ready;
     vol.st.up = true;
@@ -733,9 +775,11 @@ pub fn up(vol: &mut Volume) -> Result<bool> {
     }
     if vol.is_mounted()? {
         vol.ensure_backing()?;
+        guard(&vol.backing(), true)?;
         return Ok(false);
     }
     vol.ensure_backing()?;
+    guard(&vol.backing(), true)?;
     if let Some((u, l)) = vol.st.folding {
         finish_fold(vol, u, l)?;
     }
@@ -812,6 +856,7 @@ pub fn detach(vol: &mut Volume, wait: Duration) -> Result<usize> {
     }
     fold::strip_overlay_artifacts(&base)?;
     let root = vol.backing();
+    guard(&root, false)?;
     let md = fs::symlink_metadata(&base)?;
     for ent in fs::read_dir(&base)? {
         let ent = ent?;

@@ -139,6 +139,8 @@ impl Drop for Env {
                 let _ = rustix::mount::unmount(&t, rustix::mount::UnmountFlags::DETACH);
             }
         }
+        // Volume roots are immutable while attached; let TempDir remove them.
+        clear_immutable(&root, 3);
     }
 }
 
@@ -274,4 +276,27 @@ pub fn assert_same(what: &str, want: &BTreeMap<Vec<u8>, Rec>, got: &BTreeMap<Vec
 
 pub fn os(p: &Path) -> &OsStr {
     p.as_os_str()
+}
+
+fn clear_immutable(dir: &Path, depth: usize) {
+    use rustix::fs::{IFlags, Mode, OFlags};
+    if let Ok(fd) = rustix::fs::open(
+        dir,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW,
+        Mode::empty(),
+    ) && let Ok(f) = rustix::fs::ioctl_getflags(&fd)
+        && f.contains(IFlags::IMMUTABLE)
+    {
+        let _ = rustix::fs::ioctl_setflags(&fd, f - IFlags::IMMUTABLE);
+    }
+    if depth == 0 {
+        return;
+    }
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                clear_immutable(&e.path(), depth - 1);
+            }
+        }
+    }
 }
