@@ -471,8 +471,14 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Snapshots { volume, json } => {
             let repo = open_repo(&cli)?;
-            let snaps: Vec<_> = repo
-                .snapshots()?
+            let (all, bad) = repo.snapshots_tolerant()?;
+            for (id, e) in &bad {
+                eprintln!(
+                    "laybak: warning: snapshot {} is unreadable ({e:#}); run `laybak check`",
+                    id.short()
+                );
+            }
+            let snaps: Vec<_> = all
                 .into_iter()
                 .filter(|(_, s)| volume.as_ref().is_none_or(|v| &s.volume == v))
                 .collect();

@@ -1,5 +1,6 @@
-//! Repository locks: shared for writers that add data (snapshot), exclusive
-//! for prune, which deletes. A lock is a small file in `locks/` naming host,
+//! Repository locks: shared for everything that reads or adds (snapshot,
+//! forget, restore, mount, check, diff), exclusive for what deletes data
+//! (prune, repair index). A lock is a small file in `locks/` naming host,
 //! pid and time. A crashed run never leaves a lock that needs a manual
 //! unlock: a lock of this host whose process is gone is stale at once, a lock
 //! of another host is stale after [`STALE_AFTER`] (live holders refresh
@@ -45,10 +46,14 @@ pub struct Lock<'r> {
     repo: &'r Repo,
     name: String,
     stop: Arc<AtomicBool>,
+    /// Held by the refresher while it rewrites the file, so a drop cannot
+    /// race a refresh into resurrecting the lock.
+    writing: Arc<std::sync::Mutex<()>>,
 }
 
 impl Drop for Lock<'_> {
     fn drop(&mut self) {
+        let _g = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.repo.backend().remove(&self.name);
     }
@@ -80,7 +85,18 @@ fn others(repo: &Repo, mine: &str) -> Result<Vec<LockInfo>> {
         };
         match format::decode::<LockInfo>(FileKind::Lock, &data) {
             Ok(l) if !is_stale(&l, &host, now) => out.push(l),
-            _ => {
+            Ok(_) => {
+                let _ = repo.backend().remove(&full);
+            }
+            // A lock written by a newer laybak: respect it, we cannot judge it.
+            Err(_) if data.len() >= 8 && data[7] > format::FORMAT_VERSION => out.push(LockInfo {
+                host: "?".into(),
+                pid: 0,
+                time: now,
+                exclusive: true,
+                what: "a newer laybak".into(),
+            }),
+            Err(_) => {
                 let _ = repo.backend().remove(&full);
             }
         }
@@ -105,10 +121,12 @@ fn take<'r>(repo: &'r Repo, exclusive: bool, what: &str) -> Result<Lock<'r>> {
         .write(&name, &data)
         .with_context(|| format!("cannot write a lock to {}", repo.location.display()))?;
     let stop = Arc::new(AtomicBool::new(false));
+    let writing = Arc::new(std::sync::Mutex::new(()));
     let lock = Lock {
         repo,
         name: name.clone(),
         stop: stop.clone(),
+        writing: writing.clone(),
     };
     // Refresh the lock while held, so other hosts do not take it for stale.
     let backend_path = repo.location.clone();
@@ -118,7 +136,11 @@ fn take<'r>(repo: &'r Repo, exclusive: bool, what: &str) -> Result<Lock<'r>> {
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(500));
             slept += Duration::from_millis(500);
-            if slept >= REFRESH_EVERY && !stop.load(Ordering::Relaxed) {
+            if slept >= REFRESH_EVERY {
+                let _g = writing.lock().unwrap_or_else(|e| e.into_inner());
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 slept = Duration::ZERO;
                 let mut i = info.clone();
                 i.time = Time::now();

@@ -222,9 +222,16 @@ fn make_plan(
 fn apply_plan(repo: &Repo, plan_name: &str, plan: &Plan) -> Result<()> {
     for (id, layers) in &plan.rewrite {
         crate::failpoint::hit("forget-rewrite")?;
-        let Ok(mut s) = repo.read_snapshot(id) else {
+        if repo
+            .backend()
+            .size(&format!("snapshots/{}", id.hex()))
+            .is_err()
+        {
             continue; // forgotten meanwhile
-        };
+        }
+        // A damaged record stops the plan (kept for a rerun) rather than
+        // being skipped silently.
+        let mut s = repo.read_snapshot(id)?;
         if s.layers != *layers {
             s.layers = layers.clone();
             repo.rewrite_snapshot(id, &s)?;
@@ -245,10 +252,20 @@ fn apply_plan(repo: &Repo, plan_name: &str, plan: &Plan) -> Result<()> {
 /// # Errors
 /// A plan cannot be read or applied.
 pub fn finish_plans(repo: &Repo) -> Result<usize> {
-    let names = repo.backend().list("plans")?;
+    let names: Vec<String> = repo
+        .backend()
+        .list("plans")?
+        .into_iter()
+        .filter(|n| Id::parse(n).is_some())
+        .collect();
     for n in &names {
         let name = format!("plans/{n}");
         let data = repo.backend().read(&name)?;
+        if Id::of(&data).hex() != *n {
+            bail!(
+                "forget plan {n} is corrupt (blake3 mismatch): remove plans/{n} after checking the repository"
+            );
+        }
         let plan: Plan = format::decode(FileKind::Plan, &data)
             .with_context(|| format!("forget plan {n} is corrupt"))?;
         apply_plan(repo, &name, &plan)?;
@@ -579,6 +596,9 @@ pub struct RepairReport {
     pub unreadable_packs: Vec<String>,
     /// Blobs that failed verification and were left out.
     pub bad_blobs: usize,
+    /// Packs whose content does not match their name; their verified blobs
+    /// are still indexed (salvaged).
+    pub damaged_packs: Vec<String>,
 }
 
 /// Rebuild the index from the packs themselves: read every pack, parse its
@@ -598,6 +618,9 @@ pub fn repair_index(repo: &Repo) -> Result<RepairReport> {
         };
         report.packs += 1;
         let data = be.read(&repo::pack_name(&id))?;
+        if Id::of(&data) != id {
+            report.damaged_packs.push(id.short());
+        }
         let blobs = match repo::parse_pack_tail(&data) {
             Ok(b) => b,
             Err(e) => {

@@ -100,6 +100,9 @@ pub struct Snapshot {
     pub summary: Summary,
 }
 
+/// Readable snapshots (oldest first) and unreadable ones with the error.
+pub type SnapshotList = (Vec<(Id, Snapshot)>, Vec<(Id, anyhow::Error)>);
+
 /// Location of a blob.
 #[derive(Clone, Copy, Debug)]
 pub struct BlobLoc {
@@ -459,8 +462,16 @@ impl Repo {
     /// # Errors
     /// Unknown or ambiguous.
     pub fn resolve(&self, spec: &str, volume: Option<&str>) -> Result<(Id, Snapshot)> {
-        let all = self.snapshots()?;
         if spec == "latest" {
+            // One damaged record must not make every other snapshot
+            // unreachable: skip it, say so.
+            let (all, bad) = self.snapshots_tolerant()?;
+            for (id, e) in &bad {
+                eprintln!(
+                    "laybak: warning: snapshot {} is unreadable and was skipped ({e:#}); run `laybak check`",
+                    id.short()
+                );
+            }
             let vols: HashSet<&str> = all.iter().map(|s| s.1.volume.as_str()).collect();
             if volume.is_none() && vols.len() > 1 {
                 let mut v: Vec<_> = vols.into_iter().collect();
@@ -485,15 +496,50 @@ impl Repo {
                 "{spec:?} is not a snapshot id: give an id or prefix from `laybak snapshots`, or `latest`"
             );
         }
-        let m: Vec<_> = all
+        let m: Vec<Id> = self
+            .snapshot_ids()?
             .into_iter()
-            .filter(|s| s.0.hex().starts_with(&spec_l))
+            .filter(|id| id.hex().starts_with(&spec_l))
             .collect();
-        match m.len() {
-            0 => bail!("no snapshot matches {spec:?}: list them with `laybak snapshots`"),
-            1 => Ok(m.into_iter().next().expect("one element")),
-            n => bail!("snapshot id {spec:?} is ambiguous ({n} matches): give more characters"),
+        match m.as_slice() {
+            [] => bail!("no snapshot matches {spec:?}: list them with `laybak snapshots`"),
+            [one] => Ok((*one, self.read_snapshot(one)?)),
+            _ => bail!(
+                "snapshot id {spec:?} is ambiguous ({} matches): give more characters",
+                m.len()
+            ),
         }
+    }
+
+    /// Ids of all snapshot records (names only; nothing is read).
+    ///
+    /// # Errors
+    /// Listing failed.
+    pub fn snapshot_ids(&self) -> Result<Vec<Id>> {
+        Ok(self
+            .backend
+            .list("snapshots")?
+            .iter()
+            .filter_map(|n| Id::parse(n))
+            .collect())
+    }
+
+    /// All readable snapshots oldest first, and the ids that could not be
+    /// read with why.
+    ///
+    /// # Errors
+    /// Listing failed.
+    pub fn snapshots_tolerant(&self) -> Result<SnapshotList> {
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        for id in self.snapshot_ids()? {
+            match self.read_snapshot(&id) {
+                Ok(s) => ok.push((id, s)),
+                Err(e) => bad.push((id, e)),
+            }
+        }
+        ok.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+        Ok((ok, bad))
     }
 
     /// Load the manifests of a snapshot, bottom first.
