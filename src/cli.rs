@@ -2,8 +2,8 @@
 //! call into the library and render human or `--json` output.
 
 use crate::error::{Coded, need_root};
-use crate::format::{Id, Time};
-use crate::layer::{self, Layer, Node, View};
+use crate::format::Id;
+use crate::layer::{self, Layer, View};
 use crate::materialize::{self, Item, Target};
 use crate::overlay;
 use crate::repo::{Repo, Snapshot};
@@ -1033,5 +1033,21 @@ fn mount_snapshot(cli: &Cli, repo: &Repo, id: &Id, snap: &Snapshot, target: &Pat
     overlay::mount(&spec, &target)
 }
 
-#[allow(dead_code)]
-fn _unused(_: Node, _: Time) {}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn percentages_parse() {
+        assert_eq!(parse_fraction("5%"), Ok(0.05));
+        assert_eq!(parse_fraction("0.5"), Ok(0.5));
+        assert!(parse_fraction("150%").is_err());
+        assert!(parse_fraction("lots").is_err());
+    }
+}

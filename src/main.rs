@@ -10,9 +10,15 @@ fn main() -> ExitCode {
         Err(e) if e.use_stderr() => {
             // One line: clap's first line, then where to look.
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("bad command line");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("laybak: {first} (see `laybak --help`)");
+            let msg: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+                .map(|l| l.trim())
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect();
+            let msg = msg.join(" ");
+            let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+            eprintln!("laybak: {msg} (see `laybak --help`)");
             return ExitCode::from(2);
         }
         Err(e) => {

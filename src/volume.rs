@@ -94,6 +94,10 @@ pub struct VolumeState {
     /// re-applied to the base layer after its contents are moved in.
     #[serde(default)]
     pub attach_root_mtime: Option<(i64, i64)>,
+    /// Root mtime of the flattened volume, noted by `detach` before it
+    /// moves the contents back (a resumed detach needs the original).
+    #[serde(default)]
+    pub detach_root_mtime: Option<(i64, i64)>,
     /// Retention policy applied by `snapshot --forget`.
     #[serde(default)]
     pub policy: Option<crate::reclaim::Policy>,
@@ -454,7 +458,11 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
     }
     let existing = all(state_dir)?;
     if let Some(v) = existing.iter().find(|v| v.st.path == path) {
-        bail!("{} is already laybak volume {}", path.display(), v.st.name);
+        bail!(
+            "{} is already attached as laybak volume {}",
+            path.display(),
+            v.st.name
+        );
     }
     if existing.iter().any(|v| v.st.name == name) {
         bail!("a volume named {name} already exists: pass --name to choose another name");
@@ -501,6 +509,7 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
         up: true,
         attach_root_mtime: Some((root_md.mtime(), root_md.mtime_nsec())),
         policy: None,
+        detach_root_mtime: None,
     };
     fs::create_dir_all(state_dir.join("volumes"))
         .with_context(|| format!("cannot create {}", state_dir.display()))?;
@@ -852,20 +861,27 @@ pub fn detach(vol: &mut Volume, wait: Duration) -> Result<usize> {
         if d.exists() {
             fold::fold(&d, &base, false)?;
             fs::remove_dir(&d)?;
+            crate::failpoint::hit("detach-fold")?;
         }
     }
     fold::strip_overlay_artifacts(&base)?;
     let root = vol.backing();
     guard(&root, false)?;
-    let md = fs::symlink_metadata(&base)?;
+    if vol.st.detach_root_mtime.is_none() {
+        let md = fs::symlink_metadata(&base)?;
+        vol.st.detach_root_mtime = Some((md.mtime(), md.mtime_nsec()));
+        vol.save()?;
+    }
+    let (mt, mt_ns) = vol.st.detach_root_mtime.unwrap_or_default();
     for ent in fs::read_dir(&base)? {
         let ent = ent?;
         fs::rename(ent.path(), root.join(ent.file_name()))?;
+        crate::failpoint::hit("detach-move")?;
     }
     fold::copy_dir_meta(&base, &root)?;
     fs::remove_dir_all(root.join(STORE))?;
     // Moving entries and removing the store changed the root's mtime.
-    set_mtime(&root, md.mtime(), md.mtime_nsec())?;
+    set_mtime(&root, mt, mt_ns)?;
     crate::backend::sync_dir(&root)?;
     overlay::unmount_wait(&root, wait)?;
     let _ = fs::remove_dir(&root);

@@ -527,6 +527,7 @@ fn kill_trials(trials: usize) {
     };
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut failures = Vec::new();
+    let mut found_unmounted = 0;
     for trial in 0..trials {
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -543,6 +544,12 @@ fn kill_trials(trials: usize) {
         std::thread::sleep(std::time::Duration::from_micros(delay));
         let _ = child.kill();
         child.wait().unwrap();
+        if laybak::overlay::find_mount(&vol)
+            .unwrap()
+            .is_none_or(|m| m.fstype != "overlay")
+        {
+            found_unmounted += 1;
+        }
         let up = env.run(&[OsStr::new("up"), os(&vol)]);
         if up.code != 0 {
             failures.push(format!("trial {trial}: up failed: {}", up.stderr));
@@ -586,7 +593,14 @@ fn kill_trials(trials: usize) {
             failures.push(format!("snapshot {id} does not restore: {}", r.stderr));
         }
     }
-    eprintln!("{trials} kill -9 trials, {} failures", failures.len());
+    let pending: usize = fs::read_dir(env.state.join("volumes"))
+        .map(|rd| rd.count())
+        .unwrap_or(0);
+    eprintln!(
+        "{trials} kill -9 trials ({found_unmounted} left the volume unmounted for `up` to repair, {} snapshots recorded, {pending} state files), {} failures",
+        snapshots(&env, &env.repo).len(),
+        failures.len()
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

@@ -23,6 +23,28 @@ fn fingerprint(dir: &Path) -> BTreeMap<Vec<u8>, Rec> {
     l
 }
 
+/// Replace the temp dir and ids so messages compare across runs.
+fn redact(s: &str, tmp: &Path) -> String {
+    let s = s.replace(tmp.to_str().unwrap(), "[TMP]");
+    let mut out = String::new();
+    let mut run = String::new();
+    for ch in s.chars().chain(std::iter::once(' ')) {
+        if ch.is_ascii_hexdigit() && !ch.is_ascii_uppercase() {
+            run.push(ch);
+            continue;
+        }
+        if run.len() >= 8 && run.chars().any(|c| c.is_ascii_digit()) {
+            out.push_str("[ID]");
+        } else {
+            out.push_str(&run);
+        }
+        run.clear();
+        out.push(ch);
+    }
+    out.pop();
+    out
+}
+
 struct Case {
     args: Vec<String>,
     code: i32,
@@ -122,7 +144,7 @@ fn misuse_table() {
         case(&["status", &plain_s], 1, "is not a laybak volume"),
         case(&["down", &plain_s], 1, "is not a laybak volume"),
         case(&["detach", &plain_s], 1, "is not a laybak volume"),
-        case(&["attach", &vol_s], 1, "already laybak volume"),
+        case(&["attach", &vol_s], 1, "already attached as laybak volume"),
         case(&["attach", &file_s], 1, "is not a directory"),
         case(&["attach", &missing], 1, "does not exist"),
         case(&["attach", &p(&withstore)], 1, "already contains .laybak"),
@@ -212,6 +234,7 @@ fn misuse_table() {
         case(&["diff", "latest"], 2, "required"),
     ];
     assert!(cases.len() >= 25);
+    let mut messages = Vec::new();
     for c in &cases {
         let before = (
             fingerprint(&env.repo),
@@ -221,6 +244,13 @@ fn misuse_table() {
         );
         let args: Vec<&std::ffi::OsStr> = c.args.iter().map(std::ffi::OsStr::new).collect();
         let r = env.run(&args);
+        messages.push(format!(
+            "{} (exit {}): {}",
+            c.args[0],
+            r.code,
+            redact(r.stderr.trim_end(), env.dir.path())
+                .replace(&format!("\"{ambiguous}\""), "\"[PREFIX]\"")
+        ));
         assert_eq!(
             r.code, c.code,
             "{:?}: exit {}; stderr {}",
@@ -249,6 +279,8 @@ fn misuse_table() {
         );
         assert!(before == after, "{:?} changed something", c.args);
     }
+    // The messages themselves are reviewed: any change shows up as a diff.
+    insta::assert_snapshot!("misuse_messages", messages.join("\n"));
     // Refused attaches left their directories as they were.
     assert!(!whiteouty.join(".laybak").exists() && !xattry.join(".laybak").exists());
     let _ = repo_s;

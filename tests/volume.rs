@@ -704,3 +704,45 @@ fn legacy_mount2_path_works_too() {
     assert_eq!(fs::read(m.join("a")).unwrap(), b"2");
     env.run(&[OsStr::new("umount"), os(&m)]).ok();
 }
+
+#[test]
+fn crashed_attach_and_detach_resume_without_loss() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir_all(vol.join("d")).unwrap();
+    for i in 0..5 {
+        fs::write(vol.join(format!("f{i}")), format!("{i}")).unwrap();
+    }
+    fs::write(vol.join("d/g"), b"g").unwrap();
+    let before = listing(&vol);
+    let r = env.run_env(
+        &[OsStr::new("attach"), os(&vol)],
+        &[("LAYBAK_FAILPOINT", "attach-moved")],
+    );
+    assert_ne!(r.code, 0);
+    env.run(&[OsStr::new("up"), os(&vol)]).ok();
+    assert_same("attach finished by up", &before, &listing(&vol));
+    // The base layer was never archived: the next snapshot does it.
+    fs::write(vol.join("f9"), b"9").unwrap();
+    snapshot_id(&env, &vol);
+    fs::remove_file(vol.join("f0")).unwrap();
+    fs::write(vol.join("d/g"), b"g2").unwrap();
+    snapshot_id(&env, &vol);
+    fs::write(vol.join("top"), b"t").unwrap();
+    let want = listing(&vol);
+    for fp in ["detach-fold", "detach-move"] {
+        let r = env.run_env(
+            &[OsStr::new("detach"), os(&vol)],
+            &[("LAYBAK_FAILPOINT", fp)],
+        );
+        assert_ne!(r.code, 0, "{fp} not reached");
+    }
+    env.run(&[OsStr::new("detach"), os(&vol)]).ok();
+    assert_same("detach resumed after crashes", &want, &listing(&vol));
+    assert!(!vol.join(".laybak").exists());
+    env.lb(&["check", "--read-data"]).ok();
+}
