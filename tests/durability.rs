@@ -13,14 +13,13 @@ use std::fs;
 
 #[derive(Debug)]
 enum Ev {
-    Open { pid: u32, fd: i32, path: String },
-    Fsync { pid: u32, fd: i32 },
+    Open { fd: i32, path: String },
+    Fsync { fd: i32 },
     Rename { from: String, to: String },
 }
 
 fn parse(line: &str) -> Option<Ev> {
-    let (pid, rest) = line.split_once(' ')?;
-    let pid: u32 = pid.trim().parse().ok()?;
+    let (_tid, rest) = line.split_once(' ')?;
     let rest = rest.trim();
     let ret: i64 = rest
         .rsplit_once("= ")?
@@ -39,7 +38,7 @@ fn parse(line: &str) -> Option<Ev> {
     }
     if (rest.starts_with("fsync(") || rest.starts_with("fdatasync(")) && ret == 0 {
         let fd = rest.split('(').nth(1)?.split(')').next()?.parse().ok()?;
-        return Some(Ev::Fsync { pid, fd });
+        return Some(Ev::Fsync { fd });
     }
     if (rest.starts_with("rename(")
         || rest.starts_with("renameat(")
