@@ -31,7 +31,6 @@ fn parse(line: &str) -> Option<Ev> {
     let arg = |s: &str| s.split('"').nth(1).map(str::to_string);
     if rest.starts_with("openat(") && ret >= 0 {
         return Some(Ev::Open {
-            pid,
             fd: ret as i32,
             path: arg(rest)?,
         });
