@@ -23,13 +23,15 @@ LAYBAK=${LAYBAK:-$ROOT/target/release/laybak}
 KEEP=${KEEP:-0}
 VERIFY=${VERIFY:-1}
 SEED=${SEED:-1}
+FORGET_SNAPS=${FORGET_SNAPS:-100}   # forget workload: snapshots taken, 90% then forgotten
+FORGET_FILES=${FORGET_FILES:-2000}  # ... on a separate tree of this many files
 
 usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "incremental.sh: $*" >&2; exit 1; }
 
 while [ $# -gt 0 ]; do
     case $1 in
-        --smoke) FILES=2000; REPS=1 ;;
+        --smoke) FILES=2000; REPS=1; FORGET_SNAPS=10; FORGET_FILES=200 ;;
         --files) FILES=${2:?}; shift ;;
         --change-pct) CHANGE_PCT=${2:?}; shift ;;
         --reps) REPS=${2:?}; shift ;;
@@ -71,9 +73,13 @@ GEN=$WORK/gen.py
 ATTACHED=0
 
 # ---- cleanup: always leave plain directories and no mounts behind ----
+FORGET_ATTACHED=0
 cleanup() {
     local rc=$?
     set +e
+    if [ "$FORGET_ATTACHED" = 1 ]; then
+        LAYBAK_REPO=$WORK/forget-laybak-repo "$LAYBAK" detach "$WORK/forget-laybak" >>"$LOG" 2>&1
+    fi
     if [ "$ATTACHED" = 1 ]; then
         if ! "$LAYBAK" detach "$DATA_L" >>"$LOG" 2>&1; then
             echo "incremental.sh: laybak detach failed (see $LOG); unmounting by hand" >&2
@@ -309,3 +315,38 @@ printf '%-34s %s\n' \
     "speedup (restic/laybak)"        "$SPEEDUP" \
     "laybak repo size"               "$L_REPO B ($(human "$L_REPO"))" \
     "restic repo size"               "$R_REPO B ($(human "$R_REPO"))"
+
+# ---- forget 90% of FORGET_SNAPS snapshots, then prune ----
+# A separate small tree (restic walks all of it on each of its backups).
+echo "== forget + prune: $FORGET_SNAPS snapshots of $FORGET_FILES files, keep the newest 10%"
+FL=$WORK/forget-laybak; FR=$WORK/forget-restic
+export LAYBAK_REPO=$WORK/forget-laybak-repo RESTIC_REPOSITORY=$WORK/forget-restic-repo
+mkdir "$FL"
+python3 "$GEN" gen "$FL" "$FORGET_FILES" "$SEED-forget"
+cp -a "$FL" "$FR"
+run "$LAYBAK" init
+run "$LAYBAK" attach "$FL" --name forgetvol
+FORGET_ATTACHED=1
+run restic init "${RESTIC_NOPW[@]}"
+run restic backup "${RESTIC_NOPW[@]}" --host bench "$FR"
+for ((i = 2; i <= FORGET_SNAPS; i++)); do
+    python3 "$GEN" mutate "$((1000 + i))" 2 "$SEED" "$FL" "$FR" >/dev/null
+    run "$LAYBAK" snapshot "$FL"
+    run restic backup "${RESTIC_NOPW[@]}" --host bench "$FR"
+done
+KEEP_N=$(( (FORGET_SNAPS + 9) / 10 ))
+sync
+lb0=$(size_of "$LAYBAK_REPO"); rb0=$(size_of "$RESTIC_REPOSITORY")
+t=$(now)
+run "$LAYBAK" forget --keep-last "$KEEP_N" --prune
+LF_T=$(since "$t")
+t=$(now)
+run restic forget "${RESTIC_NOPW[@]}" --keep-last "$KEEP_N" --prune
+RF_T=$(since "$t")
+lb1=$(size_of "$LAYBAK_REPO"); rb1=$(size_of "$RESTIC_REPOSITORY")
+run "$LAYBAK" check --read-data
+run "$LAYBAK" detach "$FL"
+FORGET_ATTACHED=0
+printf '%-34s %s\n' \
+    "laybak forget+prune"            "${LF_T} s, freed $((lb0 - lb1)) B ($(human $((lb0 - lb1)))), repo now $(human "$lb1")" \
+    "restic forget --prune"          "${RF_T} s, freed $((rb0 - rb1)) B ($(human $((rb0 - rb1)))), repo now $(human "$rb1")"
