@@ -10,6 +10,7 @@
 //! reclaim. See `docs/DESIGN.md` and `docs/FORMAT.md`.
 
 pub mod backend;
+pub mod blobcache;
 pub mod check;
 pub mod cli;
 pub mod error;

@@ -678,6 +678,7 @@ impl PackAssembler {
 /// the lock.
 pub struct Packer<'r> {
     repo: &'r Repo,
+    cache: Option<crate::blobcache::BlobCache>,
     seen: Mutex<HashSet<Id>>,
     cur: Mutex<PackBuf>,
     done: Mutex<Vec<IndexPack>>,
@@ -689,10 +690,20 @@ impl<'r> Packer<'r> {
     pub fn new(repo: &'r Repo) -> Packer<'r> {
         Packer {
             repo,
+            cache: None,
             seen: Mutex::new(HashSet::new()),
             cur: Mutex::new(PackBuf::new()),
             done: Mutex::new(Vec::new()),
             stats: Mutex::new((0, 0)),
+        }
+    }
+
+    /// A packer that asks a local [`BlobCache`](crate::blobcache::BlobCache)
+    /// which blobs the repository has, instead of loading its index.
+    pub fn with_cache(repo: &'r Repo, cache: crate::blobcache::BlobCache) -> Packer<'r> {
+        Packer {
+            cache: Some(cache),
+            ..Packer::new(repo)
         }
     }
 
@@ -702,7 +713,11 @@ impl<'r> Packer<'r> {
     /// # Errors
     /// Index loading or pack writing failed.
     pub fn add(&self, id: Id, data: &[u8]) -> Result<()> {
-        if self.repo.locate(&id)?.is_some() {
+        let present = match &self.cache {
+            Some(c) => c.contains(&id)? || lock(&self.repo.added).contains_key(&id),
+            None => self.repo.locate(&id)?.is_some(),
+        };
+        if present {
             return Ok(());
         }
         if !lock(&self.seen).insert(id) {
