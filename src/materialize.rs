@@ -381,6 +381,7 @@ pub fn write_tree(
         }
     }
     drop(w.cached.take());
+    crate::failpoint::hit("restore-structure")?;
     // Pass 2: file data and file metadata, in parallel.
     let bytes: u64 = files
         .par_iter()

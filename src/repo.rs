@@ -207,7 +207,15 @@ impl Repo {
                 path.display()
             );
         }
-        let backend = LocalBackend::new(path);
+        Repo::open_backend(path, Box::new(LocalBackend::new(path)))
+    }
+
+    /// Open a repository through any backend (tests wrap the local one to
+    /// inject faults). `location` is only used in messages.
+    ///
+    /// # Errors
+    /// As [`Repo::open`].
+    pub fn open_backend(path: &Path, backend: Box<dyn Backend>) -> Result<Repo> {
         let data = match backend.read("config") {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
@@ -220,7 +228,7 @@ impl Repo {
             .with_context(|| format!("repository {}", path.display()))?;
         Ok(Repo {
             location: path.to_path_buf(),
-            backend: Box::new(backend),
+            backend,
             config,
             index: OnceLock::new(),
             added: Mutex::new(HashMap::new()),
@@ -824,6 +832,78 @@ mod tests {
         let repo = Repo::open(&d.path().join("r")).unwrap();
         assert!(repo.read_blob(&Id::of(&b)).is_err());
         assert!(parse_pack_tail(&data[..data.len() - 1]).is_err());
+    }
+
+    /// A backend that fails, truncates or flips bytes on demand.
+    struct Faulty {
+        inner: LocalBackend,
+        mode: std::sync::Arc<std::sync::Mutex<&'static str>>,
+    }
+
+    impl Backend for Faulty {
+        fn read(&self, name: &str) -> std::io::Result<Vec<u8>> {
+            self.inner.read(name)
+        }
+        fn read_range(&self, name: &str, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+            let mut d = self.inner.read_range(name, offset, len)?;
+            match *self.mode.lock().unwrap() {
+                "eio" => return Err(std::io::Error::other("injected EIO")),
+                "short" => d.truncate(d.len() / 2),
+                "flip" => d[0] ^= 1,
+                _ => {}
+            }
+            Ok(d)
+        }
+        fn write(&self, name: &str, data: &[u8]) -> std::io::Result<()> {
+            if *self.mode.lock().unwrap() == "enospc" {
+                return Err(std::io::Error::from_raw_os_error(28));
+            }
+            self.inner.write(name, data)
+        }
+        fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+            self.inner.list(prefix)
+        }
+        fn remove(&self, name: &str) -> std::io::Result<()> {
+            self.inner.remove(name)
+        }
+        fn size(&self, name: &str) -> std::io::Result<u64> {
+            self.inner.size(name)
+        }
+    }
+
+    #[test]
+    fn backend_faults_give_errors_never_wrong_data() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("r");
+        Repo::init(&path).unwrap();
+        let mode = std::sync::Arc::new(std::sync::Mutex::new("ok"));
+        let faulty = || {
+            Box::new(Faulty {
+                inner: LocalBackend::new(&path),
+                mode: mode.clone(),
+            })
+        };
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        let id = Id::of(&data);
+        // A failing write leaves no pack and reports the error.
+        let repo = Repo::open_backend(&path, faulty()).unwrap();
+        *mode.lock().unwrap() = "enospc";
+        let p = Packer::new(&repo);
+        p.add(id, &data).unwrap();
+        let e = p.finish().unwrap_err();
+        assert!(format!("{e:#}").contains("No space left"), "{e:#}");
+        assert!(repo.backend().list("packs").unwrap().is_empty());
+        *mode.lock().unwrap() = "ok";
+        let p = Packer::new(&repo);
+        p.add(id, &data).unwrap();
+        p.finish().unwrap();
+        let repo = Repo::open_backend(&path, faulty()).unwrap();
+        for m in ["eio", "short", "flip"] {
+            *mode.lock().unwrap() = m;
+            assert!(repo.read_blob(&id).is_err(), "{m} returned data");
+        }
+        *mode.lock().unwrap() = "ok";
+        assert_eq!(repo.read_blob(&id).unwrap(), data);
     }
 
     #[test]

@@ -612,3 +612,56 @@ fn kill_snapshot_at_random_moments_under_a_writer() {
         .unwrap_or(40);
     kill_trials(n);
 }
+
+#[test]
+fn kill_restore_at_random_moments() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    for i in 0..40 {
+        fs::write(
+            vol.join(format!("f{i}")),
+            noise(100_000 + i * 3000, i as u64),
+        )
+        .unwrap();
+    }
+    env.run(&[OsStr::new("attach"), os(&vol)]).ok();
+    let want = listing(&vol);
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let trials = 25;
+    let mut interrupted = 0;
+    for trial in 0..trials {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let t = env.path(&format!("t{trial}"));
+        let mut cmd = env.cmd();
+        cmd.args(["restore", "latest"]).arg(&t);
+        if trial % 5 == 0 {
+            cmd.env("LAYBAK_FAILPOINT", "restore-structure");
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(rng % 30_000));
+        let _ = child.kill();
+        if !child.wait().unwrap().success() {
+            interrupted += 1;
+        }
+        // The repository is untouched; a fresh restore is complete.
+        env.lb(&["check"]).ok();
+        let again = env.path(&format!("again{trial}"));
+        env.lb(&["restore", "latest", again.to_str().unwrap()]).ok();
+        assert_same("restore after a killed restore", &want, &listing(&again));
+        let _ = fs::remove_dir_all(&again);
+    }
+    eprintln!("{trials} restore kill trials, {interrupted} interrupted, 0 failures");
+    assert!(interrupted > 0);
+    env.lb(&["check", "--read-data"]).ok();
+}

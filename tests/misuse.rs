@@ -636,3 +636,54 @@ fn repository_fixture_v1_still_restores() {
         assert_eq!(t.join("new").exists(), i == 1);
     }
 }
+
+#[test]
+fn read_only_repository_reads_work_and_writes_say_why() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    fs::write(vol.join("a"), b"a").unwrap();
+    env.lb(&["attach", vol.to_str().unwrap()]).ok();
+    // A read-only view of the repository (as from read-only media).
+    let ro = env.path("ro-repo");
+    fs::create_dir(&ro).unwrap();
+    laybak::overlay::bind_readonly(&env.repo, &ro).unwrap();
+    let ro_s = ro.to_str().unwrap();
+    let before = fingerprint(&env.repo);
+    assert!(
+        env.lb(&["--repo", ro_s, "snapshots"])
+            .ok()
+            .stdout
+            .contains("vol")
+    );
+    env.lb(&["--repo", ro_s, "check", "--read-data"]).ok();
+    let t = env.path("t");
+    env.lb(&["--repo", ro_s, "restore", "latest", t.to_str().unwrap()])
+        .ok();
+    assert_eq!(fs::read(t.join("a")).unwrap(), b"a");
+    for args in [
+        vec!["--repo", ro_s, "forget", "--keep-last", "1"],
+        vec!["--repo", ro_s, "prune"],
+        vec!["--repo", ro_s, "repair", "index"],
+    ] {
+        let r = env.lb(&args);
+        assert_ne!(r.code, 0, "{args:?}");
+        assert!(
+            r.stderr.contains("Read-only file system"),
+            "{args:?}: {}",
+            r.stderr
+        );
+        assert_eq!(
+            r.stderr.trim_end().lines().count(),
+            1,
+            "{args:?}: {}",
+            r.stderr
+        );
+    }
+    assert!(before == fingerprint(&env.repo));
+    let _ = rustix::mount::unmount(&ro, rustix::mount::UnmountFlags::empty());
+}
