@@ -6,8 +6,11 @@
 //! (for every 16-bit prefix, where its ids start) followed by the sorted
 //! ids; a lookup reads one small bucket. `covers` lists the index files it
 //! was built from. Index files are immutable, so when the repository only
-//! gained index files the cache is merged forward; when any it covers is
-//! gone (prune, repair) it is rebuilt. It is a cache: deleting it is safe.
+//! gained index files their ids are read into memory (they hold only recent
+//! changes) and merged into the file once they exceed an eighth of it; when
+//! any index file it covers is gone (prune, repair) it is rebuilt. A
+//! snapshot's cost therefore follows the change, not the repository. It is a
+//! cache: deleting it is safe.
 
 use crate::format::Id;
 use crate::repo::Repo;
@@ -22,10 +25,12 @@ const MAGIC: &[u8; 8] = b"LBIDS\0\0\x01";
 const BUCKETS: usize = 1 << 16;
 const HEADER: u64 = 8 + (BUCKETS as u64 + 1) * 8;
 
-/// An open blob-id set.
+/// An open blob-id set: the sorted file, plus the ids of index files newer
+/// than it, held in memory until they are worth merging.
 pub struct BlobCache {
     file: File,
     fanout: Vec<u64>,
+    recent: Vec<Id>,
 }
 
 fn bucket(id: &Id) -> usize {
@@ -88,6 +93,12 @@ fn write_ids(path: &Path, ids: impl Iterator<Item = Result<Id>>) -> Result<()> {
     Ok(())
 }
 
+fn write_covers(path: &Path, listed: &BTreeSet<Id>) -> Result<()> {
+    let text: String = listed.iter().map(|i| i.hex() + "\n").collect();
+    crate::backend::atomic_write(path, text.as_bytes(), 0)?;
+    Ok(())
+}
+
 /// Merge two sorted id streams.
 fn merge(
     a: impl Iterator<Item = Result<Id>>,
@@ -118,6 +129,15 @@ impl BlobCache {
     /// # Errors
     /// The repository's index cannot be read, or the cache cannot be written.
     pub fn open(state_dir: &Path, repo: &Repo) -> Result<BlobCache> {
+        Self::open_merging_at(state_dir, repo, 1 << 16)
+    }
+
+    /// As [`BlobCache::open`], merging recent ids into the file once there
+    /// are more than `min_merge` of them and more than an eighth of the file.
+    ///
+    /// # Errors
+    /// As [`BlobCache::open`].
+    pub fn open_merging_at(state_dir: &Path, repo: &Repo, min_merge: u64) -> Result<BlobCache> {
         let dir: PathBuf = state_dir
             .join("cache")
             .join(format!("index-{}", repo.config.id.hex()));
@@ -140,23 +160,28 @@ impl BlobCache {
             v.dedup();
             Ok(v)
         };
+        let mut recent = Vec::new();
         match covers {
-            Some(c) if c == listed => {}
             Some(c) if c.is_subset(&listed) => {
-                let new = collect(&mut listed.difference(&c))?;
-                let old = read_ids(&ids_path)?;
-                // Write the merge next to the old file, then swap.
-                let merged = dir.join("ids.merged");
-                write_ids(&merged, merge(old, new.into_iter().map(Ok)))?;
-                fs::rename(&merged, &ids_path)?;
+                recent = collect(&mut listed.difference(&c))?;
+                let base_n = fs::metadata(&ids_path)?.len().saturating_sub(HEADER) / 32;
+                if recent.len() as u64 > (base_n / 8).max(min_merge) {
+                    let old = read_ids(&ids_path)?;
+                    let merged = dir.join("ids.merged");
+                    write_ids(
+                        &merged,
+                        merge(old, std::mem::take(&mut recent).into_iter().map(Ok)),
+                    )?;
+                    fs::rename(&merged, &ids_path)?;
+                    write_covers(&covers_path, &listed)?;
+                }
             }
             _ => {
                 let all = collect(&mut listed.iter())?;
                 write_ids(&ids_path, all.into_iter().map(Ok))?;
+                write_covers(&covers_path, &listed)?;
             }
         }
-        let text: String = listed.iter().map(|i| i.hex() + "\n").collect();
-        crate::backend::atomic_write(&covers_path, text.as_bytes(), 0)?;
         let file = File::open(&ids_path)?;
         let mut raw = vec![0u8; (HEADER - 8) as usize];
         file.read_exact_at(&mut raw, 8)?;
@@ -164,7 +189,11 @@ impl BlobCache {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect();
-        Ok(BlobCache { file, fanout })
+        Ok(BlobCache {
+            file,
+            fanout,
+            recent,
+        })
     }
 
     /// Whether the repository (as of opening) holds blob `id`.
@@ -172,6 +201,9 @@ impl BlobCache {
     /// # Errors
     /// Reading the cache file failed.
     pub fn contains(&self, id: &Id) -> Result<bool> {
+        if self.recent.binary_search(id).is_ok() {
+            return Ok(true);
+        }
         let b = bucket(id);
         let (lo, hi) = (self.fanout[b], self.fanout[b + 1]);
         if hi <= lo {
@@ -216,6 +248,12 @@ mod tests {
         p.finish().unwrap();
         let repo = Repo::open(&d.path().join("r")).unwrap();
         let c = BlobCache::open(&state, &repo).unwrap();
+        assert!(!c.recent.is_empty(), "new index files are held in memory");
+        assert!(blobs[..200].iter().all(|b| c.contains(&Id::of(b)).unwrap()));
+        assert!(!blobs[200..].iter().any(|b| c.contains(&Id::of(b)).unwrap()));
+        // ... and merged into the file once they are many.
+        let c = BlobCache::open_merging_at(&state, &repo, 10).unwrap();
+        assert!(c.recent.is_empty());
         assert!(blobs[..200].iter().all(|b| c.contains(&Id::of(b)).unwrap()));
         assert!(!blobs[200..].iter().any(|b| c.contains(&Id::of(b)).unwrap()));
         // An index file disappears (as after prune): rebuilt, never stale.

@@ -686,7 +686,10 @@ impl PackAssembler {
 /// the lock.
 pub struct Packer<'r> {
     repo: &'r Repo,
-    cache: Option<crate::blobcache::BlobCache>,
+    /// Where the blob cache lives; opened on first use, so a snapshot
+    /// without new data never touches it.
+    cache_dir: Option<PathBuf>,
+    cache: OnceLock<Option<crate::blobcache::BlobCache>>,
     seen: Mutex<HashSet<Id>>,
     cur: Mutex<PackBuf>,
     done: Mutex<Vec<IndexPack>>,
@@ -698,7 +701,8 @@ impl<'r> Packer<'r> {
     pub fn new(repo: &'r Repo) -> Packer<'r> {
         Packer {
             repo,
-            cache: None,
+            cache_dir: None,
+            cache: OnceLock::new(),
             seen: Mutex::new(HashSet::new()),
             cur: Mutex::new(PackBuf::new()),
             done: Mutex::new(Vec::new()),
@@ -708,9 +712,11 @@ impl<'r> Packer<'r> {
 
     /// A packer that asks a local [`BlobCache`](crate::blobcache::BlobCache)
     /// which blobs the repository has, instead of loading its index.
-    pub fn with_cache(repo: &'r Repo, cache: crate::blobcache::BlobCache) -> Packer<'r> {
+    /// The cache lives under `state_dir`; if it cannot be opened the
+    /// packer falls back to the full index.
+    pub fn with_cache(repo: &'r Repo, state_dir: &Path) -> Packer<'r> {
         Packer {
-            cache: Some(cache),
+            cache_dir: Some(state_dir.to_path_buf()),
             ..Packer::new(repo)
         }
     }
@@ -721,7 +727,12 @@ impl<'r> Packer<'r> {
     /// # Errors
     /// Index loading or pack writing failed.
     pub fn add(&self, id: Id, data: &[u8]) -> Result<()> {
-        let present = match &self.cache {
+        let cache = self.cache.get_or_init(|| {
+            self.cache_dir
+                .as_ref()
+                .and_then(|d| crate::blobcache::BlobCache::open(d, self.repo).ok())
+        });
+        let present = match cache {
             Some(c) => c.contains(&id)? || lock(&self.repo.added).contains_key(&id),
             None => self.repo.locate(&id)?.is_some(),
         };

@@ -605,11 +605,7 @@ pub fn archive_pending(
         let dir = vol.layer_dir(vol.st.layers[i].seq);
         let source = if i == 0 { Source::Base } else { Source::Upper };
         let bar = progress.then(|| crate::progress::bytes_bar("archiving"));
-        let packer = match crate::blobcache::BlobCache::open(&vol.state_dir, repo) {
-            Ok(c) => Packer::with_cache(repo, c),
-            // The cache is an optimisation: fall back to the full index.
-            Err(_) => Packer::new(repo),
-        };
+        let packer = Packer::with_cache(repo, &vol.state_dir);
         crate::failpoint::hit("scan")?;
         let (layer, mut summary) = scan::scan(&dir, source, &packer, &repo.config, bar.as_ref())
             .with_context(|| {
