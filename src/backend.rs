@@ -29,6 +29,22 @@ pub trait Backend: Send + Sync {
     /// # Errors
     /// Any I/O error; on error no partial object is visible under `name`.
     fn write(&self, name: &str, data: &[u8]) -> io::Result<()>;
+    /// Store a short-lived object (a lock) atomically but without forcing
+    /// it to stable storage: after a power cut it may be gone, which is
+    /// right for a lock whose holder died too.
+    ///
+    /// # Errors
+    /// As [`Backend::write`].
+    fn write_ephemeral(&self, name: &str, data: &[u8]) -> io::Result<()> {
+        self.write(name, data)
+    }
+    /// Delete a short-lived object without syncing the directory.
+    ///
+    /// # Errors
+    /// As [`Backend::remove`].
+    fn remove_ephemeral(&self, name: &str) -> io::Result<()> {
+        self.remove(name)
+    }
     /// Names of all objects under `prefix` (recursively), relative to it.
     ///
     /// # Errors
@@ -144,6 +160,32 @@ impl Backend for LocalBackend {
             }
         }
         atomic_write(&path, data, self.seq.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn write_ephemeral(&self, name: &str, data: &[u8]) -> io::Result<()> {
+        let path = self.path(name)?;
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_file_name(format!(
+            ".{}.tmp.{}.{}",
+            path.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::write(&tmp, data)?;
+        fs::rename(&tmp, &path).inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })
+    }
+
+    fn remove_ephemeral(&self, name: &str) -> io::Result<()> {
+        match fs::remove_file(self.path(name)?) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     fn list(&self, prefix: &str) -> io::Result<Vec<String>> {

@@ -55,7 +55,7 @@ impl Drop for Lock<'_> {
     fn drop(&mut self) {
         let _g = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         self.stop.store(true, Ordering::Relaxed);
-        let _ = self.repo.backend().remove(&self.name);
+        let _ = self.repo.backend().remove_ephemeral(&self.name);
     }
 }
 
@@ -86,7 +86,7 @@ fn others(repo: &Repo, mine: &str) -> Result<Vec<LockInfo>> {
         match format::decode::<LockInfo>(FileKind::Lock, &data) {
             Ok(l) if !is_stale(&l, &host, now) => out.push(l),
             Ok(_) => {
-                let _ = repo.backend().remove(&full);
+                let _ = repo.backend().remove_ephemeral(&full);
             }
             // A lock written by a newer laybak: respect it, we cannot judge it.
             Err(_) if data.len() >= 8 && data[7] > format::FORMAT_VERSION => out.push(LockInfo {
@@ -97,7 +97,7 @@ fn others(repo: &Repo, mine: &str) -> Result<Vec<LockInfo>> {
                 what: "a newer laybak".into(),
             }),
             Err(_) => {
-                let _ = repo.backend().remove(&full);
+                let _ = repo.backend().remove_ephemeral(&full);
             }
         }
     }
@@ -118,7 +118,7 @@ fn take<'r>(repo: &'r Repo, exclusive: bool, what: &str) -> Result<Lock<'r>> {
         Id::of(format!("{:?}{}{}", info.time, info.pid, info.host).as_bytes()).hex()
     );
     repo.backend()
-        .write(&name, &data)
+        .write_ephemeral(&name, &data)
         .with_context(|| format!("cannot write a lock to {}", repo.location.display()))?;
     let stop = Arc::new(AtomicBool::new(false));
     let writing = Arc::new(std::sync::Mutex::new(()));
@@ -146,7 +146,7 @@ fn take<'r>(repo: &'r Repo, exclusive: bool, what: &str) -> Result<Lock<'r>> {
                 i.time = Time::now();
                 if let Ok(d) = format::encode(FileKind::Lock, &i) {
                     use crate::backend::Backend;
-                    let _ = b.write(&name, &d);
+                    let _ = b.write_ephemeral(&name, &d);
                 }
             }
         }

@@ -317,9 +317,9 @@ fn new_layer_dir(dir: &Path, like: &Path) -> Result<()> {
         }
         Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
     }
-    fold::copy_dir_meta(like, dir)?;
-    crate::backend::sync_dir(dir.parent().unwrap_or(Path::new("/")))?;
-    Ok(())
+    // Not synced: if a power cut loses the new upper, `up` recreates it
+    // (whatever users wrote into it was not durable either).
+    fold::copy_dir_meta(like, dir)
 }
 
 /// Make the volume's underlying directory immutable while it is attached,
