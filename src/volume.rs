@@ -717,12 +717,17 @@ pub fn rotate(vol: &mut Volume, wait: Duration, tags: Vec<String>) -> Result<()>
     })();
     if let Err(e) = res {
         if !vol.is_mounted().unwrap_or(false) {
-            // Put the old layout back; the sealed upper is untouched.
-            vol.st = old;
-            let _ = vol.save();
+            // A fold rewrites the bottom layers, so once one started only
+            // the new layout (which the state now describes) is valid.
+            let folded = vol.st.layers.len() != old.layers.len() + 1 || vol.st.folding.is_some();
+            if !folded {
+                // Put the old layout back; the sealed upper is untouched.
+                vol.st = old;
+                let _ = vol.save();
+            }
             if let Err(e2) = overlay::mount(&vol.spec(), &vol.st.path) {
                 return Err(e.context(format!(
-                    "and remounting the old layout failed too ({e2:#}); run `laybak up {}`",
+                    "and remounting failed too ({e2:#}); run `laybak up {}`",
                     vol.st.path.display()
                 )));
             }
