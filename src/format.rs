@@ -238,8 +238,9 @@ impl Time {
 
     /// RFC 3339 in UTC, with nanoseconds.
     pub fn rfc3339(&self) -> String {
-        if self.secs < 0 {
-            return format!("{}.{:09}s-before-epoch", self.secs, self.nanos);
+        // humantime formats years 1970..=9999 only (it panics beyond).
+        if !(0..=253_402_300_799).contains(&self.secs) {
+            return format!("{}.{:09}s-since-epoch", self.secs, self.nanos);
         }
         let t = std::time::UNIX_EPOCH
             + std::time::Duration::new(self.secs as u64, self.nanos.min(999_999_999));
@@ -308,5 +309,22 @@ mod tests {
     fn rfc3339() {
         let t = Time { secs: 0, nanos: 5 };
         assert_eq!(t.rfc3339(), "1970-01-01T00:00:00.000000005Z");
+        // Out of RFC 3339's range (found by fuzzing): no panic.
+        assert!(
+            Time {
+                secs: 253_402_300_800,
+                nanos: 0
+            }
+            .rfc3339()
+            .contains("since-epoch")
+        );
+        assert!(
+            Time {
+                secs: i64::MIN,
+                nanos: 2_000_000_000
+            }
+            .rfc3339()
+            .contains("since-epoch")
+        );
     }
 }

@@ -16,6 +16,9 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+/// Largest blob laybak writes or accepts (chunks are at most 4 MiB today).
+pub const MAX_BLOB: u32 = 64 << 20;
+
 /// Trailer magic at the very end of every pack.
 pub const PACK_TAIL: &[u8; 8] = b"LBPKTAIL";
 
@@ -569,6 +572,14 @@ impl Repo {
 /// # Errors
 /// Corrupt data or a hash mismatch.
 pub fn decode_blob(b: &PackBlob, raw: Vec<u8>) -> Result<Vec<u8>> {
+    // Bound what a crafted table can make us allocate (found by fuzzing).
+    if b.raw_len > MAX_BLOB {
+        bail!(
+            "blob {} claims {} bytes, more than laybak ever writes ({MAX_BLOB})",
+            b.id.short(),
+            b.raw_len
+        );
+    }
     let data = if b.compressed {
         format::decompress_bounded(&raw, b.raw_len as u64)
             .map_err(|e| anyhow!("blob {} is corrupt ({e:#})", b.id.short()))?
