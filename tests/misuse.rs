@@ -573,6 +573,41 @@ fn crafted_manifests_never_write_outside_the_target() {
         "something was written outside"
     );
     assert!(!Path::new("/tmp/pwned-abs").exists());
+    // Device nodes restored without root: refused, and said so.
+    if rustix::process::geteuid().is_root() {
+        let dev = plant(
+            &env.repo,
+            &[Layer {
+                entries: vec![
+                    root.clone(),
+                    entry("null", Node::CharDev { rdev: (1 << 8) | 3 }),
+                ],
+            }],
+        );
+        let t = env.path("t-dev");
+        fs::create_dir(&t).unwrap();
+        std::os::unix::fs::chown(&t, Some(65534), Some(65534)).unwrap();
+        fs::set_permissions(
+            env.dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_laybak"))
+            .arg("--repo")
+            .arg(&env.repo)
+            .args(["restore", &dev])
+            .arg(&t)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("device node null") && err.contains("needs root"),
+            "{err}"
+        );
+    }
 }
 
 #[test]
