@@ -1032,7 +1032,13 @@ pub fn cached_layer(state_dir: &Path, repo: &Repo, id: &Id, layer: &Layer) -> Re
         None,
     )
     .with_context(|| format!("materializing layer {}", id.short()))?;
-    fs::rename(&tmp, &dir)?;
+    if let Err(e) = fs::rename(&tmp, &dir) {
+        // Another laybak materialized the same layer meanwhile: use theirs.
+        let _ = fs::remove_dir_all(&tmp);
+        if !dir.exists() {
+            return Err(e).with_context(|| format!("cannot create {}", dir.display()));
+        }
+    }
     crate::backend::sync_dir(&cache)?;
     Ok(dir)
 }
