@@ -688,6 +688,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let repo = open_repo(&cli)?;
             let keep_fn = crate::reclaim::keep_by(policy);
             run_forget(
+                &cli.state_dir,
                 &repo,
                 &keep_fn,
                 volume.as_deref(),
@@ -712,7 +713,15 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
             let keep_fn = crate::reclaim::keep_from(id);
-            run_forget(&repo, &keep_fn, Some(volume), *dry_run, None, *json)
+            run_forget(
+                &cli.state_dir,
+                &repo,
+                &keep_fn,
+                Some(volume),
+                *dry_run,
+                None,
+                *json,
+            )
         }
         Cmd::Prune {
             dry_run,
@@ -813,15 +822,16 @@ fn apply_policy(v: &Volume, prune: bool) -> Result<()> {
         );
     };
     let repo = Repo::open(&v.st.repo)?;
-    {
+    let (report, _, _) = {
         let _l = crate::lock::shared(&repo, "forget", LOCK_WAIT)?;
         crate::reclaim::forget(
             &repo,
             &crate::reclaim::keep_by(policy),
             Some(&v.st.name),
             false,
-        )?;
-    }
+        )?
+    };
+    volume::note_squashed(&v.state_dir, &repo, &report.squashed)?;
     if prune {
         crate::reclaim::prune(&repo, 0.05, false, None)?;
     }
@@ -855,6 +865,7 @@ fn snapshot_one(
 }
 
 fn run_forget(
+    state_dir: &Path,
     repo: &Repo,
     keep_fn: crate::reclaim::KeepFn<'_>,
     volume: Option<&str>,
@@ -870,6 +881,9 @@ fn run_forget(
         };
         crate::reclaim::forget(repo, keep_fn, volume, dry_run)?
     };
+    if !dry_run {
+        volume::note_squashed(state_dir, repo, &report.squashed)?;
+    }
     let pr = match prune {
         Some(mu) => Some(crate::reclaim::prune(
             repo,

@@ -133,6 +133,9 @@ pub struct ForgetReport {
     pub new_layers: Vec<String>,
     /// Snapshot records whose layer lists change (hex ids).
     pub rewritten: Vec<String>,
+    /// (volume, new layer, the layers it replaces), for hosts that keep
+    /// those layers locally.
+    pub squashed: Vec<(String, String, Vec<String>)>,
     /// Net bytes forget itself frees: deleted and shrunk snapshot records
     /// minus new squashed layers (negative when it adds more). The data
     /// is freed by `prune`.
@@ -201,6 +204,11 @@ fn make_plan(
                     if !new_layers.iter().any(|(x, _)| *x == lid) {
                         new_layers.push((lid, sq));
                         report.new_layers.push(lid.hex());
+                        report.squashed.push((
+                            s.volume.clone(),
+                            lid.hex(),
+                            many.iter().map(Id::hex).collect(),
+                        ));
                     }
                     Some(lid)
                 }

@@ -24,11 +24,15 @@ use crate::repo::{Packer, Repo, Snapshot};
 use crate::scan::{self, Source};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// How long a laybak waits for another to release a volume.
+const LOCK_GRACE: Duration = Duration::from_secs(3);
 
 /// Name of the layer store inside a volume directory.
 pub const STORE: &str = ".laybak";
@@ -98,6 +102,11 @@ pub struct VolumeState {
     /// moves the contents back (a resumed detach needs the original).
     #[serde(default)]
     pub detach_root_mtime: Option<(i64, i64)>,
+    /// Repository layers made by `forget` from layers this host still has
+    /// locally: squashed id → the ids it replaced (which may themselves be
+    /// squashed ids). Lets historical mounts use local layer directories.
+    #[serde(default)]
+    pub aliases: std::collections::BTreeMap<String, Vec<String>>,
     /// Retention policy applied by `snapshot --forget`.
     #[serde(default)]
     pub policy: Option<crate::reclaim::Policy>,
@@ -187,11 +196,39 @@ impl Volume {
             .join(format!("{}.lock", self.st.name))
     }
 
-    /// Take the volume lock, or fail with the holder's pid.
+    /// Take the volume lock, waiting a moment for a short holder (such as a
+    /// `forget` noting squashed layers), then re-read the state, which the
+    /// previous holder may have changed.
+    ///
+    /// # Errors
+    /// Another laybak still holds it (exit code 11).
+    pub fn lock(&mut self) -> Result<VolumeLock> {
+        let start = std::time::Instant::now();
+        loop {
+            match self.try_lock() {
+                Err(e) if start.elapsed() < LOCK_GRACE && e.downcast_ref::<Busy>().is_some() => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Take the volume lock if it is free, and re-read the state.
     ///
     /// # Errors
     /// Another laybak holds it (exit code 11).
-    pub fn lock(&self) -> Result<VolumeLock> {
+    pub fn try_lock(&mut self) -> Result<VolumeLock> {
+        let lock = self.flock()?;
+        let p = state_file(&self.state_dir, &self.st.name);
+        if let Ok(data) = fs::read(&p) {
+            self.st = serde_json::from_slice(&data)
+                .with_context(|| format!("volume state {} is corrupt", p.display()))?;
+        }
+        Ok(lock)
+    }
+
+    fn flock(&self) -> Result<VolumeLock> {
         let p = self.lock_path();
         let mut f = fs::OpenOptions::new()
             .read(true)
@@ -510,18 +547,18 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
         attach_root_mtime: Some((root_md.mtime(), root_md.mtime_nsec())),
         policy: None,
         detach_root_mtime: None,
+        aliases: Default::default(),
     };
     fs::create_dir_all(state_dir.join("volumes"))
         .with_context(|| format!("cannot create {}", state_dir.display()))?;
-    let vol = Volume {
+    let mut vol = Volume {
         state_dir: state_dir.to_path_buf(),
         st,
     };
-    let _lock = vol.lock()?;
+    let _lock = vol.flock()?;
     fs::create_dir_all(store.join("l"))?;
     fs::create_dir_all(store.join("work"))?;
     vol.save()?;
-    let mut vol = vol;
     finish_attach(&mut vol)?;
     Ok(vol)
 }
@@ -983,22 +1020,94 @@ pub fn local_layers_for(vols: &[Volume], snap: &Snapshot) -> (Vec<PathBuf>, usiz
     if !vol.backing_mounted().unwrap_or(false) {
         return (Vec::new(), 0);
     }
-    let want: Vec<String> = snap.layers.iter().map(|l| l.hex()).collect();
     let mut dirs = Vec::new();
     let mut used = 0;
-    for l in &vol.st.layers {
-        if l.archived.is_empty() {
+    let mut k = 0;
+    // Each snapshot layer must be exactly a run of local directories, once
+    // squashed ids are expanded into the layers they replaced.
+    for l in &snap.layers {
+        let mut want = Vec::new();
+        expand(&vol.st.aliases, &l.hex(), &mut want, 0);
+        let mut got: Vec<String> = Vec::new();
+        let start = k;
+        while got.len() < want.len()
+            && k < vol.st.layers.len()
+            && !vol.st.layers[k].archived.is_empty()
+        {
+            got.extend(vol.st.layers[k].archived.iter().cloned());
+            k += 1;
+        }
+        if got != want {
             break;
         }
-        let n = l.archived.len();
-        if used + n <= want.len() && want[used..used + n] == l.archived[..] {
-            dirs.push(vol.layer_dir(l.seq));
-            used += n;
-        } else {
-            break;
-        }
+        dirs.extend(vol.st.layers[start..k].iter().map(|x| vol.layer_dir(x.seq)));
+        used += 1;
     }
     (dirs, used)
+}
+
+fn expand(
+    aliases: &std::collections::BTreeMap<String, Vec<String>>,
+    id: &str,
+    out: &mut Vec<String>,
+    depth: usize,
+) {
+    match aliases.get(id) {
+        Some(src) if depth < 64 => {
+            for s in src {
+                expand(aliases, s, out, depth + 1);
+            }
+        }
+        _ => out.push(id.to_string()),
+    }
+}
+
+/// After a forget on this host, remember which squashed layers replace
+/// layers this host keeps locally (so historical mounts stay instant), and
+/// drop what no snapshot needs any more. Volumes busy with another laybak
+/// are skipped: their mounts then use the repository cache.
+///
+/// # Errors
+/// State files cannot be written.
+pub fn note_squashed(
+    state_dir: &Path,
+    repo: &Repo,
+    squashed: &[(String, String, Vec<String>)],
+) -> Result<()> {
+    if squashed.is_empty() {
+        return Ok(());
+    }
+    let snaps = repo.snapshots_tolerant()?.0;
+    for mut vol in all(state_dir)? {
+        let mine: Vec<_> = squashed
+            .iter()
+            .filter(|(v, _, _)| *v == vol.st.name)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let Ok(_lock) = vol.try_lock() else { continue };
+        for (_, new, src) in mine {
+            vol.st.aliases.insert(new.clone(), src.clone());
+        }
+        // Keep only aliases reachable from this volume's snapshots.
+        let mut reach: HashSet<String> = HashSet::new();
+        let mut todo: Vec<String> = snaps
+            .iter()
+            .filter(|(_, s)| s.volume == vol.st.name)
+            .flat_map(|(_, s)| s.layers.iter().map(Id::hex))
+            .collect();
+        while let Some(id) = todo.pop() {
+            if reach.insert(id.clone())
+                && let Some(src) = vol.st.aliases.get(&id)
+            {
+                todo.extend(src.iter().cloned());
+            }
+        }
+        vol.st.aliases.retain(|k, _| reach.contains(k));
+        vol.save()?;
+    }
+    Ok(())
 }
 
 /// Materialize one repository layer as an overlay lowerdir in the cache

@@ -427,9 +427,10 @@ fn overlapping_cron_runs_never_rotate_one_volume_twice() {
     fs::create_dir(&vol).unwrap();
     env.run(&[OsStr::new("attach"), os(&vol)]).ok();
     fs::write(vol.join("x"), b"x").unwrap();
-    // A process in the volume keeps the first run waiting in its unmount loop.
+    // A process in the volume keeps the first run waiting in its unmount
+    // loop (longer than the few seconds a second run waits for the lock).
     let mut holder = std::process::Command::new("sleep")
-        .arg("2")
+        .arg("6")
         .current_dir(&vol)
         .spawn()
         .unwrap();

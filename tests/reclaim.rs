@@ -447,3 +447,40 @@ fn snapshots_during_prune_lose_nothing() {
         assert_same("snapshot taken during prune", view, &listing(&t));
     }
 }
+
+#[test]
+fn after_forget_historical_mounts_still_use_local_layers() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    let (_vol, ids, views) = history(&env, 6);
+    env.lb(&["forget", "--keep-last", "3"]).ok();
+    for (i, id) in ids.iter().enumerate().skip(3) {
+        let m = env.path(&format!("m{i}"));
+        env.lb(&["mount", id, m.to_str().unwrap()]).ok();
+        let info = laybak::overlay::find_mount(&m).unwrap().unwrap();
+        let opts = format!("{} {}", info.source, info.super_options);
+        assert!(
+            !opts.contains("/cache/"),
+            "snapshot {i} mounted from the cache: {opts}"
+        );
+        let mut got = listing(&m);
+        let mut want = views[i].clone();
+        got.remove(&Vec::new());
+        want.remove(&Vec::new());
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "snapshot {i}"
+        );
+        for (k, w) in &want {
+            assert_eq!(
+                (w.content, w.mode, w.mtime),
+                (got[k].content, got[k].mode, got[k].mtime),
+                "snapshot {i} {k:?}"
+            );
+        }
+        env.lb(&["umount", m.to_str().unwrap()]).ok();
+    }
+}
