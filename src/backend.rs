@@ -7,7 +7,8 @@
 //! object under its name.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -66,6 +67,7 @@ pub trait Backend: Send + Sync {
 pub struct LocalBackend {
     root: PathBuf,
     seq: AtomicU64,
+    handles: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<File>>>,
 }
 
 impl LocalBackend {
@@ -74,6 +76,7 @@ impl LocalBackend {
         LocalBackend {
             root: root.to_path_buf(),
             seq: AtomicU64::new(0),
+            handles: Default::default(),
         }
     }
 
@@ -136,17 +139,29 @@ impl Backend for LocalBackend {
     }
 
     fn read_range(&self, name: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
-        let mut f = File::open(self.path(name)?)?;
-        let size = f.metadata()?.len();
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("{name} is {size} bytes, wanted {len} at {offset}"),
-            ));
-        }
-        f.seek(SeekFrom::Start(offset))?;
+        // Objects are immutable, so open handles are reused: a restore
+        // reads many blobs from few packs.
+        let f = {
+            let mut h = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+            match h.get(name) {
+                Some(f) => f.clone(),
+                None => {
+                    let f = std::sync::Arc::new(File::open(self.path(name)?)?);
+                    if h.len() >= 256 {
+                        h.clear();
+                    }
+                    h.insert(name.to_string(), f.clone());
+                    f
+                }
+            }
+        };
         let mut buf = vec![0u8; len as usize];
-        f.read_exact(&mut buf)?;
+        f.read_exact_at(&mut buf, offset).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("{name}: cannot read {len} bytes at {offset}: {e}"),
+            )
+        })?;
         Ok(buf)
     }
 
@@ -222,6 +237,10 @@ impl Backend for LocalBackend {
 
     fn remove(&self, name: &str) -> io::Result<()> {
         let path = self.path(name)?;
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
         match fs::remove_file(&path) {
             Ok(()) => sync_dir(path.parent().unwrap_or(&self.root)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

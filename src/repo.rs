@@ -369,6 +369,13 @@ impl Repo {
                 id.short()
             )
         })?;
+        if loc.blob.len > MAX_BLOB + 4096 {
+            bail!(
+                "the index says blob {} is {} bytes: run `laybak repair index`",
+                id.short(),
+                loc.blob.len
+            );
+        }
         let raw = self
             .backend
             .read_range(&pack_name(&loc.pack), loc.blob.offset, loc.blob.len as u64)
