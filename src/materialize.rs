@@ -9,7 +9,7 @@
 //! symlinks. Each path is written once, from the layer that owns it, so
 //! the cost follows the size of the result.
 
-use crate::layer::{Entry, Node, path_is_safe, show};
+use crate::layer::{Chunk, Entry, Node, path_is_safe, show};
 use crate::repo::Repo;
 use anyhow::{Context, Result, anyhow, bail};
 use rayon::prelude::*;
@@ -45,6 +45,10 @@ pub struct Stats {
     /// File bytes written.
     pub bytes: u64,
 }
+
+/// Chunks (about 1 MiB each) written by one task: big files are restored by
+/// several threads at once.
+const CHUNKS_PER_TASK: usize = 8;
 
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_SYMLINKS)
@@ -382,36 +386,68 @@ pub fn write_tree(
     }
     drop(w.cached.take());
     crate::failpoint::hit("restore-structure")?;
-    // Pass 2: file data and file metadata, in parallel.
-    let bytes: u64 = files
-        .par_iter()
-        .map(|e| -> Result<u64> {
-            let f = w.open_file(&e.path)?;
-            let mut n = 0;
-            if let Node::File { extents, .. } = &e.node {
-                for x in extents {
-                    let mut off = x.offset;
-                    for c in &x.chunks {
-                        let data = repo
-                            .read_blob(&c.id)
-                            .with_context(|| format!("restoring {}", show(&e.path)))?;
-                        if data.len() != c.len as usize {
-                            bail!("chunk length mismatch in {}", show(&e.path));
-                        }
-                        f.write_all_at(&data, off)
-                            .with_context(|| format!("cannot write {}", show(&e.path)))?;
-                        off += c.len as u64;
-                        n += c.len as u64;
-                        if let Some(p) = progress {
-                            p.inc(c.len as u64);
-                        }
-                    }
+    // Pass 2: file data, in parallel across files and, for big files,
+    // across runs of chunks within the file; small files get their metadata
+    // in the same task (one open), big ones in pass 2b.
+    let mut tasks: Vec<(usize, Vec<(u64, &Chunk)>, bool)> = Vec::new();
+    for (i, e) in files.iter().enumerate() {
+        let mut pieces: Vec<(u64, &Chunk)> = Vec::new();
+        if let Node::File { extents, .. } = &e.node {
+            for x in extents {
+                let mut off = x.offset;
+                for c in &x.chunks {
+                    pieces.push((off, c));
+                    off += c.len as u64;
                 }
             }
-            apply_meta_fd(&f, e, w.as_root, mode)?;
+        }
+        if pieces.len() <= CHUNKS_PER_TASK {
+            tasks.push((i, pieces, true));
+        } else {
+            for run in pieces.chunks(CHUNKS_PER_TASK) {
+                tasks.push((i, run.to_vec(), false));
+            }
+        }
+    }
+    let write_run = |e: &Entry, f: &std::fs::File, run: &[(u64, &Chunk)]| -> Result<u64> {
+        let mut n = 0;
+        for (off, c) in run {
+            let data = repo
+                .read_blob(&c.id)
+                .with_context(|| format!("restoring {}", show(&e.path)))?;
+            if data.len() != c.len as usize {
+                bail!("chunk length mismatch in {}", show(&e.path));
+            }
+            f.write_all_at(&data, *off)
+                .with_context(|| format!("cannot write {}", show(&e.path)))?;
+            n += c.len as u64;
+            if let Some(p) = progress {
+                p.inc(c.len as u64);
+            }
+        }
+        Ok(n)
+    };
+    let bytes: u64 = tasks
+        .par_iter()
+        .map(|(i, run, whole)| -> Result<u64> {
+            let e = files[*i];
+            let f = w.open_file(&e.path)?;
+            let n = write_run(e, &f, run)?;
+            if *whole {
+                apply_meta_fd(&f, e, w.as_root, mode)?;
+            }
             Ok(n)
         })
         .try_reduce(|| 0, |a, b| Ok(a + b))?;
+    // Pass 2b: metadata of the files written in several tasks.
+    let big: Vec<usize> = tasks.iter().filter(|t| !t.2).map(|t| t.0).collect();
+    let mut big_files: Vec<usize> = big;
+    big_files.dedup();
+    big_files.par_iter().try_for_each(|&i| -> Result<()> {
+        let e = files[i];
+        let f = w.open_file(&e.path)?;
+        apply_meta_fd(&f, e, w.as_root, mode)
+    })?;
     stats.bytes = bytes;
     // Pass 3: directory metadata, deepest first, so child creation does not
     // disturb a parent's restored mtime.

@@ -746,3 +746,73 @@ fn crashed_attach_and_detach_resume_without_loss() {
     assert!(!vol.join(".laybak").exists());
     env.lb(&["check", "--read-data"]).ok();
 }
+
+#[test]
+fn big_and_sparse_files_restore_exactly_and_stay_sparse() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    let mut rng = Rng(77);
+    // 40 MiB of mixed data: restored by several threads at once.
+    let big: Vec<u8> = (0..40)
+        .flat_map(|i| {
+            if i % 3 == 0 {
+                vec![i as u8; 1 << 20]
+            } else {
+                rng.bytes(1 << 20)
+            }
+        })
+        .collect();
+    fs::write(vol.join("big"), &big).unwrap();
+    rustix::fs::lsetxattr(
+        &vol.join("big"),
+        "user.k",
+        b"v",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    std::os::unix::fs::lchown(vol.join("big"), Some(1234), Some(4321)).unwrap();
+    fs::set_permissions(vol.join("big"), fs::Permissions::from_mode(0o640)).unwrap();
+    set_mtime(&vol.join("big"), 1_234_567_890, 123_456_789);
+    // 1 GiB apparent, three data islands.
+    let f = fs::File::create(vol.join("sparse")).unwrap();
+    f.set_len(1 << 30).unwrap();
+    for (len, off) in [(6000, 0u64), (106_000, 300 << 20), (6000, (1 << 30) - 8192)] {
+        f.write_all_at(&rng.bytes(len), off).unwrap();
+    }
+    drop(f);
+    env.run(&[OsStr::new("attach"), os(&vol)]).ok();
+    // Copy-up of the big file after a 1 MiB change stores only changed chunks.
+    let mut changed = big.clone();
+    changed[20 << 20..21 << 20].copy_from_slice(&rng.bytes(1 << 20));
+    fs::OpenOptions::new()
+        .write(true)
+        .open(vol.join("big"))
+        .unwrap()
+        .write_all_at(&changed[20 << 20..21 << 20], 20 << 20)
+        .unwrap();
+    let want = listing(&vol);
+    let id = snapshot_id(&env, &vol);
+    let v: serde_json::Value =
+        serde_json::from_str(&env.lb(&["snapshots", "--json"]).ok().stdout).unwrap();
+    let added = v[1]["summary"]["new_bytes"].as_u64().unwrap();
+    assert!(
+        added < 8 << 20,
+        "a 1 MiB change in a 40 MiB file stored {added} bytes"
+    );
+    let t = env.path("t");
+    env.run(&[OsStr::new("restore"), OsStr::new(&id), os(&t)])
+        .ok();
+    assert_same("big and sparse", &want, &listing(&t));
+    let md = fs::metadata(t.join("sparse")).unwrap();
+    assert_eq!(md.len(), 1 << 30);
+    assert!(
+        md.blocks() * 512 < 4 << 20,
+        "sparse file restored dense: {} blocks",
+        md.blocks()
+    );
+}
