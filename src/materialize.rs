@@ -46,6 +46,10 @@ pub struct Stats {
     pub bytes: u64,
 }
 
+/// One unit of restore work: a file index, a run of (offset, chunk), and
+/// whether the run is the whole file.
+type WriteTask<'a> = (usize, Vec<(u64, &'a Chunk)>, bool);
+
 /// Chunks (about 1 MiB each) written by one task: big files are restored by
 /// several threads at once.
 const CHUNKS_PER_TASK: usize = 8;
@@ -389,7 +393,8 @@ pub fn write_tree(
     // Pass 2: file data, in parallel across files and, for big files,
     // across runs of chunks within the file; small files get their metadata
     // in the same task (one open), big ones in pass 2b.
-    let mut tasks: Vec<(usize, Vec<(u64, &Chunk)>, bool)> = Vec::new();
+    // (file, its chunks with offsets, whether this task has the whole file)
+    let mut tasks: Vec<WriteTask<'_>> = Vec::new();
     for (i, e) in files.iter().enumerate() {
         let mut pieces: Vec<(u64, &Chunk)> = Vec::new();
         if let Node::File { extents, .. } = &e.node {
