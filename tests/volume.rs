@@ -769,7 +769,7 @@ fn big_and_sparse_files_restore_exactly_and_stay_sparse() {
         .collect();
     fs::write(vol.join("big"), &big).unwrap();
     rustix::fs::lsetxattr(
-        &vol.join("big"),
+        vol.join("big"),
         "user.k",
         b"v",
         rustix::fs::XattrFlags::empty(),
