@@ -299,6 +299,26 @@ fn open_noatime(path: &Path) -> std::io::Result<File> {
     }
 }
 
+/// Chunks of one big extent hashed and compressed in parallel at a time.
+const BATCH_CHUNKS: usize = 8;
+
+/// Hash and store the pieces `cuts` of `data` in parallel, in order.
+fn store_all(cuts: &[(usize, usize)], data: &[u8], packer: &Packer<'_>) -> Result<Vec<Chunk>> {
+    let one = |&(off, len): &(usize, usize)| -> Result<Chunk> {
+        let piece = &data[off..off + len];
+        let id = Id::of(piece);
+        packer.add(id, piece)?;
+        Ok(Chunk {
+            id,
+            len: len as u32,
+        })
+    };
+    if cuts.len() <= 1 {
+        return cuts.iter().map(one).collect();
+    }
+    cuts.par_iter().map(one).collect()
+}
+
 fn chunk_file(path: &Path, packer: &Packer<'_>, cfg: &crate::repo::Config) -> Result<Vec<Extent>> {
     let mut f = open_noatime(path).with_context(|| format!("cannot open {}", path.display()))?;
     let md = f.metadata()?;
@@ -312,33 +332,44 @@ fn chunk_file(path: &Path, packer: &Packer<'_>, cfg: &crate::repo::Config) -> Re
             let mut data = vec![0u8; len as usize];
             f.read_exact(&mut data)
                 .with_context(|| format!("cannot read {}", path.display()))?;
-            for c in
+            let cuts: Vec<(usize, usize)> =
                 fastcdc::v2020::FastCDC::new(&data, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max)
-            {
-                let piece = &data[c.offset..c.offset + c.length];
-                let id = Id::of(piece);
-                packer.add(id, piece)?;
-                chunks.push(Chunk {
-                    id,
-                    len: c.length as u32,
-                });
-            }
+                    .map(|c| (c.offset, c.length))
+                    .collect();
+            chunks = store_all(&cuts, &data, packer)?;
             extents.push(Extent { offset, chunks });
             continue;
         }
+        // Big extents: cut while reading, then hash and compress a batch of
+        // chunks on all cores (a single huge file is not one core's work).
         let reader = (&mut f).take(len);
         let mut got = 0u64;
+        let mut batch: Vec<Vec<u8>> = Vec::new();
+        let flush = |batch: &mut Vec<Vec<u8>>, chunks: &mut Vec<Chunk>| -> Result<()> {
+            let ids: Vec<Chunk> = batch
+                .par_iter()
+                .map(|d| {
+                    let id = Id::of(d);
+                    packer.add(id, d).map(|()| Chunk {
+                        id,
+                        len: d.len() as u32,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            chunks.extend(ids);
+            batch.clear();
+            Ok(())
+        };
         for c in fastcdc::v2020::StreamCDC::new(reader, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max)
         {
             let c = c.map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-            let id = Id::of(&c.data);
-            packer.add(id, &c.data)?;
             got += c.length as u64;
-            chunks.push(Chunk {
-                id,
-                len: c.length as u32,
-            });
+            batch.push(c.data);
+            if batch.len() >= BATCH_CHUNKS {
+                flush(&mut batch, &mut chunks)?;
+            }
         }
+        flush(&mut batch, &mut chunks)?;
         if got != len {
             bail!("{} changed size while being read", path.display());
         }
