@@ -93,6 +93,28 @@ fn write_ids(path: &Path, ids: impl Iterator<Item = Result<Id>>) -> Result<()> {
     Ok(())
 }
 
+/// Open a cache file and check it is whole: magic, a non-decreasing
+/// fanout, and exactly as many ids as the fanout says.
+fn load(path: &Path) -> Result<(File, Vec<u64>)> {
+    let file = File::open(path)?;
+    let mut magic = [0u8; 8];
+    file.read_exact_at(&mut magic, 0)?;
+    let mut raw = vec![0u8; (HEADER - 8) as usize];
+    file.read_exact_at(&mut raw, 8)?;
+    let fanout: Vec<u64> = raw
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    let n = *fanout.last().expect("non-empty");
+    if &magic != MAGIC
+        || fanout.windows(2).any(|w| w[0] > w[1])
+        || file.metadata()?.len() != HEADER + n * 32
+    {
+        bail!("blob cache {} is damaged", path.display());
+    }
+    Ok((file, fanout))
+}
+
 fn write_covers(path: &Path, listed: &BTreeSet<Id>) -> Result<()> {
     let text: String = listed.iter().map(|i| i.hex() + "\n").collect();
     crate::backend::atomic_write(path, text.as_bytes(), 0)?;
@@ -164,7 +186,11 @@ impl BlobCache {
         match covers {
             Some(c) if c.is_subset(&listed) => {
                 recent = collect(&mut listed.difference(&c))?;
-                let base_n = fs::metadata(&ids_path)?.len().saturating_sub(HEADER) / 32;
+                let base_n = fs::metadata(&ids_path)
+                    .map(|m| m.len())
+                    .unwrap_or(0)
+                    .saturating_sub(HEADER)
+                    / 32;
                 if recent.len() as u64 > (base_n / 8).max(min_merge) {
                     let old = read_ids(&ids_path)?;
                     let merged = dir.join("ids.merged");
@@ -182,13 +208,18 @@ impl BlobCache {
                 write_covers(&covers_path, &listed)?;
             }
         }
-        let file = File::open(&ids_path)?;
-        let mut raw = vec![0u8; (HEADER - 8) as usize];
-        file.read_exact_at(&mut raw, 8)?;
-        let fanout = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
+        let (file, fanout) = match load(&ids_path) {
+            Ok(x) => x,
+            Err(_) => {
+                // Damaged (e.g. torn by a power cut: it is not fsynced into
+                // its directory): rebuild from the repository.
+                let all = collect(&mut listed.iter())?;
+                write_ids(&ids_path, all.into_iter().map(Ok))?;
+                write_covers(&covers_path, &listed)?;
+                recent = Vec::new();
+                load(&ids_path)?
+            }
+        };
         Ok(BlobCache {
             file,
             fanout,
@@ -256,6 +287,20 @@ mod tests {
         assert!(c.recent.is_empty());
         assert!(blobs[..200].iter().all(|b| c.contains(&Id::of(b)).unwrap()));
         assert!(!blobs[200..].iter().any(|b| c.contains(&Id::of(b)).unwrap()));
+        // A torn cache file is rebuilt.
+        let ids = state
+            .join("cache")
+            .join(format!("index-{}", repo.config.id.hex()))
+            .join("ids");
+        let len = fs::metadata(&ids).unwrap().len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&ids)
+            .unwrap()
+            .set_len(len - 7)
+            .unwrap();
+        let c = BlobCache::open(&state, &repo).unwrap();
+        assert!(blobs[..200].iter().all(|b| c.contains(&Id::of(b)).unwrap()));
         // An index file disappears (as after prune): rebuilt, never stale.
         let first = repo.index_ids().unwrap()[0];
         repo.backend()

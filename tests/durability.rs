@@ -18,6 +18,31 @@ enum Ev {
     Rename { from: String, to: String },
 }
 
+/// Join strace's split lines (`call(... <unfinished ...>` then
+/// `<... call resumed>...`) per thread, so concurrent threads parse.
+fn join_unfinished(text: &str) -> Vec<String> {
+    let mut pending: HashMap<String, String> = HashMap::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((tid, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        if let Some(head) = rest.strip_suffix(" <unfinished ...>") {
+            pending.insert(tid.to_string(), head.to_string());
+        } else if rest.starts_with("<... ") {
+            if let (Some(head), Some((_, tail))) =
+                (pending.remove(tid), rest.split_once(" resumed>"))
+            {
+                out.push(format!("{tid} {head}{tail}"));
+            }
+        } else {
+            out.push(line.to_string());
+        }
+    }
+    out
+}
+
 fn parse(line: &str) -> Option<Ev> {
     let (_tid, rest) = line.split_once(' ')?;
     let rest = rest.trim();
@@ -118,7 +143,10 @@ fn every_rename_is_preceded_by_a_file_fsync_and_followed_by_a_directory_fsync() 
     let mut checked = 0;
     for run in runs {
         let text = fs::read_to_string(&run).unwrap();
-        let evs: Vec<Ev> = text.lines().filter_map(parse).collect();
+        let evs: Vec<Ev> = join_unfinished(&text)
+            .iter()
+            .filter_map(|l| parse(l))
+            .collect();
         // One process (threads share its fd table): resolve every fsync to
         // the path its fd named at that moment.
         let mut fd_path: HashMap<i32, String> = HashMap::new();
@@ -142,7 +170,12 @@ fn every_rename_is_preceded_by_a_file_fsync_and_followed_by_a_directory_fsync() 
             };
             // Lock files are deliberately not durable: a lock that a power
             // cut erases belonged to a process that died with it.
-            if !to.starts_with(&root) || !from.contains(".tmp.") || to.contains("/locks/") {
+            // The local blob cache is rebuilt when it is found damaged.
+            if !to.starts_with(&root)
+                || !from.contains(".tmp.")
+                || to.contains("/locks/")
+                || to.contains("/cache/index-")
+            {
                 continue;
             }
             assert!(
