@@ -67,7 +67,7 @@ fn is_stale(l: &LockInfo, host: &str, now: Time) -> bool {
             None => true,
         };
     }
-    now.secs - l.time.secs > STALE_AFTER.as_secs() as i64
+    now.secs.saturating_sub(l.time.secs) > STALE_AFTER.as_secs() as i64
 }
 
 /// Other live locks in the repository (stale ones are removed).

@@ -73,7 +73,8 @@ pub fn keep(policy: &Policy, snaps: &[(Time, Vec<String>)]) -> BTreeSet<usize> {
             kept.insert(i);
         }
         if let (Some(w), Some(&newest)) = (policy.within_secs, order.first())
-            && snaps[newest].0.secs - snaps[i].0.secs <= w as i64
+            && snaps[newest].0.secs.saturating_sub(snaps[i].0.secs)
+                <= i64::try_from(w).unwrap_or(i64::MAX)
         {
             kept.insert(i);
         }
@@ -702,6 +703,14 @@ mod tests {
         }
         assert_eq!(p(|p| p.daily = 10).len(), 3); // the data spans three UTC days
         assert_eq!(p(|p| p.within_secs = Some(3600)), (140..144).collect());
+        // Found by fuzzing: huge durations and extreme times neither wrap nor panic.
+        assert_eq!(p(|p| p.within_secs = Some(u64::MAX)).len(), 144);
+        let extreme = vec![t(i64::MIN), t(i64::MAX)];
+        let pol = Policy {
+            within_secs: Some(10),
+            ..Policy::default()
+        };
+        assert_eq!(keep(&pol, &extreme), [1].into_iter().collect());
         // The newest is always kept, even by an empty policy.
         assert_eq!(
             keep(&Policy::default(), &snaps),

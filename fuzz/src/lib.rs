@@ -1,0 +1,386 @@
+//! Shared checks for the laybak fuzz targets.
+//!
+//! Each `check_*` function takes the bytes of one repository file, runs the
+//! same decoding a reader runs, and asserts the properties the decoders
+//! promise (never panic, bounded allocation, documented invariants). The
+//! `*_postcard` targets feed raw postcard payloads through [`wrap`] so the
+//! fuzzer explores the postcard structure instead of the zstd framing.
+
+use laybak::format::Time;
+use laybak::format::{self, FileKind};
+use laybak::layer::{self, Layer, Node};
+use laybak::lock::LockInfo;
+use laybak::reclaim::{self, Plan, Policy};
+use laybak::repo::{self, Config, IndexPack, Snapshot};
+use serde::{Serialize, de::DeserializeOwned};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+thread_local! {
+    static COMPRESSOR: RefCell<zstd::bulk::Compressor<'static>> = RefCell::new({
+        let mut c = zstd::bulk::Compressor::new(1).expect("zstd compressor");
+        c.include_checksum(true).expect("zstd checksum");
+        c
+    });
+}
+
+/// Frame a raw payload as a metadata file of `kind`: header, then a zstd
+/// frame with checksum (what `format::encode` writes, at a faster level).
+pub fn wrap(kind: FileKind, payload: &[u8]) -> Vec<u8> {
+    let mut out = format::header(kind).to_vec();
+    let z = COMPRESSOR.with(|c| c.borrow_mut().compress(payload).expect("zstd compress"));
+    out.extend_from_slice(&z);
+    out
+}
+
+/// A decoded value must re-encode, and decoding that must give back the
+/// same canonical bytes.
+fn round_trip<T: Serialize + DeserializeOwned>(kind: FileKind, v: &T) {
+    let canon = postcard::to_stdvec(v).expect("a decoded value re-serializes");
+    let enc = format::encode(kind, v).expect("a decoded value re-encodes");
+    let back: T = format::decode(kind, &enc).expect("an encoded value decodes");
+    assert_eq!(
+        postcard::to_stdvec(&back).expect("re-serializes"),
+        canon,
+        "{} does not round-trip",
+        kind.name()
+    );
+}
+
+/// `config`.
+pub fn check_config(data: &[u8]) {
+    if let Ok(c) = format::decode::<Config>(FileKind::Config, data) {
+        let _ = format!("{c:?}");
+        round_trip(FileKind::Config, &c);
+    }
+}
+
+/// `index/ID`.
+pub fn check_index(data: &[u8]) {
+    if let Ok(packs) = format::decode::<Vec<IndexPack>>(FileKind::Index, data) {
+        let _ = format!("{packs:?}");
+        round_trip(FileKind::Index, &packs);
+    }
+}
+
+/// `snapshots/ID`. Records are sealed (header, blake3 of the rest, zstd
+/// frame; `format::decode_sealed`). A fuzzer cannot forge the hash, so the
+/// body after it is also decoded directly, and so is the whole file as a
+/// plain metadata file (`format::decode`).
+pub fn check_snapshot(data: &[u8]) {
+    if let Ok(s) = format::decode_sealed::<Snapshot>(FileKind::Snapshot, data) {
+        use_snapshot(&s);
+    }
+    if let Ok(s) = format::decode::<Snapshot>(FileKind::Snapshot, data) {
+        use_snapshot(&s);
+    }
+    if data.len() >= 8 + 32 {
+        let mut plain = data[..8].to_vec();
+        plain.extend_from_slice(&data[8 + 32..]);
+        if let Ok(s) = format::decode::<Snapshot>(FileKind::Snapshot, &plain) {
+            use_snapshot(&s);
+        }
+    }
+}
+
+/// A raw postcard snapshot payload, framed both ways.
+pub fn check_snapshot_payload(payload: &[u8]) {
+    let plain = wrap(FileKind::Snapshot, payload);
+    let plain_ok = format::decode::<Snapshot>(FileKind::Snapshot, &plain).map(|s| use_snapshot(&s));
+    let mut sealed = plain[..8].to_vec();
+    sealed.extend_from_slice(laybak::format::Id::of(&plain[8..]).0.as_slice());
+    sealed.extend_from_slice(&plain[8..]);
+    let sealed_ok =
+        format::decode_sealed::<Snapshot>(FileKind::Snapshot, &sealed).map(|s| use_snapshot(&s));
+    assert_eq!(
+        plain_ok.is_ok(),
+        sealed_ok.is_ok(),
+        "sealed and plain decoding disagree"
+    );
+}
+
+/// What readers do with a decoded record: `laybak snapshots` prints the
+/// time as RFC 3339 and short ids. Then re-encode it.
+fn use_snapshot(s: &Snapshot) {
+    let _ = format!("{s:?}");
+    let _ = s.time.rfc3339();
+    let _ = s.parent.map(|p| p.short());
+    for l in &s.layers {
+        let _ = l.short();
+    }
+    round_trip(FileKind::Snapshot, s);
+    let enc = format::encode_sealed(FileKind::Snapshot, s).expect("a decoded record re-seals");
+    let back: Snapshot =
+        format::decode_sealed(FileKind::Snapshot, &enc).expect("a sealed record decodes");
+    assert_eq!(
+        postcard::to_stdvec(&back).expect("re-serializes"),
+        postcard::to_stdvec(s).expect("re-serializes"),
+        "sealed snapshot record does not round-trip"
+    );
+}
+
+/// A raw postcard payload read as a forget plan (`plans/ID`) and as a lock
+/// file (`locks/ID`).
+pub fn check_plan_lock_payload(payload: &[u8]) {
+    if let Ok(p) = format::decode::<Plan>(FileKind::Plan, &wrap(FileKind::Plan, payload)) {
+        let _ = format!("{p:?}");
+        round_trip(FileKind::Plan, &p);
+    }
+    if let Ok(l) = format::decode::<LockInfo>(FileKind::Lock, &wrap(FileKind::Lock, payload)) {
+        let _ = format!("{l:?}");
+        round_trip(FileKind::Lock, &l);
+    }
+}
+
+/// `layers/ID`: decode, validate, and restack a valid layer alone.
+pub fn check_layer(data: &[u8]) {
+    let Ok(l) = format::decode::<Layer>(FileKind::Layer, data) else {
+        return;
+    };
+    round_trip(FileKind::Layer, &l);
+    if l.validate().is_err() {
+        return;
+    }
+    let view = layer::restack(std::slice::from_ref(&l));
+    check_view(std::slice::from_ref(&l), &view);
+}
+
+/// A chain of validated layers, bottom first.
+pub fn check_chain(layers: &[Layer]) {
+    let valid: Vec<Layer> = layers
+        .iter()
+        .filter(|l| l.validate().is_ok())
+        .cloned()
+        .collect();
+    if valid.is_empty() {
+        return;
+    }
+    let view = layer::restack(&valid);
+    check_view(&valid, &view);
+}
+
+/// The invariants `restack` documents for validated layers (FORMAT.md §5):
+/// no whiteouts in the result, every entry's parent present as a directory,
+/// each path owned by the topmost layer that lists it, and everything the
+/// top layer lists (bar whiteouts) visible.
+pub fn check_view(chain: &[Layer], view: &layer::View<'_>) {
+    let mut top: HashMap<&[u8], usize> = HashMap::new();
+    for (i, l) in chain.iter().enumerate() {
+        for e in &l.entries {
+            top.insert(&e.path, i);
+        }
+    }
+    let root = view.get(&b""[..]).expect("restack result has no root");
+    assert!(root.entry.node.is_dir(), "restack root is not a directory");
+    for (path, m) in view {
+        assert_eq!(path, &m.entry.path, "view key differs from entry path");
+        assert!(
+            m.layer < chain.len(),
+            "view entry from a layer out of range"
+        );
+        assert!(
+            m.entry.node != Node::Whiteout,
+            "whiteout in restack result at {}",
+            layer::show(path)
+        );
+        assert_eq!(
+            top.get(path.as_slice()),
+            Some(&m.layer),
+            "{} is not owned by the topmost layer listing it",
+            layer::show(path)
+        );
+        if !path.is_empty() {
+            let p = layer::parent(path);
+            let pm = view.get(p).unwrap_or_else(|| {
+                panic!(
+                    "restack result has {} without its parent",
+                    layer::show(path)
+                )
+            });
+            assert!(
+                pm.entry.node.is_dir(),
+                "restack result has {} under a non-directory",
+                layer::show(path)
+            );
+        }
+    }
+    let last = chain.len() - 1;
+    for e in &chain[last].entries {
+        if e.node != Node::Whiteout {
+            let m = view.get(&e.path).unwrap_or_else(|| {
+                panic!(
+                    "top layer entry {} missing from restack result",
+                    layer::show(&e.path)
+                )
+            });
+            assert_eq!(m.layer, last);
+        }
+    }
+}
+
+/// `packs/xx/ID`: parse the trailer, then decode every blob it lists.
+pub fn check_pack(data: &[u8]) {
+    let Ok(blobs) = repo::parse_pack_tail(data) else {
+        return;
+    };
+    for b in &blobs {
+        let start = b.offset;
+        let end = start.checked_add(b.len as u64);
+        let slice = end
+            .filter(|&e| start >= 8 && e <= data.len() as u64)
+            .map(|e| &data[start as usize..e as usize]);
+        let Some(slice) = slice else {
+            panic!("parse_pack_tail accepted a blob outside the pack: {b:?}");
+        };
+        if let Ok(out) = repo::decode_blob(b, slice.to_vec()) {
+            assert_eq!(out.len(), b.raw_len as usize);
+        }
+    }
+}
+
+/// Build a pack around arbitrary bytes so the trailer framing is always
+/// right: the first two bytes pick how much of the rest is the table.
+pub fn frame_pack(data: &[u8]) -> Vec<u8> {
+    let (tl, rest) = match data {
+        [a, b, rest @ ..] => (u16::from_le_bytes([*a, *b]) as usize, rest),
+        _ => (0, data),
+    };
+    let tl = if rest.is_empty() {
+        0
+    } else {
+        tl % (rest.len() + 1)
+    };
+    let (blobs, table) = rest.split_at(rest.len() - tl);
+    let mut out = format::header(FileKind::Pack).to_vec();
+    out.extend_from_slice(blobs);
+    out.extend_from_slice(table);
+    out.extend_from_slice(&(table.len() as u32).to_le_bytes());
+    out.extend_from_slice(repo::PACK_TAIL);
+    out
+}
+
+/// `forget`'s retention decision on snapshot times and tags as decoded
+/// from records: postcard `(Policy, Vec<(Time, Vec<String>)>)`, at most 64
+/// snapshots.
+pub fn check_retention(data: &[u8]) {
+    type Input = (Policy, Vec<(Time, Vec<String>)>);
+    let Ok(((policy, snaps), _)) = postcard::take_from_bytes::<Input>(data) else {
+        return;
+    };
+    if snaps.len() > 64 {
+        return;
+    }
+    let kept = reclaim::keep(&policy, &snaps);
+    assert!(
+        kept.iter().all(|&i| i < snaps.len()),
+        "kept index out of range"
+    );
+    let Some(newest) = snaps.iter().map(|s| s.0).max() else {
+        assert!(kept.is_empty());
+        return;
+    };
+    assert!(
+        kept.iter().any(|&i| snaps[i].0 == newest),
+        "the newest snapshot is not kept"
+    );
+    if policy.last >= snaps.len() {
+        assert_eq!(
+            kept.len(),
+            snaps.len(),
+            "keep-last {} dropped one",
+            policy.last
+        );
+    }
+    for (i, (t, tags)) in snaps.iter().enumerate() {
+        if tags.iter().any(|t| policy.tags.contains(t)) {
+            assert!(kept.contains(&i), "a snapshot with a kept tag is dropped");
+        }
+        if let Some(w) = policy.within_secs {
+            if i128::from(newest.secs) - i128::from(t.secs) <= i128::from(w) {
+                assert!(
+                    kept.contains(&i),
+                    "a snapshot within {w} s of the newest is dropped"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The committed seeds must reach past the decoders, or the fuzzers start
+    //! from nothing useful. `cargo test --manifest-path fuzz/Cargo.toml --lib`.
+    use super::*;
+    use std::path::Path;
+
+    fn seeds(target: &str) -> Vec<Vec<u8>> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("seeds")
+            .join(target);
+        let mut paths: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(!paths.is_empty(), "no seeds in {}", dir.display());
+        paths.sort();
+        paths.iter().map(|p| std::fs::read(p).unwrap()).collect()
+    }
+
+    #[test]
+    fn seeds_decode() {
+        for (kind, k) in [
+            (FileKind::Config, "config"),
+            (FileKind::Index, "index"),
+            (FileKind::Layer, "layer"),
+            (FileKind::Snapshot, "snapshot"),
+        ] {
+            for (file, raw) in seeds(k).iter().zip(seeds(&format!("{k}_postcard"))) {
+                match kind {
+                    FileKind::Config => {
+                        format::decode::<Config>(kind, file).unwrap();
+                        format::decode::<Config>(kind, &wrap(kind, &raw)).unwrap();
+                    }
+                    FileKind::Index => {
+                        format::decode::<Vec<IndexPack>>(kind, file).unwrap();
+                        format::decode::<Vec<IndexPack>>(kind, &wrap(kind, &raw)).unwrap();
+                    }
+                    FileKind::Layer => {
+                        let l: Layer = format::decode(kind, file).unwrap();
+                        l.validate().unwrap();
+                        let l2: Layer = format::decode(kind, &wrap(kind, &raw)).unwrap();
+                        assert_eq!(l, l2);
+                    }
+                    _ => {
+                        format::decode_sealed::<Snapshot>(kind, file).unwrap();
+                        format::decode::<Snapshot>(kind, &wrap(kind, &raw)).unwrap();
+                    }
+                }
+            }
+        }
+        for (file, framed) in seeds("pack").iter().zip(seeds("pack_framed")) {
+            assert_eq!(file, &frame_pack(&framed));
+            let blobs = repo::parse_pack_tail(file).unwrap();
+            assert!(!blobs.is_empty());
+            for b in blobs {
+                let s = &file[b.offset as usize..(b.offset + b.len as u64) as usize];
+                repo::decode_blob(&b, s.to_vec()).unwrap();
+            }
+            check_pack(file);
+        }
+        let pl = seeds("plan_lock_postcard");
+        let lock: LockInfo = format::decode(FileKind::Lock, &wrap(FileKind::Lock, &pl[0])).unwrap();
+        assert_eq!(lock.what, "snapshot");
+        let plan: Plan = format::decode(FileKind::Plan, &wrap(FileKind::Plan, &pl[1])).unwrap();
+        assert_eq!((plan.rewrite.len(), plan.delete.len()), (1, 1));
+        let r = &seeds("retention")[0];
+        let ((policy, snaps), _) =
+            postcard::take_from_bytes::<(Policy, Vec<(Time, Vec<String>)>)>(r).unwrap();
+        assert_eq!((policy.tags.len(), snaps.len()), (1, 3));
+        check_retention(r);
+        for chain in seeds("restack_chain") {
+            let (layers, rest) = postcard::take_from_bytes::<Vec<Layer>>(&chain).unwrap();
+            assert!(rest.is_empty() && !layers.is_empty());
+            check_chain(&layers);
+        }
+    }
+}
