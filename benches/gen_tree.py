@@ -10,9 +10,10 @@ arguments produce byte-identical trees and identical mutations.
     gen_tree.py copy SRC DST MAXFILES      copy the first MAXFILES regular files of
                                            SRC (plus symlinks, dirs) into DST
     gen_tree.py mutate LABEL PCT SEED ROOT...
-                                           change PCT% of the regular files of the
-                                           last ROOT (overwrite / append / delete /
-                                           add), identically in every ROOT
+                                           change PCT% (or, written =N, exactly N)
+                                           of the regular files of the last ROOT
+                                           (overwrite / append / delete / add),
+                                           identically in every ROOT
     gen_tree.py poke REL LEN SEED LABEL ROOT...
                                            overwrite LEN bytes in place inside file
                                            REL at a seeded, 4 KiB-aligned offset;
@@ -156,7 +157,7 @@ def copy_limited(src, dst, maxfiles):
 def mutate(label, pct, seed, roots):
     files = regular_files(roots[-1])          # the last root is a plain directory
     rng = random.Random(f"{seed}:mutate:{label}")
-    k = max(1, round(len(files) * pct / 100))
+    k = int(pct[1:]) if pct.startswith("=") else max(1, round(len(files) * float(pct) / 100))
     chosen = rng.sample(files, min(k, len(files)))
     ops = {"overwrite": 0, "append": 0, "delete": 0, "add": 0}
     acts = []
@@ -224,7 +225,7 @@ def main(a):
     elif cmd == "copy":
         copy_limited(a[2], a[3], int(a[4]))
     elif cmd == "mutate":
-        mutate(a[2], float(a[3]), a[4], a[5:])
+        mutate(a[2], a[3], a[4], a[5:])
     elif cmd == "poke":
         poke(a[2], int(a[3]), a[4], a[5], a[6:])
     elif cmd == "summary":
