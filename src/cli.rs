@@ -415,6 +415,9 @@ pub fn run(cli: Cli) -> Result<()> {
                     vol.st.path.display()
                 )
             })?;
+            // Build the local blob cache now, while the import is costing
+            // memory per file anyway, not in the first hourly snapshot.
+            let _ = crate::blobcache::BlobCache::open(&cli.state_dir, &repo);
             print_snaps(&done, *json, false)
         }
         Cmd::Snapshot {
