@@ -259,7 +259,18 @@ impl Volume {
         let p = state_file(&self.state_dir, &self.st.name);
         let data = serde_json::to_vec_pretty(&self.st)?;
         crate::backend::atomic_write(&p, &data, 0)
-            .with_context(|| format!("cannot write volume state {}", p.display()))
+            .with_context(|| format!("cannot write volume state {}", p.display()))?;
+        // Temp files of runs killed mid-write (callers hold the volume lock,
+        // so none of them is being written now).
+        let prefix = format!(".{}.json.tmp.", self.st.name);
+        if let Ok(rd) = fs::read_dir(self.state_dir.join("volumes")) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The private bind of the volume directory.

@@ -597,8 +597,12 @@ fn kill_trials(trials: usize) {
     let pending: usize = fs::read_dir(env.state.join("volumes"))
         .map(|rd| rd.count())
         .unwrap_or(0);
+    // vol.json and vol.lock; temp files of killed runs are cleaned up.
+    if pending > 2 {
+        failures.push(format!("{pending} files left in the state dir"));
+    }
     eprintln!(
-        "{trials} kill -9 trials ({found_unmounted} left the volume unmounted for `up` to repair, {} snapshots recorded, {pending} state files), {} failures",
+        "{trials} kill -9 trials ({found_unmounted} left the volume unmounted for `up` to repair, {} snapshots recorded, {pending} files in the state dir), {} failures",
         snapshots(&env, &env.repo).len(),
         failures.len()
     );
