@@ -100,8 +100,8 @@ fn read_fs_log(fs: &rustix::fd::OwnedFd) -> String {
 }
 
 fn mount_new_api(spec: &Spec, target: &Path, flags: MountAttrFlags) -> Result<()> {
-    let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
-        .context("fsopen(overlay): is the overlay module available?")?;
+    let fs =
+        rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).context("fsopen(overlay)")?;
     let set = |k: &str, v: &std::ffi::OsStr| {
         rustix::mount::fsconfig_set_string(&fs, k, v).map_err(|e| {
             anyhow!(
@@ -207,8 +207,14 @@ pub fn mount(spec: &Spec, target: &Path) -> Result<()> {
         }
         match mount_new_api(spec, target, f) {
             Ok(()) => {}
-            Err(e) if e.to_string().contains("lowerdir+") => {
-                // Kernels before 6.8 do not know `lowerdir+`.
+            Err(e)
+                if e.to_string().contains("lowerdir+")
+                    || e.chain().any(|c| {
+                        c.downcast_ref::<rustix::io::Errno>() == Some(&rustix::io::Errno::NOSYS)
+                    }) =>
+            {
+                // Kernels before 6.8 do not know `lowerdir+`; kernels before
+                // 5.2, seccomp filters and valgrind lack fsopen (ENOSYS).
                 let mut f = MountFlags::empty();
                 if ro {
                     f |= MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
