@@ -9,7 +9,7 @@ use laybak::repo::Repo;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 type Listing = BTreeMap<Vec<u8>, Rec>;
 
@@ -50,18 +50,6 @@ fn flip(p: &Path, at: usize) {
 fn truncate(p: &Path) {
     let d = fs::read(p).unwrap();
     fs::write(p, &d[..d.len() / 2]).unwrap();
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    assert!(
-        std::process::Command::new("cp")
-            .arg("-a")
-            .arg(from)
-            .arg(to)
-            .status()
-            .unwrap()
-            .success()
-    );
 }
 
 /// Two volumes, two snapshots each; returns the restored listing of each
@@ -355,7 +343,7 @@ fn full_repository_disk_keeps_the_volume_working_and_catches_up_later() {
     // The volume is mounted and writable; nothing earlier is damaged.
     fs::write(vol.join("after"), b"after").unwrap();
     env.lb(&["check", "--read-data"]).ok();
-    let leftovers: Vec<_> = walk(&env.repo)
+    let leftovers: Vec<_> = files_below(&env.repo)
         .into_iter()
         .filter(|p| p.to_string_lossy().contains(".tmp."))
         .collect();
@@ -399,21 +387,6 @@ fn full_volume_filesystem_does_not_break_snapshots() {
     let t = env.path("t");
     env.lb(&["restore", "latest", t.to_str().unwrap()]).ok();
     assert_same("restore", &want, &listing(&t));
-}
-
-fn walk(d: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = fs::read_dir(d) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 #[test]

@@ -368,7 +368,7 @@ fn check_read_data_finds_a_flipped_byte_and_names_the_snapshot() {
         .trim()
         .to_string();
     env.lb(&["check", "--read-data"]).ok();
-    let packs: Vec<_> = walk_files(&env.repo.join("packs"));
+    let packs: Vec<_> = files_below(&env.repo.join("packs"));
     assert_eq!(packs.len(), 1);
     let mut data = fs::read(&packs[0]).unwrap();
     data[20] ^= 0x01;
@@ -388,25 +388,12 @@ fn check_read_data_finds_a_flipped_byte_and_names_the_snapshot() {
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("is corrupt"), "{}", r.stderr);
     // A deleted snapshot record's manifest is still fine; a truncated manifest is named.
-    let layers = walk_files(&env.repo.join("layers"));
+    let layers = files_below(&env.repo.join("layers"));
     let m = fs::read(&layers[0]).unwrap();
     fs::write(&layers[0], &m[..m.len() / 2]).unwrap();
     let r = env.lb(&["check"]);
     assert_eq!(r.code, 3);
     assert!(r.stderr.contains("layer manifest"), "{}", r.stderr);
-}
-
-fn walk_files(d: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(d).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk_files(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 fn entry(path: &str, node: Node) -> Entry {

@@ -255,16 +255,6 @@ impl Rng {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    let st = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
 /// Crash forget+prune at every failpoint and at random moments: the
 /// repository stays valid, kept snapshots restore, a rerun finishes.
 fn crash_trials(trials: usize) {

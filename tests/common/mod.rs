@@ -300,3 +300,30 @@ fn clear_immutable(dir: &Path, depth: usize) {
         }
     }
 }
+
+/// `cp -a from to` (keeps owners, modes, times, xattrs and hard links).
+pub fn copy_dir(from: &Path, to: &Path) {
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cp -a {} {}", from.display(), to.display());
+}
+
+/// Every non-directory below `d` (empty when `d` does not exist).
+pub fn files_below(d: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(d) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_below(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
