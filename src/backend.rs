@@ -8,7 +8,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -96,6 +96,48 @@ impl LocalBackend {
     }
 }
 
+/// Create `dir` and missing parents, each `0700` (repository directories are
+/// root's alone on a local backend).
+///
+/// # Errors
+/// Any I/O error.
+pub fn private_dirs(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Tighten an existing local repository made before repositories were
+/// private: every directory `0700`, every file `0600`. Cheap when the root
+/// is already private (nothing is walked).
+///
+/// # Errors
+/// A chmod failed.
+pub fn make_private(root: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let md = fs::symlink_metadata(root)?;
+    if md.mode() & 0o077 == 0 {
+        return Ok(());
+    }
+    let mut stack = vec![root.to_path_buf()];
+    let mut dirs = Vec::new();
+    while let Some(d) = stack.pop() {
+        for ent in fs::read_dir(&d)? {
+            let ent = ent?;
+            let ft = ent.file_type()?;
+            if ft.is_dir() {
+                stack.push(ent.path());
+            } else if ft.is_file() {
+                fs::set_permissions(ent.path(), fs::Permissions::from_mode(0o600))?;
+            }
+        }
+        dirs.push(d);
+    }
+    // The root last: its mode is what says the walk finished.
+    for d in dirs.iter().rev() {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// fsync a directory so a rename or create inside it is durable.
 ///
 /// # Errors
@@ -120,7 +162,11 @@ pub fn atomic_write(path: &Path, data: &[u8], tmp_tag: u64) -> io::Result<()> {
         rustix::process::getpid().as_raw_nonzero()
     ));
     let res = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         drop(f);
@@ -169,7 +215,7 @@ impl Backend for LocalBackend {
         let path = self.path(name)?;
         let dir = path.parent().unwrap_or(&self.root);
         if !dir.exists() {
-            fs::create_dir_all(dir)?;
+            private_dirs(dir)?;
             if let Some(up) = dir.parent() {
                 sync_dir(up)?;
             }
@@ -180,7 +226,7 @@ impl Backend for LocalBackend {
     fn write_ephemeral(&self, name: &str, data: &[u8]) -> io::Result<()> {
         let path = self.path(name)?;
         if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir)?;
+            private_dirs(dir)?;
         }
         let tmp = path.with_file_name(format!(
             ".{}.tmp.{}.{}",
@@ -190,7 +236,12 @@ impl Backend for LocalBackend {
             std::process::id(),
             self.seq.fetch_add(1, Ordering::Relaxed)
         ));
-        fs::write(&tmp, data)?;
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?
+            .write_all(data)?;
         fs::rename(&tmp, &path).inspect_err(|_| {
             let _ = fs::remove_file(&tmp);
         })

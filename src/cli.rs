@@ -375,6 +375,7 @@ fn validate_tags(tags: &[String]) -> Result<()> {
 /// # Errors
 /// Whatever the command reports; the caller prints it as one line.
 pub fn run(cli: Cli) -> Result<()> {
+    volume::secure_state(&cli.state_dir)?;
     match &cli.cmd {
         Cmd::Init => {
             let p = cli

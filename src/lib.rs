@@ -16,6 +16,7 @@ pub mod cli;
 pub mod error;
 pub mod failpoint;
 pub mod fold;
+pub mod fsx;
 pub mod format;
 pub mod layer;
 pub mod lock;

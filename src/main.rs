@@ -5,6 +5,10 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Everything laybak creates for itself (state, cache, repository files)
+    // is private unless it sets a mode explicitly; restore and attach set
+    // every mode they mean.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = match laybak::cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {

@@ -165,11 +165,17 @@ impl Repo {
                 );
             }
         } else {
-            std::fs::create_dir_all(path)
+            crate::backend::private_dirs(path)
                 .with_context(|| format!("cannot create {}", path.display()))?;
         }
+        // Root's alone: the repository holds every user's data in the clear.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("cannot make {} private", path.display()))?;
+        }
         for d in ["packs", "index", "layers", "snapshots", "locks", "plans"] {
-            std::fs::create_dir_all(path.join(d))?;
+            crate::backend::private_dirs(&path.join(d))?;
         }
         crate::backend::sync_dir(path)?;
         let seed = format!(
@@ -210,7 +216,15 @@ impl Repo {
                 path.display()
             );
         }
-        Repo::open_backend(path, Box::new(LocalBackend::new(path)))
+        let repo = Repo::open_backend(path, Box::new(LocalBackend::new(path)))?;
+        // Repositories made before 0.2 were world-readable: tighten those we
+        // own (best effort: a read-only medium stays as it is).
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::metadata(path).is_ok_and(|m| m.uid() == rustix::process::geteuid().as_raw())
+        {
+            let _ = crate::backend::make_private(path);
+        }
+        Ok(repo)
     }
 
     /// Open a repository through any backend (tests wrap the local one to

@@ -165,6 +165,32 @@ fn canonical_dir(path: &Path) -> Result<PathBuf> {
     Ok(fs::canonicalize(path)?)
 }
 
+/// Make laybak's own directories root's alone (`0700`): the state dir, its
+/// `volumes`, `backing` and `cache`, and the layer store `.laybak` of every
+/// volume whose backing bind is mounted. Installs made before 0.2 had them
+/// world-readable; this runs at the start of every command run as root.
+///
+/// # Errors
+/// A directory exists but cannot be tightened.
+pub fn secure_state(state_dir: &Path) -> Result<()> {
+    if !rustix::process::geteuid().is_root() || !state_dir.exists() {
+        return Ok(());
+    }
+    for d in ["", "volumes", "backing", "cache"] {
+        let p = state_dir.join(d);
+        if p.exists() {
+            crate::fsx::private_dir(&p)
+                .with_context(|| format!("cannot make {} private", p.display()))?;
+        }
+    }
+    for v in all(state_dir)? {
+        if v.backing_mounted().unwrap_or(false) {
+            v.secure_store()?;
+        }
+    }
+    Ok(())
+}
+
 /// Find the volume at `path`.
 ///
 /// # Errors
@@ -302,6 +328,22 @@ impl Volume {
         }
     }
 
+    /// Make the layer store `.laybak` root's alone, through descriptors
+    /// (the volume directory is one users may write while it is down).
+    ///
+    /// # Errors
+    /// The store cannot be opened or changed.
+    pub fn secure_store(&self) -> Result<()> {
+        let root = crate::fsx::open_dir_path(&self.backing())
+            .with_context(|| format!("cannot open {}", self.backing().display()))?;
+        secure_store_in(&root).with_context(|| {
+            format!(
+                "cannot make the layer store of volume {} private",
+                self.st.name
+            )
+        })
+    }
+
     fn backing_mounted(&self) -> Result<bool> {
         Ok(overlay::find_mount(&self.backing())?.is_some())
     }
@@ -327,8 +369,9 @@ impl Volume {
                 self.st.path.display()
             );
         }
-        fs::create_dir_all(self.backing())?;
-        overlay::bind_private(&self.st.path, &self.backing())
+        crate::fsx::private_dir(&self.backing())?;
+        overlay::bind_private(&self.st.path, &self.backing())?;
+        self.secure_store()
     }
 
     fn require_mounted(&self) -> Result<()> {
@@ -348,6 +391,23 @@ impl Volume {
         }
         Ok(())
     }
+}
+
+/// `.laybak` in the open volume directory `root`: owned by root, `0700`.
+fn secure_store_in(root: &rustix::fd::OwnedFd) -> Result<()> {
+    let store = crate::fsx::open_subdir(root, STORE.as_bytes())?;
+    let st = rustix::fs::fstat(&store)?;
+    if st.st_uid != 0 || st.st_gid != 0 {
+        rustix::fs::fchown(
+            &store,
+            Some(rustix::fs::Uid::ROOT),
+            Some(rustix::fs::Gid::ROOT),
+        )?;
+    }
+    if st.st_mode & 0o7777 != 0o700 {
+        rustix::fs::fchmod(&store, rustix::fs::Mode::from_raw_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// Make a fresh empty layer directory carrying `like`'s root metadata. An
@@ -531,7 +591,13 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
     scan::walk(&path, Source::Base)?;
     let root_md = fs::symlink_metadata(&path)?;
     let store = path.join(STORE);
-    fs::create_dir(&store).with_context(|| format!("cannot create {}", store.display()))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&store)
+            .with_context(|| format!("cannot create {}", store.display()))?;
+    }
     if let Err(e) = probe_fs(&store) {
         let _ = fs::remove_dir_all(&store);
         return Err(e);
@@ -567,8 +633,8 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
         st,
     };
     let _lock = vol.flock()?;
-    fs::create_dir_all(store.join("l"))?;
-    fs::create_dir_all(store.join("work"))?;
+    crate::backend::private_dirs(&store.join("l"))?;
+    crate::backend::private_dirs(&store.join("work"))?;
     vol.save()?;
     finish_attach(&mut vol)?;
     Ok(vol)

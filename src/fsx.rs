@@ -1,0 +1,338 @@
+//! Descriptor-relative filesystem primitives for directories that
+//! unprivileged users can write.
+//!
+//! laybak runs as root over trees that other users own. Every operation
+//! below starts from a directory descriptor and names one entry in it (or a
+//! relative path resolved with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+//! RESOLVE_NO_MAGICLINKS`), so a user who swaps a name for a symlink or
+//! another directory can at worst make the operation fail; it never reaches
+//! outside the tree. Metadata is changed through descriptors (`fchmod`,
+//! `fchown`, `fsetxattr`, `futimens`), never by a path.
+
+use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Stat, Timespec, Timestamps};
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Resolution flags for every walk below a descriptor.
+pub const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS);
+
+/// Longest relative path handed to the kernel in one call (below PATH_MAX).
+const SEGMENT: usize = 3072;
+
+/// Bytes as an `OsStr`.
+pub fn os(p: &[u8]) -> &OsStr {
+    OsStr::from_bytes(p)
+}
+
+/// `(dev, ino)` of a stat result.
+pub fn dev_ino(st: &Stat) -> (u64, u64) {
+    (st.st_dev, st.st_ino)
+}
+
+/// Whether a stat result is a directory.
+pub fn is_dir(st: &Stat) -> bool {
+    rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+}
+
+/// Whether a stat result is an overlay whiteout (character device 0/0).
+pub fn is_whiteout(st: &Stat) -> bool {
+    rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::CharacterDevice
+        && st.st_rdev == 0
+}
+
+fn err(e: rustix::io::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+/// Open an absolute path as a directory without following a symlink
+/// anywhere on the way (the path should already be canonical).
+///
+/// # Errors
+/// Missing, not a directory, or a symlink somewhere on the path.
+pub fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
+    let root = rustix::fs::open("/", dir_flags(), Mode::empty()).map_err(err)?;
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    if rel.as_os_str().is_empty() {
+        return Ok(root);
+    }
+    open_beneath(&root, rel.as_os_str().as_bytes(), dir_flags())
+}
+
+fn dir_flags() -> OFlags {
+    OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW
+}
+
+/// Open the relative path `rel` below `dir` with `flags`, resolved beneath
+/// `dir` and never through a symlink. Paths longer than `PATH_MAX` are
+/// opened a segment at a time.
+///
+/// # Errors
+/// Any component missing, a symlink, or outside `dir`.
+pub fn open_beneath(dir: impl AsFd, rel: &[u8], flags: OFlags) -> io::Result<OwnedFd> {
+    let rel = if rel.is_empty() { b".".as_slice() } else { rel };
+    if rel.len() <= SEGMENT {
+        return rustix::fs::openat2(dir, os(rel), flags, Mode::empty(), RESOLVE).map_err(err);
+    }
+    // Split at a '/' no further than SEGMENT bytes in.
+    let cut = rel[..SEGMENT]
+        .iter()
+        .rposition(|&b| b == b'/')
+        .ok_or_else(|| io::Error::from_raw_os_error(rustix::io::Errno::NAMETOOLONG.raw_os_error()))?;
+    let mid = rustix::fs::openat2(
+        dir,
+        os(&rel[..cut]),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        RESOLVE,
+    )
+    .map_err(err)?;
+    open_beneath(&mid, &rel[cut + 1..], flags)
+}
+
+/// Open directory entry `name` of `dir` as a directory (never a symlink).
+///
+/// # Errors
+/// Missing, not a directory, or a symlink.
+pub fn open_subdir(dir: impl AsFd, name: &[u8]) -> io::Result<OwnedFd> {
+    rustix::fs::openat2(dir, os(name), dir_flags(), Mode::empty(), RESOLVE).map_err(err)
+}
+
+/// `lstat` of entry `name` of `dir`; `None` when it does not exist.
+///
+/// # Errors
+/// Any error but `ENOENT`.
+pub fn stat_at(dir: impl AsFd, name: &[u8]) -> io::Result<Option<Stat>> {
+    match rustix::fs::statat(dir, os(name), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(s) => Ok(Some(s)),
+        Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// Names in directory `dir` (without `.` and `..`).
+///
+/// # Errors
+/// The directory cannot be read.
+pub fn names(dir: impl AsFd) -> io::Result<Vec<Vec<u8>>> {
+    let mut d = rustix::fs::Dir::read_from(dir).map_err(err)?;
+    let mut out = Vec::new();
+    while let Some(e) = d.next() {
+        let e = e.map_err(err)?;
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            out.push(n.to_vec());
+        }
+    }
+    Ok(out)
+}
+
+/// The path through which `l*xattr` reach entry `name` of `dir` without
+/// leaving it: `/proc/self/fd/N/name` (the final component is not followed).
+pub fn proc_path(dir: BorrowedFd<'_>, name: &[u8]) -> PathBuf {
+    Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(os(name))
+}
+
+/// Extended attributes `(name, value)`, sorted.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Xattrs of an open file or directory.
+///
+/// # Errors
+/// The filesystem refused the listing.
+pub fn xattrs_fd(fd: impl AsFd) -> io::Result<Xattrs> {
+    let fd = fd.as_fd();
+    let mut out = Vec::new();
+    let n = match rustix::fs::flistxattr_query(fd) {
+        Ok(n) => n,
+        Err(rustix::io::Errno::NOTSUP) => return Ok(out),
+        Err(e) => return Err(err(e)),
+    };
+    if n == 0 {
+        return Ok(out);
+    }
+    let mut names = vec![0u8; n];
+    let n = rustix::fs::flistxattr(fd, &mut names[..]).map_err(err)?;
+    for name in names[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
+        let len = match rustix::fs::fgetxattr_query(fd, os(name)) {
+            Ok(l) => l,
+            Err(rustix::io::Errno::NODATA) => continue,
+            Err(e) => return Err(err(e)),
+        };
+        let mut val = vec![0u8; len];
+        let l = rustix::fs::fgetxattr(fd, os(name), &mut val[..]).map_err(err)?;
+        val.truncate(l);
+        out.push((name.to_vec(), val));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Xattrs of entry `name` of `dir`, whatever its type (not followed).
+///
+/// # Errors
+/// The filesystem refused the listing.
+pub fn xattrs_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Xattrs> {
+    let p = proc_path(dir, name);
+    let mut out = Vec::new();
+    let n = match rustix::fs::llistxattr_query(&p) {
+        Ok(n) => n,
+        Err(rustix::io::Errno::NOTSUP) => return Ok(out),
+        Err(e) => return Err(err(e)),
+    };
+    if n == 0 {
+        return Ok(out);
+    }
+    let mut names = vec![0u8; n];
+    let n = rustix::fs::llistxattr(&p, &mut names[..]).map_err(err)?;
+    for k in names[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
+        let len = match rustix::fs::lgetxattr_query(&p, os(k)) {
+            Ok(l) => l,
+            Err(rustix::io::Errno::NODATA) => continue,
+            Err(e) => return Err(err(e)),
+        };
+        let mut val = vec![0u8; len];
+        let l = rustix::fs::lgetxattr(&p, os(k), &mut val[..]).map_err(err)?;
+        val.truncate(l);
+        out.push((k.to_vec(), val));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Remove xattr `key` of entry `name` of `dir` (not followed); a missing
+/// attribute is not an error.
+///
+/// # Errors
+/// The filesystem refused.
+pub fn remove_xattr_at(dir: BorrowedFd<'_>, name: &[u8], key: &[u8]) -> io::Result<()> {
+    match rustix::fs::lremovexattr(proc_path(dir, name), os(key)) {
+        Ok(()) | Err(rustix::io::Errno::NODATA) => Ok(()),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// Set the access and modification times of an open file.
+///
+/// # Errors
+/// The filesystem refused.
+pub fn set_times_fd(fd: impl AsFd, atime: (i64, i64), mtime: (i64, i64)) -> io::Result<()> {
+    let t = |(s, n): (i64, i64)| Timespec {
+        tv_sec: s,
+        tv_nsec: n as _,
+    };
+    rustix::fs::futimens(
+        fd,
+        &Timestamps {
+            last_access: t(atime),
+            last_modification: t(mtime),
+        },
+    )
+    .map_err(err)
+}
+
+/// Copy owner, mode, times and xattrs (except those starting with `skip`,
+/// which are neither copied nor removed) of open directory `from` onto open
+/// directory `to`.
+///
+/// # Errors
+/// Any syscall failure.
+pub fn copy_meta_fd(from: BorrowedFd<'_>, to: BorrowedFd<'_>, skip: &[u8]) -> io::Result<()> {
+    let st = rustix::fs::fstat(from).map_err(err)?;
+    for (k, _) in xattrs_fd(to)? {
+        if !k.starts_with(skip) {
+            match rustix::fs::fremovexattr(to, os(&k)) {
+                Ok(()) | Err(rustix::io::Errno::NODATA) => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
+    }
+    for (k, v) in xattrs_fd(from)? {
+        if !k.starts_with(skip) {
+            rustix::fs::fsetxattr(to, os(&k), &v, rustix::fs::XattrFlags::empty()).map_err(err)?;
+        }
+    }
+    rustix::fs::fchown(
+        to,
+        Some(rustix::fs::Uid::from_raw(st.st_uid)),
+        Some(rustix::fs::Gid::from_raw(st.st_gid)),
+    )
+    .map_err(err)?;
+    rustix::fs::fchmod(to, Mode::from_raw_mode(st.st_mode & 0o7777)).map_err(err)?;
+    set_times_fd(
+        to,
+        (st.st_atime, st.st_atime_nsec as i64),
+        (st.st_mtime, st.st_mtime_nsec as i64),
+    )
+}
+
+/// Remove entry `name` of `dir` and, if it is a directory, everything in
+/// it, working only through descriptors. A missing entry is not an error.
+/// A name swapped for something else while this runs makes it fail (the
+/// `unlinkat` flag no longer matches the type); nothing outside `dir` is
+/// ever touched.
+///
+/// # Errors
+/// Any filesystem error.
+pub fn remove_all_at(dir: impl AsFd, name: &[u8]) -> io::Result<()> {
+    let dir = dir.as_fd();
+    let Some(st) = stat_at(dir, name)? else {
+        return Ok(());
+    };
+    if is_dir(&st) {
+        let sub = open_subdir(dir, name)?;
+        if dev_ino(&rustix::fs::fstat(&sub).map_err(err)?) != dev_ino(&st) {
+            return Err(io::Error::other("directory changed while being removed"));
+        }
+        for n in names(&sub)? {
+            remove_all_at(&sub, &n)?;
+        }
+        drop(sub);
+        rustix::fs::unlinkat(dir, os(name), AtFlags::REMOVEDIR).map_err(err)
+    } else {
+        match rustix::fs::unlinkat(dir, os(name), AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(err(e)),
+        }
+    }
+}
+
+/// Rename entry `from` of `fdir` to `to` of `tdir` (replacing a
+/// non-directory or an empty directory there).
+///
+/// # Errors
+/// The kernel refused.
+pub fn rename_at(fdir: impl AsFd, from: &[u8], tdir: impl AsFd, to: &[u8]) -> io::Result<()> {
+    rustix::fs::renameat(fdir, os(from), tdir, os(to)).map_err(err)
+}
+
+/// Create directory `path` (and missing parents) with mode `mode`, or
+/// tighten an existing one to `mode` and root ownership when it is looser.
+/// Used for laybak's own root-only directories.
+///
+/// # Errors
+/// It cannot be created or is not a directory.
+pub fn private_dir(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.is_dir() => {
+            if md.mode() & 0o077 != 0 {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+            }
+            Ok(())
+        }
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a directory", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path),
+        Err(e) => Err(e),
+    }
+}
