@@ -119,9 +119,9 @@ pub fn stat_at(dir: impl AsFd, name: &[u8]) -> io::Result<Option<Stat>> {
 /// # Errors
 /// The directory cannot be read.
 pub fn names(dir: impl AsFd) -> io::Result<Vec<Vec<u8>>> {
-    let mut d = rustix::fs::Dir::read_from(dir).map_err(err)?;
+    let d = rustix::fs::Dir::read_from(dir).map_err(err)?;
     let mut out = Vec::new();
-    while let Some(e) = d.next() {
+    for e in d {
         let e = e.map_err(err)?;
         let n = e.file_name().to_bytes();
         if n != b"." && n != b".." {
