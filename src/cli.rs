@@ -132,6 +132,14 @@ pub enum Cmd {
         /// Volume for `latest`.
         #[arg(long)]
         volume: Option<String>,
+        /// Do not recreate device nodes (always so when the target belongs
+        /// to a user other than root).
+        #[arg(long)]
+        no_devices: bool,
+        /// Clear setuid/setgid bits and drop file capabilities (always so
+        /// when the target belongs to a user other than root).
+        #[arg(long)]
+        no_setuid: bool,
     },
     /// Mount a snapshot read-only.
     Mount {
@@ -589,6 +597,8 @@ pub fn run(cli: Cli) -> Result<()> {
             target,
             paths,
             volume,
+            no_devices,
+            no_setuid,
         } => {
             let repo = open_repo(&cli)?;
             let _l = crate::lock::for_reading(&repo, "restore", LOCK_WAIT)?;
@@ -596,11 +606,35 @@ pub fn run(cli: Cli) -> Result<()> {
             let layers = repo.layers_of(&snap)?;
             let view = layer::restack(&layers);
             let items = select(&view, paths)?;
-            materialize::prepare_target(target)?;
+            let dest = materialize::prepare_target(target)?;
+            // A target a user owns is one that user can reach: no devices,
+            // no setuid files, no capabilities from the repository there.
+            let safety = materialize::Safety {
+                no_devices: *no_devices || dest.foreign,
+                no_setuid: *no_setuid || dest.foreign,
+            };
             let bar = tty().then(|| crate::progress::bytes_bar("restoring"));
-            materialize::write_tree(&repo, target, &items, Target::Plain, bar.as_ref())?;
+            let res =
+                materialize::write_tree(&repo, &dest, &items, Target::Plain, safety, bar.as_ref());
             if let Some(b) = bar {
                 b.finish_and_clear();
+            }
+            let stats = res.inspect_err(|_| dest.give_back())?;
+            if dest.foreign {
+                eprintln!(
+                    "laybak: note: {} belonged to another user, so device nodes, setuid/setgid bits and file capabilities were not restored{}",
+                    target.display(),
+                    if stats.skipped_devices > 0 {
+                        format!(" ({} device nodes left out)", stats.skipped_devices)
+                    } else {
+                        String::new()
+                    }
+                );
+            } else if stats.skipped_devices > 0 {
+                eprintln!(
+                    "laybak: note: {} device nodes left out (--no-devices)",
+                    stats.skipped_devices
+                );
             }
             Ok(())
         }

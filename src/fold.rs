@@ -5,32 +5,46 @@
 //! Both directories must be out of any mount. The fold is resumable: every
 //! step removes what it has applied from the upper, so rerunning it after a
 //! crash finishes the job.
+//!
+//! Layers hold directories that their users own and could write if they
+//! could reach them, so everything here works through descriptors
+//! ([`crate::fsx`]): each directory is opened once, relative to its parent,
+//! without following symlinks, and checked to be the directory that was
+//! looked at; metadata is changed with `fchmod`/`fchown`/`fsetxattr`; entries
+//! are removed and moved with `unlinkat`/`renameat` relative to those
+//! descriptors. A name swapped under the fold makes it fail; it never
+//! changes anything outside the two layers.
 
-use crate::scan::{OVL_PREFIX, read_xattrs};
-use anyhow::{Context, Result};
-use std::fs;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use crate::fsx::{self, dev_ino, is_dir, is_whiteout};
+use crate::scan::OVL_PREFIX;
+use anyhow::{Context, Result, bail};
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
-fn is_whiteout(md: &fs::Metadata) -> bool {
-    md.file_type().is_char_device() && md.rdev() == 0
+const OPAQUE: &[u8] = b"trusted.overlay.opaque";
+
+fn open(p: &Path) -> Result<OwnedFd> {
+    fsx::open_dir_path(p).with_context(|| format!("cannot open {}", p.display()))
 }
 
-fn is_opaque(p: &Path) -> Result<bool> {
-    Ok(read_xattrs(p)?
-        .iter()
-        .any(|(k, v)| k.as_slice() == b"trusted.overlay.opaque" && v.as_slice() == b"y"))
-}
-
-fn remove_any(p: &Path) -> Result<()> {
-    match fs::symlink_metadata(p) {
-        Ok(md) if md.is_dir() => {
-            fs::remove_dir_all(p).with_context(|| format!("cannot remove {}", p.display()))
-        }
-        Ok(_) => fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("cannot stat {}", p.display())),
+/// Open subdirectory `name` of `dir`, checking it is the directory `want`
+/// (dev, ino) that was just looked at.
+fn open_checked(dir: BorrowedFd<'_>, name: &[u8], want: (u64, u64)) -> Result<OwnedFd> {
+    let sub = fsx::open_subdir(dir, name)
+        .with_context(|| format!("cannot open {}", crate::layer::show(name)))?;
+    if dev_ino(&rustix::fs::fstat(&sub)?) != want {
+        bail!(
+            "{} changed while laybak was folding layers; rerun the command",
+            crate::layer::show(name)
+        );
     }
+    Ok(sub)
+}
+
+fn is_opaque(dir: BorrowedFd<'_>) -> Result<bool> {
+    Ok(fsx::xattrs_fd(dir)?
+        .iter()
+        .any(|(k, v)| k.as_slice() == OPAQUE && v.as_slice() == b"y"))
 }
 
 /// Copy owner, mode, times and user xattrs of directory `from` onto `to`
@@ -39,46 +53,9 @@ fn remove_any(p: &Path) -> Result<()> {
 /// # Errors
 /// Any syscall failure.
 pub fn copy_dir_meta(from: &Path, to: &Path) -> Result<()> {
-    let md = fs::symlink_metadata(from)?;
-    let old: Vec<_> = read_xattrs(to)?
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with(OVL_PREFIX))
-        .collect();
-    for (k, _) in &old {
-        let _ = rustix::fs::lremovexattr(to, std::ffi::CString::new(k.clone())?.as_c_str());
-    }
-    for (k, v) in read_xattrs(from)? {
-        if k.starts_with(OVL_PREFIX) {
-            continue;
-        }
-        rustix::fs::lsetxattr(
-            to,
-            std::ffi::CString::new(k)?.as_c_str(),
-            &v,
-            rustix::fs::XattrFlags::empty(),
-        )
-        .with_context(|| format!("cannot copy xattrs to {}", to.display()))?;
-    }
-    std::os::unix::fs::lchown(to, Some(md.uid()), Some(md.gid()))?;
-    rustix::fs::chmod(to, rustix::fs::Mode::from_raw_mode(md.mode() & 0o7777))?;
-    set_times(to, &md)
-}
-
-fn set_times(to: &Path, md: &fs::Metadata) -> Result<()> {
-    let t = |s: i64, n: i64| rustix::fs::Timespec {
-        tv_sec: s,
-        tv_nsec: n as _,
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        to,
-        &rustix::fs::Timestamps {
-            last_access: t(md.atime(), md.atime_nsec()),
-            last_modification: t(md.mtime(), md.mtime_nsec()),
-        },
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .with_context(|| format!("cannot set times of {}", to.display()))
+    let (f, t) = (open(from)?, open(to)?);
+    fsx::copy_meta_fd(f.as_fd(), t.as_fd(), OVL_PREFIX)
+        .with_context(|| format!("cannot copy metadata to {}", to.display()))
 }
 
 /// Fold directory `upper` into `lower`: whiteouts delete, opaque directories
@@ -89,40 +66,68 @@ fn set_times(to: &Path, md: &fs::Metadata) -> Result<()> {
 /// # Errors
 /// Any filesystem error; rerun to resume.
 pub fn fold(upper: &Path, lower: &Path, keep_markers: bool) -> Result<()> {
-    let upper_md = fs::symlink_metadata(upper)?;
-    for ent in fs::read_dir(upper).with_context(|| format!("cannot list {}", upper.display()))? {
-        let ent = ent?;
-        let src = ent.path();
-        let dst = lower.join(ent.file_name());
-        let md = fs::symlink_metadata(&src)?;
-        if is_whiteout(&md) {
-            remove_any(&dst)?;
-            fs::remove_file(&src)?;
-        } else if md.is_dir() {
-            let opaque = is_opaque(&src)?;
-            let dst_is_dir = fs::symlink_metadata(&dst).is_ok_and(|m| m.is_dir());
+    let (u, l) = (open(upper)?, open(lower)?);
+    fold_fd(u.as_fd(), l.as_fd(), keep_markers)
+        .with_context(|| format!("folding {} into {}", upper.display(), lower.display()))
+}
+
+fn fold_fd(upper: BorrowedFd<'_>, lower: BorrowedFd<'_>, keep_markers: bool) -> Result<()> {
+    let show = crate::layer::show;
+    // Moving entries out changes the upper's times: keep the original ones.
+    let up_st = rustix::fs::fstat(upper)?;
+    for name in fsx::names(upper)? {
+        let Some(st) = fsx::stat_at(upper, &name)? else {
+            continue;
+        };
+        let dst = fsx::stat_at(lower, &name)?;
+        let dst_is_dir = dst.as_ref().is_some_and(is_dir);
+        if is_whiteout(&st) {
+            fsx::remove_all_at(lower, &name)
+                .with_context(|| format!("cannot remove {}", show(&name)))?;
+            rustix::fs::unlinkat(upper, fsx::os(&name), rustix::fs::AtFlags::empty())
+                .with_context(|| format!("cannot remove whiteout {}", show(&name)))?;
+        } else if is_dir(&st) {
+            let sub = open_checked(upper, &name, dev_ino(&st))?;
+            let opaque = is_opaque(sub.as_fd())?;
             if opaque || !dst_is_dir {
-                remove_any(&dst)?;
+                fsx::remove_all_at(lower, &name)
+                    .with_context(|| format!("cannot remove {}", show(&name)))?;
                 if opaque && !keep_markers {
-                    let _ = rustix::fs::lremovexattr(&src, "trusted.overlay.opaque");
+                    match rustix::fs::fremovexattr(&sub, fsx::os(OPAQUE)) {
+                        Ok(()) | Err(rustix::io::Errno::NODATA) => {}
+                        Err(e) => return Err(e.into()),
+                    }
                 }
-                fs::rename(&src, &dst).with_context(|| {
-                    format!("cannot move {} to {}", src.display(), dst.display())
-                })?;
+                drop(sub);
+                fsx::rename_at(upper, &name, lower, &name)
+                    .with_context(|| format!("cannot move {}", show(&name)))?;
             } else {
-                fold(&src, &dst, keep_markers)?;
-                fs::remove_dir(&src)?;
+                let dst = dst.expect("checked above");
+                let dsub = open_checked(lower, &name, dev_ino(&dst))?;
+                fold_fd(sub.as_fd(), dsub.as_fd(), keep_markers)
+                    .with_context(|| format!("in {}", show(&name)))?;
+                drop(sub);
+                rustix::fs::unlinkat(upper, fsx::os(&name), rustix::fs::AtFlags::REMOVEDIR)
+                    .with_context(|| format!("cannot remove {}", show(&name)))?;
             }
         } else {
-            if fs::symlink_metadata(&dst).is_ok_and(|m| m.is_dir()) {
-                remove_any(&dst)?;
+            if dst_is_dir {
+                fsx::remove_all_at(lower, &name)
+                    .with_context(|| format!("cannot remove {}", show(&name)))?;
             }
-            fs::rename(&src, &dst)
-                .with_context(|| format!("cannot move {} to {}", src.display(), dst.display()))?;
+            fsx::rename_at(upper, &name, lower, &name)
+                .with_context(|| format!("cannot move {}", show(&name)))?;
         }
     }
-    copy_dir_meta(upper, lower)?;
-    set_times(lower, &upper_md)
+    // The merged directory's own metadata comes from the upper; its times
+    // last, since the moves above changed the lower's mtime.
+    fsx::copy_meta_fd(upper, lower, OVL_PREFIX)?;
+    fsx::set_times_fd(
+        lower,
+        (up_st.st_atime, up_st.st_atime_nsec as i64),
+        (up_st.st_mtime, up_st.st_mtime_nsec as i64),
+    )?;
+    Ok(())
 }
 
 /// Remove every whiteout and overlay xattr below `dir` (a flattened base
@@ -131,28 +136,46 @@ pub fn fold(upper: &Path, lower: &Path, keep_markers: bool) -> Result<()> {
 /// # Errors
 /// Any filesystem error.
 pub fn strip_overlay_artifacts(dir: &Path) -> Result<()> {
-    strip_xattrs(dir)?;
-    let md = fs::symlink_metadata(dir)?;
-    for ent in fs::read_dir(dir)? {
-        let p = ent?.path();
-        let m = fs::symlink_metadata(&p)?;
-        if is_whiteout(&m) {
-            fs::remove_file(&p)?;
-        } else if m.is_dir() {
-            strip_overlay_artifacts(&p)?;
-        } else {
-            strip_xattrs(&p)?;
-        }
-    }
-    set_times(dir, &md)
+    let d = open(dir)?;
+    strip_fd(d.as_fd()).with_context(|| format!("cleaning {}", dir.display()))
 }
 
-fn strip_xattrs(p: &Path) -> Result<()> {
-    for (k, _) in read_xattrs(p)? {
-        if k.starts_with(OVL_PREFIX) && !k.starts_with(b"trusted.overlay.overlay.") {
-            rustix::fs::lremovexattr(p, std::ffi::CString::new(k)?.as_c_str())
-                .with_context(|| format!("cannot clean {}", p.display()))?;
+fn is_bookkeeping(k: &[u8]) -> bool {
+    k.starts_with(OVL_PREFIX) && !k.starts_with(b"trusted.overlay.overlay.")
+}
+
+fn strip_fd(dir: BorrowedFd<'_>) -> Result<()> {
+    let show = crate::layer::show;
+    let st = rustix::fs::fstat(dir)?;
+    for (k, _) in fsx::xattrs_fd(dir)? {
+        if is_bookkeeping(&k) {
+            rustix::fs::fremovexattr(dir, fsx::os(&k))?;
         }
     }
+    for name in fsx::names(dir)? {
+        let Some(m) = fsx::stat_at(dir, &name)? else {
+            continue;
+        };
+        if is_whiteout(&m) {
+            rustix::fs::unlinkat(dir, fsx::os(&name), rustix::fs::AtFlags::empty())
+                .with_context(|| format!("cannot remove whiteout {}", show(&name)))?;
+        } else if is_dir(&m) {
+            let sub = open_checked(dir, &name, dev_ino(&m))?;
+            strip_fd(sub.as_fd()).with_context(|| format!("in {}", show(&name)))?;
+        } else {
+            for (k, _) in fsx::xattrs_at(dir, &name)? {
+                if is_bookkeeping(&k) {
+                    fsx::remove_xattr_at(dir, &name, &k)
+                        .with_context(|| format!("cannot clean {}", show(&name)))?;
+                }
+            }
+        }
+    }
+    // Removing whiteouts changed the directory's mtime: put it back.
+    fsx::set_times_fd(
+        dir,
+        (st.st_atime, st.st_atime_nsec as i64),
+        (st.st_mtime, st.st_mtime_nsec as i64),
+    )?;
     Ok(())
 }

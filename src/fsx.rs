@@ -336,3 +336,77 @@ pub fn private_dir(path: &Path) -> io::Result<()> {
         Err(e) => Err(e),
     }
 }
+
+/// Open directory `path` (absolute, or relative to the working directory)
+/// for use as a parent, following a symlink on the way only when root owns
+/// it. Each component is looked up relative to the previous one, so a user
+/// who swaps a component while this runs makes it fail instead of
+/// redirecting it; a user's own symlink (planted in a directory they
+/// control, pointing at one of root's) is refused.
+///
+/// # Errors
+/// Missing, not a directory, or a symlink owned by another user.
+pub fn open_dir_trusted(path: &Path) -> io::Result<OwnedFd> {
+    use std::collections::VecDeque;
+    use std::path::Component;
+    let start = |abs: bool| {
+        rustix::fs::open(
+            if abs { "/" } else { "." },
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(err)
+    };
+    let mut fd = start(path.is_absolute())?;
+    let mut todo: VecDeque<Vec<u8>> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.as_bytes().to_vec()),
+            Component::ParentDir => Some(b"..".to_vec()),
+            _ => None,
+        })
+        .collect();
+    let mut links = 0;
+    while let Some(c) = todo.pop_front() {
+        let st = rustix::fs::statat(&fd, os(&c), AtFlags::SYMLINK_NOFOLLOW).map_err(err)?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Symlink {
+            links += 1;
+            if st.st_uid != 0 || links > 40 {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} goes through a symlink {} owned by uid {}, which laybak will not follow as root: give the real path",
+                        path.display(),
+                        String::from_utf8_lossy(&c),
+                        st.st_uid
+                    ),
+                ));
+            }
+            let target = rustix::fs::readlinkat(&fd, os(&c), Vec::new()).map_err(err)?;
+            let t = Path::new(os(target.as_bytes()));
+            if t.is_absolute() {
+                fd = start(true)?;
+            }
+            for (i, n) in t
+                .components()
+                .filter_map(|c| match c {
+                    Component::Normal(n) => Some(n.as_bytes().to_vec()),
+                    Component::ParentDir => Some(b"..".to_vec()),
+                    _ => None,
+                })
+                .enumerate()
+            {
+                todo.insert(i, n);
+            }
+            continue;
+        }
+        fd = rustix::fs::openat(
+            &fd,
+            os(&c),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+        )
+        .map_err(err)?;
+    }
+    Ok(fd)
+}

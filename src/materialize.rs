@@ -14,7 +14,7 @@ use crate::repo::Repo;
 use anyhow::{Context, Result, anyhow, bail};
 use rayon::prelude::*;
 use rustix::fd::{AsFd, OwnedFd};
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -44,6 +44,8 @@ pub struct Stats {
     pub entries: u64,
     /// File bytes written.
     pub bytes: u64,
+    /// Device nodes left out ([`Safety::no_devices`]).
+    pub skipped_devices: u64,
 }
 
 /// One unit of restore work: a file index, a run of (offset, chunk), and
@@ -53,10 +55,6 @@ type WriteTask<'a> = (usize, Vec<(u64, &'a Chunk)>, bool);
 /// Chunks (about 1 MiB each) written by one task: big files are restored by
 /// several threads at once.
 const CHUNKS_PER_TASK: usize = 8;
-
-const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
-    .union(ResolveFlags::NO_SYMLINKS)
-    .union(ResolveFlags::NO_MAGICLINKS);
 
 fn split(path: &[u8]) -> (&[u8], &[u8]) {
     match path.iter().rposition(|&b| b == b'/') {
@@ -71,21 +69,18 @@ fn os(p: &[u8]) -> &std::ffi::OsStr {
 }
 
 struct Writer<'a> {
-    root: OwnedFd,
-    root_path: &'a Path,
+    root: rustix::fd::BorrowedFd<'a>,
     as_root: bool,
+    safety: Safety,
     cached: Option<(Vec<u8>, OwnedFd)>,
 }
 
 impl Writer<'_> {
     fn open_dir(&self, rel: &[u8]) -> Result<OwnedFd> {
-        let p = if rel.is_empty() { b".".as_slice() } else { rel };
-        rustix::fs::openat2(
-            &self.root,
-            os(p),
+        crate::fsx::open_beneath(
+            self.root,
+            rel,
             OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode::empty(),
-            RESOLVE,
         )
         .with_context(|| {
             format!(
@@ -104,12 +99,10 @@ impl Writer<'_> {
     }
 
     fn open_file(&self, rel: &[u8]) -> Result<std::fs::File> {
-        let fd = rustix::fs::openat2(
-            &self.root,
-            os(rel),
+        let fd = crate::fsx::open_beneath(
+            self.root,
+            rel,
             OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode::empty(),
-            RESOLVE,
         )
         .with_context(|| format!("cannot reopen {}", show(rel)))?;
         Ok(std::fs::File::from(fd))
@@ -168,6 +161,20 @@ fn proc_path(dir: &OwnedFd, name: &[u8]) -> std::path::PathBuf {
     Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(os(name))
 }
 
+/// The mode and xattrs to give `e`, with setuid/setgid bits and file
+/// capabilities removed when `safety` says so.
+fn safe_meta(e: &Entry, target: Target, safety: Safety) -> (u32, Vec<(Vec<u8>, Vec<u8>)>) {
+    let mut mode = e.meta.mode;
+    let mut x = user_xattrs(&e.meta.xattrs, target);
+    if safety.no_setuid {
+        if !e.node.is_dir() {
+            mode &= !0o6000;
+        }
+        x.retain(|(k, _)| k.as_slice() != b"security.capability");
+    }
+    (mode, x)
+}
+
 /// Metadata for a non-directory, non-regular entry, by name in its parent.
 fn apply_meta_at(
     dir: &OwnedFd,
@@ -175,8 +182,10 @@ fn apply_meta_at(
     e: &Entry,
     as_root: bool,
     target: Target,
+    safety: Safety,
 ) -> Result<()> {
     let m = &e.meta;
+    let (mode, xattrs) = safe_meta(e, target, safety);
     if as_root {
         rustix::fs::chownat(
             dir,
@@ -187,13 +196,9 @@ fn apply_meta_at(
         )
         .with_context(|| format!("cannot chown {}", show(&e.path)))?;
     }
-    set_xattrs_path(
-        &proc_path(dir, name),
-        &user_xattrs(&m.xattrs, target),
-        as_root,
-    )?;
+    set_xattrs_path(&proc_path(dir, name), &xattrs, as_root)?;
     if !matches!(e.node, Node::Symlink { .. }) {
-        rustix::fs::chmodat(dir, os(name), Mode::from_raw_mode(m.mode), AtFlags::empty())
+        rustix::fs::chmodat(dir, os(name), Mode::from_raw_mode(mode), AtFlags::empty())
             .with_context(|| format!("cannot chmod {}", show(&e.path)))?;
     }
     rustix::fs::utimensat(
@@ -207,9 +212,16 @@ fn apply_meta_at(
 }
 
 /// Metadata of a directory or regular file through an open fd.
-fn apply_meta_fd(fd: impl AsFd, e: &Entry, as_root: bool, target: Target) -> Result<()> {
+fn apply_meta_fd(
+    fd: impl AsFd,
+    e: &Entry,
+    as_root: bool,
+    target: Target,
+    safety: Safety,
+) -> Result<()> {
     let fd = fd.as_fd();
     let m = &e.meta;
+    let (mode, mut xattrs) = safe_meta(e, target, safety);
     if as_root {
         rustix::fs::fchown(
             fd,
@@ -218,7 +230,6 @@ fn apply_meta_fd(fd: impl AsFd, e: &Entry, as_root: bool, target: Target) -> Res
         )
         .with_context(|| format!("cannot chown {}", show(&e.path)))?;
     }
-    let mut xattrs = user_xattrs(&m.xattrs, target);
     if target == Target::Lowerdir && matches!(e.node, Node::Dir { opaque: true }) {
         xattrs.push((b"trusted.overlay.opaque".to_vec(), b"y".to_vec()));
     }
@@ -236,36 +247,151 @@ fn apply_meta_fd(fd: impl AsFd, e: &Entry, as_root: bool, target: Target) -> Res
             });
         }
     }
-    rustix::fs::fchmod(fd, Mode::from_raw_mode(m.mode))
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))
         .with_context(|| format!("cannot chmod {}", show(&e.path)))?;
     rustix::fs::futimens(fd, &ts(m.mtime, m.mtime_ns))
         .with_context(|| format!("cannot set times of {}", show(&e.path)))?;
     Ok(())
 }
 
-/// Check that `target` is missing or an empty directory, and create it.
+/// What a restore may recreate. A crafted or foreign repository can hold
+/// device nodes, setuid files and file capabilities; restoring them where
+/// an unprivileged user can reach them hands that user root.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Safety {
+    /// Skip device nodes (character and block).
+    pub no_devices: bool,
+    /// Clear setuid/setgid bits on non-directories and drop
+    /// `security.capability`.
+    pub no_setuid: bool,
+}
+
+/// A restore target, opened once and held by descriptor.
+pub struct Dest {
+    /// The target directory.
+    pub fd: OwnedFd,
+    /// Its path, for messages.
+    pub shown: std::path::PathBuf,
+    /// Whether the directory belonged to someone other than root before
+    /// the restore (laybak made it root's alone while it writes).
+    pub foreign: bool,
+    /// Owner, group and mode it had before, put back if the restore fails.
+    orig: (u32, u32, u32),
+}
+
+impl Dest {
+    /// A directory of laybak's own (root-only, such as a cache entry being
+    /// built), opened without following symlinks.
+    ///
+    /// # Errors
+    /// It cannot be opened.
+    pub fn own(path: &Path) -> Result<Dest> {
+        let fd = crate::fsx::open_dir_path(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let st = rustix::fs::fstat(&fd)?;
+        Ok(Dest {
+            fd,
+            shown: path.to_path_buf(),
+            foreign: false,
+            orig: (st.st_uid, st.st_gid, st.st_mode & 0o7777),
+        })
+    }
+
+    /// Put the target's original owner and mode back (after a failure).
+    pub fn give_back(&self) {
+        let (u, g, m) = self.orig;
+        let _ = rustix::fs::fchown(
+            &self.fd,
+            Some(rustix::fs::Uid::from_raw(u)),
+            Some(rustix::fs::Gid::from_raw(g)),
+        );
+        let _ = rustix::fs::fchmod(&self.fd, Mode::from_raw_mode(m));
+    }
+}
+
+/// Open the restore target: missing (created, `0700`) or an empty
+/// directory. Nothing on the way is followed unless root owns it (see
+/// [`crate::fsx::open_dir_trusted`]); the target itself is never a symlink.
+/// A target owned by another user is made root's alone (`0700`, root) for
+/// the time of the restore, and checked for emptiness only after that, so
+/// its owner cannot swap names under the writes; the restore gives it the
+/// snapshot root's owner and mode at the end.
 ///
 /// # Errors
-/// It is a non-empty directory or not a directory.
-pub fn prepare_target(target: &Path) -> Result<()> {
-    match std::fs::symlink_metadata(target) {
-        Ok(md) if md.is_dir() => {
-            if std::fs::read_dir(target)?.next().is_some() {
-                bail!(
-                    "restore target {} is not empty: give a new or empty directory",
-                    target.display()
-                );
-            }
-            Ok(())
-        }
-        Ok(_) => bail!(
-            "restore target {} exists and is not a directory: give a new or empty directory",
+/// It is a non-empty directory, not a directory, or reached through a
+/// user's symlink.
+pub fn prepare_target(target: &Path) -> Result<Dest> {
+    use std::os::unix::ffi::OsStrExt;
+    let (parent, name) = match (target.parent(), target.file_name()) {
+        (Some(p), Some(n)) => (
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            },
+            n,
+        ),
+        _ => bail!(
+            "restore target {} is not a usable directory name: give a new or empty directory",
             target.display()
         ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(target)
-            .with_context(|| format!("cannot create {}", target.display())),
-        Err(e) => Err(e).with_context(|| format!("cannot access {}", target.display())),
+    };
+    if !parent.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
     }
+    let pfd = crate::fsx::open_dir_trusted(parent)
+        .with_context(|| format!("cannot open {}", parent.display()))?;
+    let created = match rustix::fs::mkdirat(&pfd, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) => true,
+        Err(rustix::io::Errno::EXIST) => false,
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", target.display())),
+    };
+    let fd = crate::fsx::open_subdir(&pfd, name.as_bytes()).map_err(|e| {
+        if e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) {
+            anyhow!(
+                "restore target {} exists and is not a directory: give a new or empty directory",
+                target.display()
+            )
+        } else {
+            anyhow!(
+                "restore target {} cannot be opened as a directory ({e}; a symlink is never followed): give a new or empty directory",
+                target.display()
+            )
+        }
+    })?;
+    let st = rustix::fs::fstat(&fd)?;
+    let orig = (st.st_uid, st.st_gid, st.st_mode & 0o7777);
+    let dest = Dest {
+        fd,
+        shown: target.to_path_buf(),
+        foreign: rustix::process::geteuid().is_root() && st.st_uid != 0,
+        orig,
+    };
+    let as_root = rustix::process::geteuid().is_root();
+    if as_root && !created && (st.st_uid != 0 || st.st_gid != 0 || st.st_mode & 0o077 != 0) {
+        // Root's alone while it writes: nobody else can create, rename or
+        // open anything in it from here on.
+        rustix::fs::fchown(
+            &dest.fd,
+            Some(rustix::fs::Uid::ROOT),
+            Some(rustix::fs::Gid::ROOT),
+        )
+        .with_context(|| format!("cannot take over {} for the restore", target.display()))?;
+        rustix::fs::fchmod(&dest.fd, Mode::from_raw_mode(0o700))?;
+    }
+    if !crate::fsx::names(&dest.fd)?.is_empty() {
+        dest.give_back();
+        bail!(
+            "restore target {} is not empty: give a new or empty directory",
+            target.display()
+        );
+    }
+    Ok(dest)
 }
 
 /// Write `items` (sorted by path, parents before children, the root entry
@@ -275,21 +401,16 @@ pub fn prepare_target(target: &Path) -> Result<()> {
 /// Unsafe paths, refused writes, missing or corrupt blobs, I/O errors.
 pub fn write_tree(
     repo: &Repo,
-    target: &Path,
+    target: &Dest,
     items: &[Item<'_>],
     mode: Target,
+    safety: Safety,
     progress: Option<&indicatif::ProgressBar>,
 ) -> Result<Stats> {
-    let root = rustix::fs::open(
-        target,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .with_context(|| format!("cannot open {}", target.display()))?;
     let mut w = Writer {
-        root,
-        root_path: target,
+        root: target.fd.as_fd(),
         as_root: rustix::process::geteuid().is_root(),
+        safety,
         cached: None,
     };
     let mut stats = Stats::default();
@@ -315,6 +436,10 @@ pub fn write_tree(
                 "refusing manifest entry with unsafe path {:?}",
                 show(&e.path)
             );
+        }
+        if safety.no_devices && matches!(e.node, Node::CharDev { .. } | Node::BlockDev { .. }) {
+            stats.skipped_devices += 1;
+            continue;
         }
         stats.entries += 1;
         if e.path.is_empty() {
@@ -385,7 +510,7 @@ pub fn write_tree(
             return Err(err).with_context(|| format!("cannot create {}", show(&e.path)));
         }
         if !matches!(e.node, Node::Dir { .. } | Node::File { .. }) {
-            apply_meta_at(pdir, name, e, as_root, mode)?;
+            apply_meta_at(pdir, name, e, as_root, mode, safety)?;
         }
     }
     drop(w.cached.take());
@@ -439,7 +564,7 @@ pub fn write_tree(
             let f = w.open_file(&e.path)?;
             let n = write_run(e, &f, run)?;
             if *whole {
-                apply_meta_fd(&f, e, w.as_root, mode)?;
+                apply_meta_fd(&f, e, w.as_root, mode, w.safety)?;
             }
             Ok(n)
         })
@@ -451,15 +576,15 @@ pub fn write_tree(
     big_files.par_iter().try_for_each(|&i| -> Result<()> {
         let e = files[i];
         let f = w.open_file(&e.path)?;
-        apply_meta_fd(&f, e, w.as_root, mode)
+        apply_meta_fd(&f, e, w.as_root, mode, w.safety)
     })?;
     stats.bytes = bytes;
     // Pass 3: directory metadata, deepest first, so child creation does not
     // disturb a parent's restored mtime.
     for e in dirs.iter().rev() {
         let fd = w.open_dir(&e.path)?;
-        apply_meta_fd(&fd, e, w.as_root, mode)?;
+        apply_meta_fd(&fd, e, w.as_root, mode, w.safety)?;
     }
-    rustix::fs::syncfs(&w.root).map_err(|e| anyhow!("syncfs {}: {e}", w.root_path.display()))?;
+    rustix::fs::syncfs(w.root).map_err(|e| anyhow!("syncfs {}: {e}", target.shown.display()))?;
     Ok(stats)
 }

@@ -16,6 +16,7 @@
 //! ```
 
 use crate::error::{Busy, Coded, need_root};
+use rustix::fd::AsFd;
 use crate::fold;
 use crate::format::{Id, Time};
 use crate::layer::Layer;
@@ -102,6 +103,10 @@ pub struct VolumeState {
     /// moves the contents back (a resumed detach needs the original).
     #[serde(default)]
     pub detach_root_mtime: Option<(i64, i64)>,
+    /// Name the layer store was renamed to by `detach` because the user's
+    /// data holds its own `.laybak`.
+    #[serde(default)]
+    pub detach_store: Option<String>,
     /// Repository layers made by `forget` from layers this host still has
     /// locally: squashed id → the ids it replaced (which may themselves be
     /// squashed ids). Lets historical mounts use local layer directories.
@@ -624,6 +629,7 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
         attach_root_mtime: Some((root_md.mtime(), root_md.mtime_nsec())),
         policy: None,
         detach_root_mtime: None,
+        detach_store: None,
         aliases: Default::default(),
     };
     fs::create_dir_all(state_dir.join("volumes"))
@@ -645,16 +651,30 @@ fn finish_attach(vol: &mut Volume) -> Result<()> {
     let path = vol.st.path.clone();
     let store = path.join(STORE);
     let base = store.join("l").join("1");
-    if !base.exists() {
-        fs::create_dir(&base)?;
-    }
-    for ent in fs::read_dir(&path)? {
-        let ent = ent?;
-        if ent.file_name() == STORE {
-            continue;
+    {
+        // Users may write the directory while it is attached: move by
+        // descriptors, one name at a time, never through a path they own.
+        let vfd = crate::fsx::open_dir_path(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        secure_store_in(&vfd)?;
+        let store_fd = crate::fsx::open_subdir(&vfd, STORE.as_bytes())?;
+        let l_fd = crate::fsx::open_subdir(&store_fd, b"l")?;
+        match rustix::fs::mkdirat(&l_fd, "1", rustix::fs::Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e).context("cannot create the base layer"),
         }
-        fs::rename(ent.path(), base.join(ent.file_name()))
-            .with_context(|| format!("cannot move {} into the base layer", ent.path().display()))?;
+        let base_fd = crate::fsx::open_subdir(&l_fd, b"1")?;
+        for name in crate::fsx::names(&vfd)? {
+            if name == STORE.as_bytes() {
+                continue;
+            }
+            crate::fsx::rename_at(&vfd, &name, &base_fd, &name).with_context(|| {
+                format!(
+                    "cannot move {} into the base layer",
+                    crate::layer::show(&name)
+                )
+            })?;
+        }
     }
     fold::copy_dir_meta(&path, &base)?;
     if let Some((secs, nanos)) = vol.st.attach_root_mtime {
@@ -972,42 +992,94 @@ pub fn detach(vol: &mut Volume, wait: Duration) -> Result<usize> {
         .first()
         .map(|l| l.seq)
         .ok_or_else(|| anyhow!("no layers"))?;
-    let base = vol.layer_dir(base_seq);
-    let mut rest: Vec<u64> = vol.st.layers.iter().skip(1).map(|l| l.seq).collect();
-    rest.push(vol.st.upper);
-    for seq in rest {
-        let d = vol.layer_dir(seq);
-        if d.exists() {
-            fold::fold(&d, &base, false)?;
-            fs::remove_dir(&d)?;
-            crate::failpoint::hit("detach-fold")?;
+    if vol.st.detach_store.is_none() {
+        let base = vol.layer_dir(base_seq);
+        let mut rest: Vec<u64> = vol.st.layers.iter().skip(1).map(|l| l.seq).collect();
+        rest.push(vol.st.upper);
+        for seq in rest {
+            let d = vol.layer_dir(seq);
+            if d.exists() {
+                fold::fold(&d, &base, false)?;
+                fs::remove_dir(&d)?;
+                crate::failpoint::hit("detach-fold")?;
+            }
         }
+        fold::strip_overlay_artifacts(&base)?;
     }
-    fold::strip_overlay_artifacts(&base)?;
     let root = vol.backing();
     guard(&root, false)?;
+    let rfd = crate::fsx::open_dir_path(&root)
+        .with_context(|| format!("cannot open {}", root.display()))?;
+    let store = detach_store_name(vol, &rfd, base_seq)?;
+    let base_rel = format!("{store}/l/{base_seq}");
+    let base_fd = crate::fsx::open_beneath(&rfd, base_rel.as_bytes(), open_dir_flags())
+        .with_context(|| format!("cannot open the flattened layer {base_rel} of {}", root.display()))?;
     if vol.st.detach_root_mtime.is_none() {
-        let md = fs::symlink_metadata(&base)?;
-        vol.st.detach_root_mtime = Some((md.mtime(), md.mtime_nsec()));
+        let st = rustix::fs::fstat(&base_fd)?;
+        vol.st.detach_root_mtime = Some((st.st_mtime, st.st_mtime_nsec as i64));
         vol.save()?;
     }
     let (mt, mt_ns) = vol.st.detach_root_mtime.unwrap_or_default();
-    for ent in fs::read_dir(&base)? {
-        let ent = ent?;
-        fs::rename(ent.path(), root.join(ent.file_name()))?;
+    for name in crate::fsx::names(&base_fd)? {
+        crate::fsx::rename_at(&base_fd, &name, &rfd, &name).with_context(|| {
+            format!(
+                "cannot move {} back into {}",
+                crate::layer::show(&name),
+                vol.st.path.display()
+            )
+        })?;
         crate::failpoint::hit("detach-move")?;
     }
-    fold::copy_dir_meta(&base, &root)?;
-    fs::remove_dir_all(root.join(STORE))?;
+    crate::fsx::copy_meta_fd(base_fd.as_fd(), rfd.as_fd(), crate::scan::OVL_PREFIX)?;
+    drop(base_fd);
+    crate::fsx::remove_all_at(&rfd, store.as_bytes())
+        .with_context(|| format!("cannot remove the layer store {store} of {}", root.display()))?;
     // Moving entries and removing the store changed the root's mtime.
-    set_mtime(&root, mt, mt_ns)?;
-    crate::backend::sync_dir(&root)?;
+    crate::fsx::set_times_fd(&rfd, (mt, mt_ns), (mt, mt_ns))?;
+    rustix::fs::fsync(&rfd)?;
+    drop(rfd);
     overlay::unmount_wait(&root, wait)?;
     let _ = fs::remove_dir(&root);
     fs::remove_file(state_file(&vol.state_dir, &vol.st.name))?;
     drop(lock);
     let _ = fs::remove_file(vol.lock_path());
     Ok(pending)
+}
+
+fn open_dir_flags() -> rustix::fs::OFlags {
+    rustix::fs::OFlags::DIRECTORY
+        | rustix::fs::OFlags::RDONLY
+        | rustix::fs::OFlags::CLOEXEC
+        | rustix::fs::OFlags::NOFOLLOW
+}
+
+/// The name of the layer store while `detach` moves the data back. Users
+/// can create their own `.laybak` in the volume (it lives in a layer like
+/// any file); then the store is first renamed out of its way, under a name
+/// recorded in the state so a resumed detach finds it.
+fn detach_store_name(vol: &mut Volume, rfd: &rustix::fd::OwnedFd, base_seq: u64) -> Result<String> {
+    if let Some(n) = vol.st.detach_store.clone() {
+        if crate::fsx::stat_at(rfd, n.as_bytes())?.is_none() {
+            // Recorded but not yet renamed (crash in between): nothing moved yet.
+            crate::fsx::rename_at(rfd, STORE.as_bytes(), rfd, n.as_bytes())?;
+        }
+        return Ok(n);
+    }
+    let base_rel = format!("{STORE}/l/{base_seq}");
+    let base_fd = crate::fsx::open_beneath(rfd, base_rel.as_bytes(), open_dir_flags())?;
+    let taken = crate::fsx::names(&base_fd)?;
+    if !taken.iter().any(|n| n == STORE.as_bytes()) {
+        return Ok(STORE.to_string());
+    }
+    let name = (0..)
+        .map(|k| format!("{STORE}.detaching.{k}"))
+        .find(|n| !taken.iter().any(|t| t == n.as_bytes()))
+        .expect("an unused name exists");
+    vol.st.detach_store = Some(name.clone());
+    vol.save()?;
+    crate::fsx::rename_at(rfd, STORE.as_bytes(), rfd, name.as_bytes())?;
+    crate::backend::sync_dir(&vol.backing())?;
+    Ok(name)
 }
 
 /// One line of `status`.
@@ -1212,9 +1284,10 @@ pub fn cached_layer(state_dir: &Path, repo: &Repo, id: &Id, layer: &Layer) -> Re
         .collect();
     crate::materialize::write_tree(
         repo,
-        &tmp,
+        &crate::materialize::Dest::own(&tmp)?,
         &items,
         crate::materialize::Target::Lowerdir,
+        crate::materialize::Safety::default(),
         None,
     )
     .with_context(|| format!("materializing layer {}", id.short()))?;

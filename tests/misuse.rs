@@ -545,9 +545,10 @@ fn crafted_manifests_never_write_outside_the_target() {
     ];
     let err = laybak::materialize::write_tree(
         &repo,
-        &t,
+        &laybak::materialize::prepare_target(&t).unwrap(),
         &items,
         laybak::materialize::Target::Plain,
+        laybak::materialize::Safety::default(),
         None,
     )
     .unwrap_err();
@@ -579,6 +580,13 @@ fn crafted_manifests_never_write_outside_the_target() {
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .unwrap();
+        // Repositories are their owner's alone: hand this one to the user.
+        let st = std::process::Command::new("chown")
+            .args(["-R", "65534:65534"])
+            .arg(&env.repo)
+            .status()
+            .unwrap();
+        assert!(st.success());
         let out = std::process::Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
             .arg(env!("CARGO_BIN_EXE_laybak"))
