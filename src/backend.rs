@@ -102,7 +102,10 @@ impl LocalBackend {
 /// # Errors
 /// Any I/O error.
 pub fn private_dirs(dir: &Path) -> io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// Tighten an existing local repository made before repositories were

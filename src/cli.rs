@@ -3,9 +3,8 @@
 
 use crate::error::{Coded, need_root};
 use crate::format::Id;
-use crate::layer::{self, Layer, View};
+use crate::layer::{self, View};
 use crate::materialize::{self, Item, Target};
-use crate::overlay;
 use crate::repo::{Repo, Snapshot};
 use crate::volume::{self, AttachOpts, Volume};
 use anyhow::{Context, Result, anyhow, bail};
@@ -647,29 +646,11 @@ pub fn run(cli: Cli) -> Result<()> {
             let repo = open_repo(&cli)?;
             let _l = crate::lock::for_reading(&repo, "mount", LOCK_WAIT)?;
             let (id, snap) = repo.resolve(snapshot, volume.as_deref())?;
-            mount_snapshot(&cli, &repo, &id, &snap, target)
+            crate::mounts::mount_snapshot(&cli.state_dir, &repo, &id, &snap, target)
         }
         Cmd::Umount { target } => {
             need_root("umount")?;
-            let canon =
-                std::fs::canonicalize(target).map_err(|e| anyhow!("{}: {e}", target.display()))?;
-            if volume::all(&cli.state_dir)?
-                .iter()
-                .any(|v| v.st.path == canon)
-            {
-                bail!(
-                    "{} is a volume, not a snapshot mount: use `laybak down`",
-                    canon.display()
-                );
-            }
-            match overlay::find_mount(&canon)? {
-                None => bail!("nothing is mounted at {}", canon.display()),
-                Some(m) if m.fstype == "overlay" && !m.source.starts_with("laybak-snapshot:") => {
-                    bail!("{} is not a laybak snapshot mount", canon.display())
-                }
-                _ => {}
-            }
-            overlay::unmount_wait(&canon, Duration::from_secs(0))
+            crate::mounts::umount(&cli.state_dir, target)
         }
         Cmd::Down { path, wait } => {
             need_root("down")?;
@@ -921,6 +902,8 @@ fn run_forget(
     };
     if !dry_run {
         volume::note_squashed(state_dir, repo, &report.squashed)?;
+        // Forgotten layers must not stay readable in the local cache.
+        crate::mounts::evict(state_dir, repo)?;
     }
     let pr = match prune {
         Some(mu) => Some(crate::reclaim::prune(
@@ -1057,32 +1040,6 @@ pub fn diff_views(a: &View<'_>, b: &View<'_>) -> (Vec<String>, Vec<String>, Vec<
         }
     }
     (add, del, modi)
-}
-
-fn mount_snapshot(cli: &Cli, repo: &Repo, id: &Id, snap: &Snapshot, target: &Path) -> Result<()> {
-    if !target.exists() {
-        std::fs::create_dir_all(target)?;
-    }
-    let target = std::fs::canonicalize(target)?;
-    if !target.is_dir() || std::fs::read_dir(&target)?.next().is_some() {
-        bail!(
-            "mount point {} must be an empty directory",
-            target.display()
-        );
-    }
-    let vols = volume::all(&cli.state_dir)?;
-    let (mut lowers, used) = volume::local_layers_for(&vols, snap);
-    for lid in &snap.layers[used..] {
-        let layer: Layer = repo.read_layer(lid)?;
-        lowers.push(volume::cached_layer(&cli.state_dir, repo, lid, &layer)?);
-    }
-    lowers.reverse();
-    let spec = overlay::Spec {
-        lowers,
-        upper: None,
-        source: format!("laybak-snapshot:{}", id.short()),
-    };
-    overlay::mount(&spec, &target)
 }
 
 #[cfg(test)]

@@ -82,7 +82,9 @@ pub fn open_beneath(dir: impl AsFd, rel: &[u8], flags: OFlags) -> io::Result<Own
     let cut = rel[..SEGMENT]
         .iter()
         .rposition(|&b| b == b'/')
-        .ok_or_else(|| io::Error::from_raw_os_error(rustix::io::Errno::NAMETOOLONG.raw_os_error()))?;
+        .ok_or_else(|| {
+            io::Error::from_raw_os_error(rustix::io::Errno::NAMETOOLONG.raw_os_error())
+        })?;
     let mid = rustix::fs::openat2(
         dir,
         os(&rel[..cut]),

@@ -163,7 +163,7 @@ fn proc_path(dir: &OwnedFd, name: &[u8]) -> std::path::PathBuf {
 
 /// The mode and xattrs to give `e`, with setuid/setgid bits and file
 /// capabilities removed when `safety` says so.
-fn safe_meta(e: &Entry, target: Target, safety: Safety) -> (u32, Vec<(Vec<u8>, Vec<u8>)>) {
+fn safe_meta(e: &Entry, target: Target, safety: Safety) -> (u32, crate::layer::Xattrs) {
     let mut mode = e.meta.mode;
     let mut x = user_xattrs(&e.meta.xattrs, target);
     if safety.no_setuid {

@@ -7,9 +7,11 @@
 //! in mountinfo after mounting. Unmounting is never lazy.
 
 use anyhow::{Context, Result, anyhow, bail};
+use rustix::fd::{AsFd, OwnedFd};
+use rustix::fs::{AtFlags, StatxFlags};
 use rustix::mount::{
     FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MountPropagationFlags, MoveMountFlags,
-    UnmountFlags,
+    OpenTreeFlags, UnmountFlags,
 };
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -99,7 +101,7 @@ fn read_fs_log(fs: &rustix::fd::OwnedFd) -> String {
     msgs.join("; ")
 }
 
-fn mount_new_api(spec: &Spec, target: &Path, flags: MountAttrFlags) -> Result<()> {
+fn mount_new_api(spec: &Spec, target: &Target, flags: MountAttrFlags) -> Result<u64> {
     let fs =
         rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).context("fsopen(overlay)")?;
     let set = |k: &str, v: &std::ffi::OsStr| {
@@ -133,23 +135,123 @@ fn mount_new_api(spec: &Spec, target: &Path, flags: MountAttrFlags) -> Result<()
     }
     rustix::mount::fsconfig_create(&fs)
         .map_err(|e| anyhow!("creating the overlay failed: {e} ({})", read_fs_log(&fs)))?;
+    // Built detached, with its final flags, then attached onto the target
+    // descriptor: there is no moment at which it is mounted differently or
+    // somewhere else.
     let mnt = rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, flags)
         .map_err(|e| anyhow!("fsmount: {e}"))?;
-    rustix::mount::move_mount(
-        &mnt,
-        "",
-        rustix::fs::CWD,
-        target,
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-    )
-    .with_context(|| format!("cannot attach the overlay at {}", target.display()))?;
-    Ok(())
+    attach(&mnt, target)
 }
 
-fn mount_legacy(spec: &Spec, target: &Path, flags: MountFlags) -> Result<()> {
+/// Attach detached mount `mnt` onto `target`; returns its mount id.
+fn attach(mnt: &OwnedFd, target: &Target) -> Result<u64> {
+    let id = mount_id(mnt)?;
+    let dir = target.dir()?;
+    rustix::mount::move_mount(
+        mnt,
+        "",
+        &dir,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .with_context(|| format!("cannot attach the mount at {}", target.shown.display()))?;
+    Ok(id)
+}
+
+/// The mount id of the mount `fd` is on.
+///
+/// # Errors
+/// statx failed.
+pub fn mount_id(fd: impl AsFd) -> Result<u64> {
+    let st = rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID)
+        .context("statx(STATX_MNT_ID)")?;
+    Ok(st.stx_mnt_id)
+}
+
+/// A mount point: its parent directory, opened once (`O_PATH`, no symlink
+/// followed on the way unless root owns it), and its name there (never
+/// followed). Every mount laybak makes is attached to a descriptor of that
+/// entry and every unmount goes through the parent's descriptor, so swapping
+/// names while laybak works cannot move a mount or an unmount elsewhere.
+/// No descriptor of the mounted tree itself is kept (it would keep the
+/// mount busy).
+pub struct Target {
+    parent: OwnedFd,
+    name: Vec<u8>,
+    /// Its path, for messages.
+    pub shown: PathBuf,
+}
+
+impl Target {
+    /// Open the parent of directory `path`.
+    ///
+    /// # Errors
+    /// Missing, or reached through a user's symlink.
+    pub fn open(path: &Path) -> Result<Target> {
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            bail!("{} cannot be a mount point", path.display());
+        };
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        let parent = crate::fsx::open_dir_trusted(parent)
+            .with_context(|| format!("cannot open mount point {}", path.display()))?;
+        let t = Target {
+            parent,
+            name: name.as_bytes().to_vec(),
+            shown: path.to_path_buf(),
+        };
+        drop(t.dir()?);
+        Ok(t)
+    }
+
+    /// The directory as it is now (the top mount on it, if any).
+    ///
+    /// # Errors
+    /// Missing, not a directory, or a symlink.
+    pub fn dir(&self) -> Result<OwnedFd> {
+        rustix::fs::openat(
+            &self.parent,
+            crate::fsx::os(&self.name),
+            rustix::fs::OFlags::PATH
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .with_context(|| {
+            format!(
+                "mount point {} is not a directory (a symlink is never followed)",
+                self.shown.display()
+            )
+        })
+    }
+
+    /// Mount id of the top mount on the directory.
+    ///
+    /// # Errors
+    /// It cannot be opened.
+    pub fn top_id(&self) -> Result<u64> {
+        mount_id(self.dir()?)
+    }
+
+    /// `/proc/self/fd/<parent>/<name>`: a path that reaches the entry only
+    /// through the parent's descriptor.
+    fn proc_path(&self) -> PathBuf {
+        use rustix::fd::AsFd;
+        crate::fsx::proc_path(self.parent.as_fd(), &self.name)
+    }
+}
+
+fn mount_legacy(spec: &Spec, t: &Target, flags: MountFlags) -> Result<u64> {
     let opts = legacy_options(spec, Some("null")).or_else(|_| legacy_options(spec, None))?;
     let c = std::ffi::CString::new(opts)?;
-    match rustix::mount::mount(
+    // mount(2) takes a path: the entry, through its parent's descriptor.
+    let target = t.proc_path();
+    let target = target.as_path();
+    let res = match rustix::mount::mount(
         spec.source.as_str(),
         target,
         "overlay",
@@ -167,22 +269,32 @@ fn mount_legacy(spec: &Spec, target: &Path, flags: MountFlags) -> Result<()> {
                 flags,
                 Some(c.as_c_str()),
             )
-            .with_context(|| format!("mount(2) overlay on {}", target.display()))
+            .with_context(|| format!("mount(2) overlay on {}", t.shown.display()))
         }
-        Err(e) => Err(e).with_context(|| format!("mount(2) overlay on {}", target.display())),
-    }
+        Err(e) => Err(e).with_context(|| format!("mount(2) overlay on {}", t.shown.display())),
+    };
+    res?;
+    // The new mount is the top one at the target now.
+    t.top_id()
 }
 
 /// Mount an overlay at `target` and verify its effective options. A
-/// read-only view (no upper) is mounted `ro,nosuid,nodev`; a view of a
-/// single layer is a read-only bind mount, as the kernel needs two lowers
-/// without an upper.
+/// read-only view (no upper) is mounted `ro,nosuid,nodev`; a view needs at
+/// least two lowers without an upper (the kernel's rule: add an empty one).
 ///
 /// # Errors
 /// The kernel refused, or the effective options are not what was asked.
-pub fn mount(spec: &Spec, target: &Path) -> Result<()> {
-    if spec.upper.is_none() && spec.lowers.len() == 1 {
-        return bind_readonly(&spec.lowers[0], target);
+pub fn mount(spec: &Spec, target: &Path) -> Result<u64> {
+    mount_at(spec, &Target::open(target)?)
+}
+
+/// As [`mount`], onto an opened mount point. Returns the new mount's id.
+///
+/// # Errors
+/// As [`mount`].
+pub fn mount_at(spec: &Spec, target: &Target) -> Result<u64> {
+    if spec.upper.is_none() && spec.lowers.len() < 2 {
+        bail!("internal error: a read-only view needs two lower layers");
     }
     if spec.lowers.len() > 500 {
         bail!(
@@ -191,13 +303,15 @@ pub fn mount(spec: &Spec, target: &Path) -> Result<()> {
         );
     }
     let ro = spec.upper.is_none();
-    let legacy = std::env::var_os("LAYBAK_FORCE_MOUNT2").is_some();
-    if legacy {
-        let mut f = MountFlags::empty();
+    let legacy_flags = || {
         if ro {
-            f |= MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
+            MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV
+        } else {
+            MountFlags::empty()
         }
-        mount_legacy(spec, target, f)?;
+    };
+    let id = if std::env::var_os("LAYBAK_FORCE_MOUNT2").is_some() {
+        mount_legacy(spec, target, legacy_flags())?
     } else {
         let mut f = MountAttrFlags::empty();
         if ro {
@@ -206,7 +320,7 @@ pub fn mount(spec: &Spec, target: &Path) -> Result<()> {
                 | MountAttrFlags::MOUNT_ATTR_NODEV;
         }
         match mount_new_api(spec, target, f) {
-            Ok(()) => {}
+            Ok(id) => id,
             Err(e)
                 if e.to_string().contains("lowerdir+")
                     || e.chain().any(|c| {
@@ -215,20 +329,71 @@ pub fn mount(spec: &Spec, target: &Path) -> Result<()> {
             {
                 // Kernels before 6.8 do not know `lowerdir+`; kernels before
                 // 5.2, seccomp filters and valgrind lack fsopen (ENOSYS).
-                let mut f = MountFlags::empty();
-                if ro {
-                    f |= MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
-                }
-                mount_legacy(spec, target, f)?;
+                mount_legacy(spec, target, legacy_flags())?
             }
             Err(e) => return Err(e),
         }
-    }
-    if let Err(e) = verify(target) {
-        let _ = unmount_now(target);
+    };
+    if let Err(e) = verify_id(id, &target.shown) {
+        let _ = unmount_id(id, target);
         return Err(e);
     }
+    Ok(id)
+}
+
+/// Check the mount with id `id` (an overlay laybak just made) for
+/// forbidden effective options.
+///
+/// # Errors
+/// Not found, not overlay, or a forbidden option is in effect.
+pub fn verify_id(id: u64, shown: &Path) -> Result<()> {
+    let info =
+        mount_by_id(id)?.ok_or_else(|| anyhow!("the mount made at {} is gone", shown.display()))?;
+    check_options(&info, shown)
+}
+
+fn check_options(info: &MountInfo, shown: &Path) -> Result<()> {
+    if info.fstype != "overlay" {
+        bail!(
+            "{} is a {} mount, not overlay",
+            shown.display(),
+            info.fstype
+        );
+    }
+    for o in info.super_options.split(',') {
+        if FORBIDDEN_EFFECTIVE.contains(&o) {
+            bail!(
+                "the kernel mounted {} with {o} although laybak asked otherwise (module parameter or distribution default?): refusing to use it",
+                shown.display()
+            );
+        }
+    }
     Ok(())
+}
+
+/// The mount with id `id`, if it is mounted in this namespace.
+///
+/// # Errors
+/// mountinfo unreadable.
+pub fn mount_by_id(id: u64) -> Result<Option<MountInfo>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    Ok(parse_mountinfo(&text).into_iter().find(|m| m.id == id))
+}
+
+/// Unmount the mount `id` if it is the top mount on `target`, through the
+/// target's descriptor (never by a path someone could swap). Never lazy.
+///
+/// # Errors
+/// Another mount is on top, or the kernel refused (EBUSY while in use).
+pub fn unmount_id(id: u64, target: &Target) -> Result<()> {
+    if target.top_id()? != id {
+        bail!(
+            "{} is not the mount laybak made there (another mount is on top): refusing to unmount it",
+            target.shown.display()
+        );
+    }
+    rustix::mount::unmount(target.proc_path().as_path(), UnmountFlags::NOFOLLOW)
+        .with_context(|| format!("cannot unmount {}", target.shown.display()))
 }
 
 /// Check mountinfo for forbidden effective options at `target`.
@@ -237,46 +402,7 @@ pub fn mount(spec: &Spec, target: &Path) -> Result<()> {
 /// Not mounted as overlay, or a forbidden option is in effect.
 pub fn verify(target: &Path) -> Result<()> {
     let info = find_mount(target)?.ok_or_else(|| anyhow!("{} is not mounted", target.display()))?;
-    if info.fstype != "overlay" {
-        bail!(
-            "{} is a {} mount, not overlay",
-            target.display(),
-            info.fstype
-        );
-    }
-    for o in info.super_options.split(',') {
-        if FORBIDDEN_EFFECTIVE.contains(&o) {
-            bail!(
-                "the kernel mounted {} with {o} although laybak asked otherwise (module parameter or distribution default?): refusing to use it",
-                target.display()
-            );
-        }
-    }
-    Ok(())
-}
-
-/// A read-only, nosuid, nodev bind mount of `src` at `target`.
-///
-/// # Errors
-/// The kernel refused.
-pub fn bind_readonly(src: &Path, target: &Path) -> Result<()> {
-    rustix::mount::mount_bind(src, target)
-        .with_context(|| format!("cannot bind {} at {}", src.display(), target.display()))?;
-    let res = rustix::mount::mount_change(target, MountPropagationFlags::PRIVATE)
-        .map_err(anyhow::Error::from)
-        .and_then(|()| {
-            rustix::mount::mount_remount(
-                target,
-                MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
-                "",
-            )
-            .map_err(anyhow::Error::from)
-        });
-    if let Err(e) = res {
-        let _ = unmount_now(target);
-        return Err(e.context(format!("cannot make {} read-only", target.display())));
-    }
-    Ok(())
+    check_options(&info, target)
 }
 
 /// A private read-write bind mount of `src` at `target` (the volume's
@@ -285,7 +411,20 @@ pub fn bind_readonly(src: &Path, target: &Path) -> Result<()> {
 /// # Errors
 /// The kernel refused.
 pub fn bind_private(src: &Path, target: &Path) -> Result<()> {
-    rustix::mount::mount_bind(src, target)
+    // The source is a directory users may write around: clone it by
+    // descriptor (a detached, private copy), attach it onto the target's
+    // descriptor, then make sure its propagation is private.
+    let s = Target::open(src)?.dir()?;
+    let t = Target::open(target)?;
+    let mnt = rustix::mount::open_tree(
+        &s,
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .with_context(|| format!("cannot clone {}", src.display()))?;
+    attach(&mnt, &t)
         .with_context(|| format!("cannot bind {} at {}", src.display(), target.display()))?;
     rustix::mount::mount_change(target, MountPropagationFlags::PRIVATE)
         .with_context(|| format!("cannot make {} private", target.display()))
@@ -294,6 +433,8 @@ pub fn bind_private(src: &Path, target: &Path) -> Result<()> {
 /// One line of /proc/self/mountinfo.
 #[derive(Debug, Clone)]
 pub struct MountInfo {
+    /// Mount id.
+    pub id: u64,
     /// Mount point.
     pub target: PathBuf,
     /// Filesystem type.
@@ -337,6 +478,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
             continue;
         }
         out.push(MountInfo {
+            id: l[0].parse().unwrap_or(0),
             target: PathBuf::from(std::ffi::OsStr::from_bytes(&unescape(l[4]))),
             fstype: r[0].to_string(),
             source: String::from_utf8_lossy(&unescape(r[1])).into_owned(),

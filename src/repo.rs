@@ -220,8 +220,7 @@ impl Repo {
         // Repositories made before 0.2 were world-readable: tighten those we
         // own (best effort: a read-only medium stays as it is).
         use std::os::unix::fs::MetadataExt;
-        if std::fs::metadata(path).is_ok_and(|m| m.uid() == rustix::process::geteuid().as_raw())
-        {
+        if std::fs::metadata(path).is_ok_and(|m| m.uid() == rustix::process::geteuid().as_raw()) {
             let _ = crate::backend::make_private(path);
         }
         Ok(repo)

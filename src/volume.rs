@@ -16,14 +16,13 @@
 //! ```
 
 use crate::error::{Busy, Coded, need_root};
-use rustix::fd::AsFd;
 use crate::fold;
 use crate::format::{Id, Time};
-use crate::layer::Layer;
 use crate::overlay::{self, Spec};
 use crate::repo::{Packer, Repo, Snapshot};
 use crate::scan::{self, Source};
 use anyhow::{Context, Result, anyhow, bail};
+use rustix::fd::AsFd;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::fs;
@@ -878,6 +877,11 @@ fn fold_if_needed(vol: &mut Volume) -> Result<()> {
     if let Some((up, low)) = vol.st.folding {
         finish_fold(vol, up, low)?;
     }
+    // Never rewrite a layer under a historical mount: the fold waits until
+    // those mounts are gone (the chain is a little longer meanwhile).
+    if !crate::mounts::using_volume(&vol.state_dir, &vol.st.name)?.is_empty() {
+        return Ok(());
+    }
     while vol.st.layers.len() > vol.st.max_layers
         && vol.st.layers.len() >= 2
         && !vol.st.layers[0].archived.is_empty()
@@ -973,6 +977,7 @@ pub fn down(vol: &mut Volume, wait: Duration) -> Result<()> {
 pub fn detach(vol: &mut Volume, wait: Duration) -> Result<usize> {
     need_root("detach")?;
     let lock = vol.lock()?;
+    crate::mounts::refuse_if_used(&vol.state_dir, &vol.st.name, "detach")?;
     let pending = vol
         .st
         .layers
@@ -1013,7 +1018,12 @@ pub fn detach(vol: &mut Volume, wait: Duration) -> Result<usize> {
     let store = detach_store_name(vol, &rfd, base_seq)?;
     let base_rel = format!("{store}/l/{base_seq}");
     let base_fd = crate::fsx::open_beneath(&rfd, base_rel.as_bytes(), open_dir_flags())
-        .with_context(|| format!("cannot open the flattened layer {base_rel} of {}", root.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot open the flattened layer {base_rel} of {}",
+                root.display()
+            )
+        })?;
     if vol.st.detach_root_mtime.is_none() {
         let st = rustix::fs::fstat(&base_fd)?;
         vol.st.detach_root_mtime = Some((st.st_mtime, st.st_mtime_nsec as i64));
@@ -1032,8 +1042,12 @@ pub fn detach(vol: &mut Volume, wait: Duration) -> Result<usize> {
     }
     crate::fsx::copy_meta_fd(base_fd.as_fd(), rfd.as_fd(), crate::scan::OVL_PREFIX)?;
     drop(base_fd);
-    crate::fsx::remove_all_at(&rfd, store.as_bytes())
-        .with_context(|| format!("cannot remove the layer store {store} of {}", root.display()))?;
+    crate::fsx::remove_all_at(&rfd, store.as_bytes()).with_context(|| {
+        format!(
+            "cannot remove the layer store {store} of {}",
+            root.display()
+        )
+    })?;
     // Moving entries and removing the store changed the root's mtime.
     crate::fsx::set_times_fd(&rfd, (mt, mt_ns), (mt, mt_ns))?;
     rustix::fs::fsync(&rfd)?;
@@ -1159,17 +1173,28 @@ pub fn status(vol: &Volume) -> Result<Vec<Change>> {
     Ok(out)
 }
 
+/// Local layer directories that hold a prefix of a snapshot's layers.
+#[derive(Debug, Default, Clone)]
+pub struct LocalChain {
+    /// Directories, bottom first.
+    pub dirs: Vec<PathBuf>,
+    /// Their seqs in the volume.
+    pub seqs: Vec<u64>,
+    /// How many of the snapshot's layers they cover.
+    pub used: usize,
+}
+
 /// Directories for the layers of `snap` that this host still has locally,
-/// as a prefix of the snapshot's layer list: (dirs bottom first, number of
-/// snapshot layers they cover).
-pub fn local_layers_for(vols: &[Volume], snap: &Snapshot) -> (Vec<PathBuf>, usize) {
+/// as a prefix of the snapshot's layer list.
+pub fn local_layers_for(vols: &[Volume], snap: &Snapshot) -> LocalChain {
     let Some(vol) = vols.iter().find(|v| v.st.name == snap.volume) else {
-        return (Vec::new(), 0);
+        return LocalChain::default();
     };
     if !vol.backing_mounted().unwrap_or(false) {
-        return (Vec::new(), 0);
+        return LocalChain::default();
     }
     let mut dirs = Vec::new();
+    let mut seqs = Vec::new();
     let mut used = 0;
     let mut k = 0;
     // Each snapshot layer must be exactly a run of local directories, once
@@ -1190,9 +1215,10 @@ pub fn local_layers_for(vols: &[Volume], snap: &Snapshot) -> (Vec<PathBuf>, usiz
             break;
         }
         dirs.extend(vol.st.layers[start..k].iter().map(|x| vol.layer_dir(x.seq)));
+        seqs.extend(vol.st.layers[start..k].iter().map(|x| x.seq));
         used += 1;
     }
-    (dirs, used)
+    LocalChain { dirs, seqs, used }
 }
 
 fn expand(
@@ -1257,49 +1283,6 @@ pub fn note_squashed(
         vol.save()?;
     }
     Ok(())
-}
-
-/// Materialize one repository layer as an overlay lowerdir in the cache
-/// (reused when present).
-///
-/// # Errors
-/// Repository or filesystem failure.
-pub fn cached_layer(state_dir: &Path, repo: &Repo, id: &Id, layer: &Layer) -> Result<PathBuf> {
-    let cache = state_dir.join("cache");
-    let dir = cache.join(id.hex());
-    if dir.exists() {
-        return Ok(dir);
-    }
-    fs::create_dir_all(&cache)?;
-    let tmp = cache.join(format!(".tmp-{}-{}", id.hex(), std::process::id()));
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir(&tmp)?;
-    let items: Vec<crate::materialize::Item<'_>> = layer
-        .entries
-        .iter()
-        .map(|e| crate::materialize::Item {
-            entry: e,
-            link: e.link.map(|g| (0, g)),
-        })
-        .collect();
-    crate::materialize::write_tree(
-        repo,
-        &crate::materialize::Dest::own(&tmp)?,
-        &items,
-        crate::materialize::Target::Lowerdir,
-        crate::materialize::Safety::default(),
-        None,
-    )
-    .with_context(|| format!("materializing layer {}", id.short()))?;
-    if let Err(e) = fs::rename(&tmp, &dir) {
-        // Another laybak materialized the same layer meanwhile: use theirs.
-        let _ = fs::remove_dir_all(&tmp);
-        if !dir.exists() {
-            return Err(e).with_context(|| format!("cannot create {}", dir.display()));
-        }
-    }
-    crate::backend::sync_dir(&cache)?;
-    Ok(dir)
 }
 
 /// Fail with exit code 12-style clarity when a command needs a volume that

@@ -681,7 +681,15 @@ fn read_only_repository_reads_work_and_writes_say_why() {
     // A read-only view of the repository (as from read-only media).
     let ro = env.path("ro-repo");
     fs::create_dir(&ro).unwrap();
-    laybak::overlay::bind_readonly(&env.repo, &ro).unwrap();
+    let mount = |args: &[&std::ffi::OsStr]| {
+        let st = std::process::Command::new("mount")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount {args:?}");
+    };
+    mount(&["--bind".as_ref(), env.repo.as_os_str(), ro.as_os_str()]);
+    mount(&["-o".as_ref(), "remount,bind,ro".as_ref(), ro.as_os_str()]);
     let ro_s = ro.to_str().unwrap();
     let before = fingerprint(&env.repo);
     assert!(
