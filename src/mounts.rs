@@ -118,7 +118,7 @@ pub fn mount_snapshot(
             .create(target)
             .with_context(|| format!("cannot create {}", target.display()))?;
     }
-    let t = Target::open(target)?;
+    let t = Target::open_held(target)?;
     let listing = crate::fsx::open_beneath(
         t.dir()?,
         b"",

@@ -178,6 +178,9 @@ pub fn mount_id(fd: impl AsFd) -> Result<u64> {
 pub struct Target {
     parent: OwnedFd,
     name: Vec<u8>,
+    /// The directory itself, held from `open_held` to the mount, so the
+    /// directory that was checked is the one mounted on.
+    held: Option<OwnedFd>,
     /// Its path, for messages.
     pub shown: PathBuf,
 }
@@ -201,17 +204,37 @@ impl Target {
         let t = Target {
             parent,
             name: name.as_bytes().to_vec(),
+            held: None,
             shown: path.to_path_buf(),
         };
-        drop(t.dir()?);
+        drop(t.fresh()?);
         Ok(t)
     }
 
-    /// The directory as it is now (the top mount on it, if any).
+    /// As [`Target::open`], and hold the directory from now on: checks and
+    /// the mount then apply to this very directory, whatever happens to
+    /// its name meanwhile.
+    ///
+    /// # Errors
+    /// As [`Target::open`].
+    pub fn open_held(path: &Path) -> Result<Target> {
+        let mut t = Target::open(path)?;
+        t.held = Some(t.fresh()?);
+        Ok(t)
+    }
+
+    /// The directory: the held one, or as it is now (the top mount on it).
     ///
     /// # Errors
     /// Missing, not a directory, or a symlink.
     pub fn dir(&self) -> Result<OwnedFd> {
+        match &self.held {
+            Some(fd) => Ok(rustix::io::fcntl_dupfd_cloexec(fd, 0)?),
+            None => self.fresh(),
+        }
+    }
+
+    fn fresh(&self) -> Result<OwnedFd> {
         rustix::fs::openat(
             &self.parent,
             crate::fsx::os(&self.name),
@@ -234,7 +257,7 @@ impl Target {
     /// # Errors
     /// It cannot be opened.
     pub fn top_id(&self) -> Result<u64> {
-        mount_id(self.dir()?)
+        mount_id(self.fresh()?)
     }
 
     /// `/proc/self/fd/<parent>/<name>`: a path that reaches the entry only
@@ -248,8 +271,12 @@ impl Target {
 fn mount_legacy(spec: &Spec, t: &Target, flags: MountFlags) -> Result<u64> {
     let opts = legacy_options(spec, Some("null")).or_else(|_| legacy_options(spec, None))?;
     let c = std::ffi::CString::new(opts)?;
-    // mount(2) takes a path: the entry, through its parent's descriptor.
-    let target = t.proc_path();
+    // mount(2) takes a path: the directory's descriptor, through /proc.
+    let dir = t.dir()?;
+    let target = {
+        use rustix::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+    };
     let target = target.as_path();
     let res = match rustix::mount::mount(
         spec.source.as_str(),
@@ -285,7 +312,7 @@ fn mount_legacy(spec: &Spec, t: &Target, flags: MountFlags) -> Result<u64> {
 /// # Errors
 /// The kernel refused, or the effective options are not what was asked.
 pub fn mount(spec: &Spec, target: &Path) -> Result<u64> {
-    mount_at(spec, &Target::open(target)?)
+    mount_at(spec, &Target::open_held(target)?)
 }
 
 /// As [`mount`], onto an opened mount point. Returns the new mount's id.
@@ -415,7 +442,7 @@ pub fn bind_private(src: &Path, target: &Path) -> Result<()> {
     // descriptor (a detached, private copy), attach it onto the target's
     // descriptor, then make sure its propagation is private.
     let s = Target::open(src)?.dir()?;
-    let t = Target::open(target)?;
+    let t = Target::open_held(target)?;
     let mnt = rustix::mount::open_tree(
         &s,
         "",
