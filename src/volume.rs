@@ -545,6 +545,96 @@ fn probe_fs(store: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Hold `STATE/attach.lock` (waiting a moment for another attach).
+fn state_lock(state_dir: &Path) -> Result<fs::File> {
+    let p = state_dir.join("attach.lock");
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&p)
+        .with_context(|| format!("cannot open {}", p.display()))?;
+    let start = std::time::Instant::now();
+    while rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        if start.elapsed() > LOCK_GRACE {
+            return Err(Busy(
+                "another laybak is attaching a volume in this state dir; try again when it has finished".into(),
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(f)
+}
+
+fn canonical_or(p: &Path) -> PathBuf {
+    fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Places attach refuses, before anything is moved: inside (or around)
+/// another volume, inside any overlay, over mount points, or where the state
+/// dir or the repository would end up inside the volume (or the volume
+/// inside them).
+fn refuse_attach_place(path: &Path, state_dir: &Path, repo: &Repo, vols: &[Volume]) -> Result<()> {
+    let shown = path.display();
+    for v in vols {
+        if v.st.path != path && path.starts_with(&v.st.path) {
+            bail!(
+                "{shown} is inside laybak volume {} ({}): attach the volume itself or a directory outside it",
+                v.st.name,
+                v.st.path.display()
+            );
+        }
+        if v.st.path != path && v.st.path.starts_with(path) {
+            bail!(
+                "{shown} contains laybak volume {} ({}): detach it first or attach a directory beside it",
+                v.st.name,
+                v.st.path.display()
+            );
+        }
+    }
+    for (what, p) in [
+        ("laybak's state dir", canonical_or(state_dir)),
+        ("the repository", canonical_or(&repo.location)),
+    ] {
+        if p.starts_with(path) {
+            bail!(
+                "{shown} contains {what} {}: keep it outside the volume (a repository inside a volume archives itself)",
+                p.display()
+            );
+        }
+        if path.starts_with(&p) {
+            bail!("{shown} is inside {what} {}: attach a directory outside it", p.display());
+        }
+    }
+    let text = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    let mounts = overlay::parse_mountinfo(&text);
+    // The mount the directory lives on (the longest mount point above it).
+    if let Some(m) = mounts
+        .iter()
+        .filter(|m| path.starts_with(&m.target))
+        .max_by_key(|m| m.target.as_os_str().len())
+        && m.fstype == "overlay"
+    {
+        bail!(
+            "{shown} is inside an overlay mount ({}, {}): laybak will not stack on an overlay; attach the underlying directory",
+            m.target.display(),
+            m.source
+        );
+    }
+    if let Some(m) = mounts
+        .iter()
+        .find(|m| m.target != path && m.target.starts_with(path))
+    {
+        bail!(
+            "{shown} contains the mount point {}: unmount it or attach a directory without mounts below it (laybak moves the contents by rename, which cannot cross mounts)",
+            m.target.display()
+        );
+    }
+    Ok(())
+}
+
 /// Attach `path`: its contents become the base layer (by rename) and the
 /// directory becomes an overlay volume. Returns the volume; the caller then
 /// archives the base layer as the first snapshot.
@@ -568,6 +658,11 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
             "{name:?} is not a usable volume name: pass --name with letters, digits, '-', '_' or '.'"
         );
     }
+    // One attach at a time per state dir: the name and path checks below
+    // and the state file they lead to are one step.
+    crate::fsx::private_dir(state_dir)
+        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    let _attach_lock = state_lock(state_dir)?;
     let existing = all(state_dir)?;
     if let Some(v) = existing.iter().find(|v| v.st.path == path) {
         bail!(
@@ -585,6 +680,7 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
             path.display()
         );
     }
+    refuse_attach_place(&path, state_dir, repo, &existing)?;
     if path.join(STORE).exists() {
         bail!(
             "{} already contains {STORE}: an earlier attach was interrupted or the data belongs to another laybak; remove it or run `laybak up`",
