@@ -558,7 +558,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         "replaced" => 'R',
                         _ => 'M',
                     };
-                    println!("{l} {}", c.path);
+                    println!("{l} {}", layer::escape(&c.path));
                 }
             }
             Ok(())
@@ -580,13 +580,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             } else {
                 for p in &d.0 {
-                    println!("+ {p}");
+                    println!("+ {}", layer::escape(p));
                 }
                 for p in &d.1 {
-                    println!("- {p}");
+                    println!("- {}", layer::escape(p));
                 }
                 for p in &d.2 {
-                    println!("M {p}");
+                    println!("M {}", layer::escape(p));
                 }
             }
             Ok(())
@@ -933,14 +933,27 @@ fn run_forget(
             if dry_run { "would rewrite" } else { "rewrote" }
         );
     }
+    // Squashed layers can outweigh the records removed: say "added" then,
+    // never a negative "freed" (prune frees the data itself).
+    let net = if report.bytes_freed >= 0 {
+        format!(
+            "{} bytes of records and layers {}",
+            report.bytes_freed,
+            if dry_run { "to free" } else { "freed" }
+        )
+    } else {
+        format!(
+            "{} bytes of squashed layers {} (prune frees the data they replace)",
+            report.bytes_freed.unsigned_abs(),
+            if dry_run { "to add" } else { "added" }
+        )
+    };
     println!(
-        "{} snapshots kept, {} {}, {} new squashed layers, {} bytes of records and layers {}",
+        "{} snapshots kept, {} {}, {} new squashed layers, {net}",
         report.keep.len(),
         report.remove.len(),
         if dry_run { "to remove" } else { "removed" },
         report.new_layers.len(),
-        report.bytes_freed,
-        if dry_run { "to free" } else { "freed" },
     );
     if let Some(r) = pr {
         print_prune(&r, dry_run, false)?;

@@ -149,6 +149,28 @@ pub fn parent(path: &[u8]) -> &[u8] {
     }
 }
 
+/// `s` with control characters and backslashes escaped (`\n`, `\t`,
+/// `\xNN`, `\\`), as `ls -b` does: a name can then never start a fake
+/// line in text output. JSON output carries names unescaped.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => {
+                for b in c.to_string().bytes() {
+                    out.push_str(&format!("\\x{b:02x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Printable form of a byte path (lossy, for messages only).
 pub fn show(path: &[u8]) -> String {
     if path.is_empty() {

@@ -33,7 +33,8 @@ fn main() -> ExitCode {
     match laybak::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("laybak: {e:#}");
+            // One line, whatever names the message quotes.
+            eprintln!("laybak: {}", laybak::layer::escape(&format!("{e:#}")));
             ExitCode::from(laybak::error::exit_code(&e))
         }
     }

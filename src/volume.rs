@@ -605,7 +605,10 @@ fn refuse_attach_place(path: &Path, state_dir: &Path, repo: &Repo, vols: &[Volum
             );
         }
         if path.starts_with(&p) {
-            bail!("{shown} is inside {what} {}: attach a directory outside it", p.display());
+            bail!(
+                "{shown} is inside {what} {}: attach a directory outside it",
+                p.display()
+            );
         }
     }
     let text = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
