@@ -327,3 +327,37 @@ pub fn files_below(d: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// An unprivileged local account for attack tests, created with `useradd`
+/// on first use (the tests run as root). Returns (uid, gid).
+pub fn test_user(name: &str) -> (u32, u32) {
+    let id = |flag: &str| -> Option<u32> {
+        let o = Command::new("id").args([flag, name]).output().ok()?;
+        String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+    };
+    if id("-u").is_none() {
+        let st = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
+            .arg(name)
+            .status()
+            .expect("run useradd");
+        // Another test may have created it at the same moment.
+        assert!(st.success() || id("-u").is_some(), "useradd {name} failed");
+    }
+    (id("-u").expect("uid"), id("-g").expect("gid"))
+}
+
+/// A command run as `user` (uid, gid) with no supplementary groups.
+pub fn as_user(user: (u32, u32), program: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--reuid={}", user.0))
+        .arg(format!("--regid={}", user.1))
+        .arg("--clear-groups")
+        .arg(program);
+    c
+}
