@@ -533,7 +533,10 @@ pub fn find_mount(target: &Path) -> Result<Option<MountInfo>> {
 /// # Errors
 /// Any error from umount2 (EBUSY when in use).
 pub fn unmount_now(target: &Path) -> rustix::io::Result<()> {
-    rustix::mount::unmount(target, UnmountFlags::empty())
+    // Through the parent's descriptor, never following the last name: a
+    // user who renames directories around the volume cannot redirect it.
+    let t = Target::open(target).map_err(|_| rustix::io::Errno::NOENT)?;
+    rustix::mount::unmount(t.proc_path().as_path(), UnmountFlags::NOFOLLOW)
 }
 
 /// Processes holding something under `dir`: (pid, command, what).
