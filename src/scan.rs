@@ -6,24 +6,40 @@
 //! parallel (rayon). Overlay's own `trusted.overlay.*` bookkeeping is
 //! interpreted (whiteouts, opaque) or dropped (origin, impure, uuid), never
 //! stored as user data; redirect / metacopy / index artefacts are refused.
+//!
+//! The tree may be written by users while it is read, so nothing here
+//! resolves a path string: the walk goes from descriptor to descriptor
+//! ([`crate::fsx`]), every file is re-opened relative to the root and read
+//! only if it is still the regular file the walk recorded, and error
+//! messages show a path lossily, escaped and cut to a bounded length.
 
 use crate::format::Id;
+use crate::fsx;
 use crate::layer::{Chunk, Entry, Extent, Layer, Meta, Node, Xattrs, show};
 use crate::repo::{Packer, Summary};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use rayon::prelude::*;
+use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use rustix::fs::{FileType, Mode, OFlags, Stat};
 use std::collections::HashMap;
-use std::fs::{File, Metadata};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Extents up to this size are read whole and chunked in memory.
 const IN_MEMORY_EXTENT: u64 = 16 << 20;
 
 /// Namespace of overlay's private xattrs (laybak mounts in trusted mode).
 pub const OVL_PREFIX: &[u8] = b"trusted.overlay.";
+
+/// Directory descriptors the walk keeps open at most (the deepest
+/// directories of its current path that still have subdirectories to
+/// visit); shallower ones are closed and re-opened from the root when the
+/// walk comes back to them.
+const MAX_OPEN_DIRS: usize = 32;
+
+/// Bytes of a path kept at each end in an error message.
+const SHOWN_END: usize = 120;
 
 /// What a walk is for: a sealed upperdir, or user data imported as the base
 /// layer (where overlay artefacts in user data must be refused).
@@ -39,9 +55,60 @@ pub enum Source {
 pub struct Found {
     /// The manifest entry (files have no extents yet).
     pub entry: Entry,
-    /// Where it is on disk.
-    pub fs_path: PathBuf,
-    dev_ino: Option<(u64, u64)>,
+    /// `(dev, ino)` seen by the walk; file data is read only from this inode.
+    id: (u64, u64),
+    /// Whether other names may share the inode (a non-directory with
+    /// `st_nlink > 1`).
+    multi: bool,
+}
+
+/// A path of the tree for an error message: lossy UTF-8, control characters
+/// escaped (a name cannot break the message into lines), and a long path cut
+/// in the middle to its first and last [`SHOWN_END`] bytes.
+fn shown(path: &[u8]) -> String {
+    let mut s = String::new();
+    for c in show(path).chars() {
+        if c.is_control() {
+            s.extend(c.escape_default());
+        } else {
+            s.push(c);
+        }
+    }
+    if s.len() <= 2 * SHOWN_END + 3 {
+        return s;
+    }
+    let mut head = SHOWN_END;
+    while !s.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = s.len() - SHOWN_END;
+    while !s.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{}…{}", &s[..head], &s[tail..])
+}
+
+/// The error for an entry that is no longer what the walk recorded.
+fn changed(path: &[u8], why: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!(
+        "{} changed while it was being archived ({why})",
+        shown(path)
+    )
+}
+
+/// `parent/name` (`name` for the root).
+fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(parent.len() + 1 + name.len());
+    p.extend_from_slice(parent);
+    if !p.is_empty() {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+fn dir_flags() -> OFlags {
+    OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW
 }
 
 /// List the xattrs of `path` (not following symlinks).
@@ -78,13 +145,13 @@ pub fn read_xattrs(path: &Path) -> Result<Xattrs> {
     Ok(out)
 }
 
-fn meta_of(md: &Metadata, xattrs: Xattrs) -> Meta {
+fn meta_of(st: &Stat, xattrs: Xattrs) -> Meta {
     Meta {
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        mtime: md.mtime(),
-        mtime_ns: md.mtime_nsec() as u32,
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        mtime: st.st_mtime,
+        mtime_ns: st.st_mtime_nsec as u32,
         xattrs,
     }
 }
@@ -101,7 +168,7 @@ fn interpret_xattrs(path: &[u8], xattrs: Xattrs, source: Source) -> Result<(bool
         if source == Source::Base {
             bail!(
                 "{} carries the overlay attribute {}, which would change how the volume mounts; remove it (setfattr -x) before attaching",
-                show(path),
+                shown(path),
                 String::from_utf8_lossy(&name)
             );
         }
@@ -109,30 +176,30 @@ fn interpret_xattrs(path: &[u8], xattrs: Xattrs, source: Source) -> Result<(bool
             b"opaque" if value == b"y" => opaque = true,
             b"opaque" => bail!(
                 "{} has trusted.overlay.opaque={:?}, which the kernel never writes into an upperdir: this layer was made by another tool; laybak will not archive it",
-                show(path),
+                shown(path),
                 String::from_utf8_lossy(&value)
             ),
             b"origin" | b"impure" | b"uuid" | b"protattr" => {}
             b"redirect" => bail!(
                 "{} is a renamed directory (trusted.overlay.redirect): the volume was mounted with redirect_dir enabled, which laybak does not support; mount it only with `laybak up`",
-                show(path)
+                shown(path)
             ),
             b"metacopy" => bail!(
                 "{} is a metadata-only copy-up (trusted.overlay.metacopy): the volume was mounted with metacopy=on; remount it with `laybak up` (metacopy=off)",
-                show(path)
+                shown(path)
             ),
             b"nlink" => bail!(
                 "{} has trusted.overlay.nlink: the volume was mounted with index=on; remount it with `laybak up` (index=off)",
-                show(path)
+                shown(path)
             ),
             b"whiteout" => bail!(
                 "{} is an xattr whiteout, which the kernel never writes into an upperdir: this layer was made by another tool",
-                show(path)
+                shown(path)
             ),
             k if k.starts_with(b"overlay.") => keep.push((name, value)),
             _ => bail!(
                 "{} carries an unknown overlay attribute {}: this kernel writes something laybak does not understand; refusing to store a wrong layer",
-                show(path),
+                shown(path),
                 String::from_utf8_lossy(&name)
             ),
         }
@@ -140,127 +207,238 @@ fn interpret_xattrs(path: &[u8], xattrs: Xattrs, source: Source) -> Result<(bool
     Ok((opaque, keep))
 }
 
+/// Open the directory a walk starts from: its canonical path, with no
+/// symlink anywhere on the way.
+fn open_root(root: &Path) -> Result<OwnedFd> {
+    let canon =
+        std::fs::canonicalize(root).with_context(|| format!("cannot read {}", root.display()))?;
+    fsx::open_dir_path(&canon).with_context(|| format!("cannot open {}", root.display()))
+}
+
+/// A subdirectory seen in a listing, not visited yet.
+struct Pending {
+    name: Vec<u8>,
+    st: Stat,
+}
+
+/// A directory on the walk's current path.
+struct Frame {
+    /// Path below the root (empty for the root).
+    rel: Vec<u8>,
+    /// `(dev, ino)` of the directory, checked whenever it is re-opened.
+    id: (u64, u64),
+    /// Its descriptor, while it is open (never for the root, which the
+    /// walk holds itself).
+    fd: Option<OwnedFd>,
+    /// Subdirectories still to visit, last name first.
+    todo: Vec<Pending>,
+}
+
+impl Frame {
+    /// The directory's descriptor, re-opened from `root` (and checked to be
+    /// the same directory) if it was closed.
+    fn fd<'a>(&'a mut self, root: BorrowedFd<'a>) -> Result<BorrowedFd<'a>> {
+        if self.rel.is_empty() {
+            return Ok(root);
+        }
+        if self.fd.is_none() {
+            let fd = fsx::open_beneath(root, &self.rel, dir_flags())
+                .map_err(|e| changed(&self.rel, format_args!("cannot reopen it: {e}")))?;
+            let st = rustix::fs::fstat(&fd)
+                .with_context(|| format!("cannot stat {}", shown(&self.rel)))?;
+            if fsx::dev_ino(&st) != self.id {
+                return Err(changed(&self.rel, "it is another directory now"));
+            }
+            self.fd = Some(fd);
+        }
+        Ok(self.fd.as_ref().expect("just opened").as_fd())
+    }
+}
+
 /// Walk `root` and classify every entry; no file data is read.
 ///
+/// The walk works only through descriptors: `root` is opened once, every
+/// directory below it by name relative to its parent (never through a
+/// symlink, and checked to be the directory the listing saw), every entry
+/// is `lstat`ed and read relative to its directory. Paths of any length
+/// work.
+///
 /// # Errors
-/// Unreadable entries, or overlay artefacts laybak refuses (see module docs).
+/// Unreadable entries, entries changed while the walk ran, or overlay
+/// artefacts laybak refuses (see module docs).
 pub fn walk(root: &Path, source: Source) -> Result<Vec<Found>> {
+    let fd = open_root(root)?;
+    walk_fd(fd.as_fd(), root, source)
+}
+
+fn walk_fd(root: BorrowedFd<'_>, root_path: &Path, source: Source) -> Result<Vec<Found>> {
     let mut out = Vec::new();
-    let md = std::fs::symlink_metadata(root)
-        .with_context(|| format!("cannot read {}", root.display()))?;
-    let (_, xattrs) = interpret_xattrs(b"", read_xattrs(root)?, source)?;
+    let st =
+        rustix::fs::fstat(root).with_context(|| format!("cannot stat {}", root_path.display()))?;
+    let xattrs = fsx::xattrs_fd(root).with_context(|| {
+        format!(
+            "cannot read the extended attributes of {}",
+            root_path.display()
+        )
+    })?;
+    let (_, xattrs) = interpret_xattrs(b"", xattrs, source)?;
     out.push(Found {
         entry: Entry {
             path: Vec::new(),
             node: Node::Dir { opaque: false },
-            meta: meta_of(&md, xattrs),
+            meta: meta_of(&st, xattrs),
             link: None,
         },
-        fs_path: root.to_path_buf(),
-        dev_ino: None,
+        id: fsx::dev_ino(&st),
+        multi: false,
     });
-    let mut stack: Vec<(PathBuf, Vec<u8>)> = vec![(root.to_path_buf(), Vec::new())];
-    while let Some((dir, rel)) = stack.pop() {
-        let rd =
-            std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
-        for ent in rd {
-            let ent = ent.with_context(|| format!("cannot list {}", dir.display()))?;
-            let name = ent.file_name();
-            let mut path = rel.clone();
-            if !path.is_empty() {
-                path.push(b'/');
-            }
-            path.extend_from_slice(name.as_bytes());
-            let fs_path = ent.path();
-            let md = std::fs::symlink_metadata(&fs_path)
-                .with_context(|| format!("cannot stat {}", fs_path.display()))?;
-            let ft = md.file_type();
-            if ft.is_char_device() && md.rdev() == 0 {
-                if source == Source::Base {
-                    bail!(
-                        "{} is a character device 0/0, which overlayfs would treat as a deletion marker; move it out of the directory before attaching",
-                        show(&path)
-                    );
-                }
-                out.push(Found {
-                    entry: Entry {
-                        path,
-                        node: Node::Whiteout,
-                        meta: Meta::default(),
-                        link: None,
-                    },
-                    fs_path,
-                    dev_ino: None,
-                });
-                continue;
-            }
-            let (opaque, xattrs) = interpret_xattrs(&path, read_xattrs(&fs_path)?, source)?;
-            let node = if ft.is_dir() {
-                stack.push((fs_path.clone(), path.clone()));
-                Node::Dir { opaque }
-            } else if ft.is_file() {
-                Node::File {
-                    size: md.len(),
-                    extents: Vec::new(),
-                }
-            } else if ft.is_symlink() {
-                let t = std::fs::read_link(&fs_path)
-                    .with_context(|| format!("cannot read link {}", fs_path.display()))?;
-                Node::Symlink {
-                    target: t.as_os_str().as_bytes().to_vec(),
-                }
-            } else if ft.is_fifo() {
-                Node::Fifo
-            } else if ft.is_socket() {
-                Node::Socket
-            } else if ft.is_char_device() {
-                Node::CharDev { rdev: md.rdev() }
-            } else if ft.is_block_device() {
-                Node::BlockDev { rdev: md.rdev() }
-            } else {
-                bail!("{} has an unknown file type", fs_path.display());
-            };
-            let dev_ino = (!ft.is_dir() && md.nlink() > 1).then_some((md.dev(), md.ino()));
-            out.push(Found {
-                entry: Entry {
-                    path,
-                    node,
-                    meta: meta_of(&md, xattrs),
-                    link: None,
-                },
-                fs_path,
-                dev_ino,
-            });
+    let mut stack = vec![Frame {
+        rel: Vec::new(),
+        id: fsx::dev_ino(&st),
+        fd: None,
+        todo: list(root, b"", source, &mut out)?,
+    }];
+    while let Some(top) = stack.last_mut() {
+        let Some(sub) = top.todo.pop() else {
+            stack.pop();
+            continue;
+        };
+        let rel = join(&top.rel, &sub.name);
+        let fd = fsx::open_subdir(top.fd(root)?, &sub.name)
+            .map_err(|e| changed(&rel, format_args!("cannot open it: {e}")))?;
+        if top.todo.is_empty() {
+            // Nothing more to open in it.
+            top.fd = None;
+        }
+        let st = rustix::fs::fstat(&fd).with_context(|| format!("cannot stat {}", shown(&rel)))?;
+        if fsx::dev_ino(&st) != fsx::dev_ino(&sub.st) {
+            return Err(changed(&rel, "it is another directory now"));
+        }
+        let xattrs = fsx::xattrs_fd(&fd)
+            .with_context(|| format!("cannot read the extended attributes of {}", shown(&rel)))?;
+        let (opaque, xattrs) = interpret_xattrs(&rel, xattrs, source)?;
+        out.push(Found {
+            entry: Entry {
+                path: rel.clone(),
+                node: Node::Dir { opaque },
+                meta: meta_of(&sub.st, xattrs),
+                link: None,
+            },
+            id: fsx::dev_ino(&sub.st),
+            multi: false,
+        });
+        let todo = list(fd.as_fd(), &rel, source, &mut out)?;
+        stack.push(Frame {
+            rel,
+            id: fsx::dev_ino(&sub.st),
+            fd: (!todo.is_empty()).then_some(fd),
+            todo,
+        });
+        // Bounded descriptors however deep the tree: close the shallowest.
+        if stack.len() > MAX_OPEN_DIRS + 1 {
+            let n = stack.len() - MAX_OPEN_DIRS - 1;
+            stack[n].fd = None;
         }
     }
     out.sort_by(|a, b| a.entry.path.cmp(&b.entry.path));
     // Hard-link groups: only inodes seen at least twice in this layer.
     let mut count: HashMap<(u64, u64), u32> = HashMap::new();
-    for f in &out {
-        if let Some(k) = f.dev_ino {
-            *count.entry(k).or_default() += 1;
-        }
+    for f in out.iter().filter(|f| f.multi) {
+        *count.entry(f.id).or_default() += 1;
     }
     let mut ids: HashMap<(u64, u64), u32> = HashMap::new();
-    for f in &mut out {
-        if let Some(k) = f.dev_ino
-            && count[&k] > 1
-        {
+    for f in out.iter_mut().filter(|f| f.multi) {
+        if count[&f.id] > 1 {
             let n = ids.len() as u32;
-            f.entry.link = Some(*ids.entry(k).or_insert(n));
+            f.entry.link = Some(*ids.entry(f.id).or_insert(n));
         }
     }
     Ok(out)
 }
 
+/// Classify the entries of directory `dir` (at `rel`) into `out`, except
+/// subdirectories, which are returned (sorted, last first) to be visited.
+fn list(
+    dir: BorrowedFd<'_>,
+    rel: &[u8],
+    source: Source,
+    out: &mut Vec<Found>,
+) -> Result<Vec<Pending>> {
+    let mut subdirs = Vec::new();
+    let names = fsx::names(dir).with_context(|| format!("cannot list {}", shown(rel)))?;
+    for name in names {
+        let path = join(rel, &name);
+        let st = fsx::stat_at(dir, &name)
+            .with_context(|| format!("cannot stat {}", shown(&path)))?
+            .ok_or_else(|| changed(&path, "it is gone"))?;
+        let ft = FileType::from_raw_mode(st.st_mode);
+        if fsx::is_whiteout(&st) {
+            if source == Source::Base {
+                bail!(
+                    "{} is a character device 0/0, which overlayfs would treat as a deletion marker; move it out of the directory before attaching",
+                    shown(&path)
+                );
+            }
+            out.push(Found {
+                entry: Entry {
+                    path,
+                    node: Node::Whiteout,
+                    meta: Meta::default(),
+                    link: None,
+                },
+                id: fsx::dev_ino(&st),
+                multi: false,
+            });
+            continue;
+        }
+        if ft == FileType::Directory {
+            subdirs.push(Pending { name, st });
+            continue;
+        }
+        let xattrs = fsx::xattrs_at(dir, &name)
+            .with_context(|| format!("cannot read the extended attributes of {}", shown(&path)))?;
+        let (_, xattrs) = interpret_xattrs(&path, xattrs, source)?;
+        let node = match ft {
+            FileType::RegularFile => Node::File {
+                size: st.st_size as u64,
+                extents: Vec::new(),
+            },
+            FileType::Symlink => {
+                let t = rustix::fs::readlinkat(dir, fsx::os(&name), Vec::new())
+                    .with_context(|| format!("cannot read link {}", shown(&path)))?;
+                Node::Symlink {
+                    target: t.into_bytes(),
+                }
+            }
+            FileType::Fifo => Node::Fifo,
+            FileType::Socket => Node::Socket,
+            FileType::CharacterDevice => Node::CharDev { rdev: st.st_rdev },
+            FileType::BlockDevice => Node::BlockDev { rdev: st.st_rdev },
+            _ => bail!("{} has an unknown file type", shown(&path)),
+        };
+        out.push(Found {
+            entry: Entry {
+                path,
+                node,
+                meta: meta_of(&st, xattrs),
+                link: None,
+            },
+            id: fsx::dev_ino(&st),
+            multi: st.st_nlink > 1,
+        });
+    }
+    subdirs.sort_by(|a, b| b.name.cmp(&a.name));
+    Ok(subdirs)
+}
+
 /// Data extents of a file: `[(offset, len)]`. Uses SEEK_DATA/SEEK_HOLE only
 /// when the file has fewer blocks than its size suggests.
-fn data_extents(f: &File, md: &Metadata) -> Result<Vec<(u64, u64)>> {
-    let size = md.len();
+fn data_extents(f: &File, st: &Stat) -> Result<Vec<(u64, u64)>> {
+    let size = st.st_size as u64;
     if size == 0 {
         return Ok(Vec::new());
     }
-    if md.blocks() * 512 >= size {
+    if st.st_blocks as u64 * 512 >= size {
         return Ok(vec![(0, size)]);
     }
     let mut out = Vec::new();
@@ -281,22 +459,62 @@ fn data_extents(f: &File, md: &Metadata) -> Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
-fn open_noatime(path: &Path) -> std::io::Result<File> {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(
-            rustix::fs::OFlags::NOATIME.bits() as i32 | rustix::fs::OFlags::NOFOLLOW.bits() as i32,
-        )
-        .open(path)
-    {
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) => {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                .open(path)
+/// Open for reading the regular file the walk recorded as `f`, relative to
+/// `root`, and return it with its `fstat`.
+///
+/// The name is first opened as an `O_PATH` handle (which opens nothing:
+/// no fifo blocks, no device driver runs), and only a regular file with the
+/// walk's `(dev, ino)` and size is then re-opened for reading through that
+/// handle (`O_NONBLOCK` all the same). Anything else fails as changed.
+fn open_regular(root: BorrowedFd<'_>, f: &Found) -> Result<(File, Stat)> {
+    let path = &f.entry.path;
+    let Node::File { size, .. } = f.entry.node else {
+        bail!("{} is not a regular file", shown(path));
+    };
+    let check = |st: &Stat| -> Result<()> {
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(changed(path, "it is no longer a regular file"));
         }
+        if fsx::dev_ino(st) != f.id {
+            return Err(changed(path, "it is another file now"));
+        }
+        if st.st_size as u64 != size {
+            return Err(changed(
+                path,
+                format_args!("its size went from {size} to {} bytes", st.st_size),
+            ));
+        }
+        Ok(())
+    };
+    let handle = fsx::open_beneath(
+        root,
+        path,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+    )
+    .map_err(
+        |e| match e.raw_os_error().map(rustix::io::Errno::from_raw_os_error) {
+            Some(
+                rustix::io::Errno::NOENT
+                | rustix::io::Errno::NOTDIR
+                | rustix::io::Errno::LOOP
+                | rustix::io::Errno::XDEV,
+            ) => changed(path, format_args!("cannot reopen it: {e}")),
+            _ => anyhow!("cannot open {}: {e}", shown(path)),
+        },
+    )?;
+    check(&rustix::fs::fstat(&handle).with_context(|| format!("cannot stat {}", shown(path)))?)?;
+    // Through the handle: the very inode just checked, whatever the name
+    // is now.
+    let again = format!("/proc/self/fd/{}", handle.as_raw_fd());
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = match rustix::fs::open(&again, flags | OFlags::NOATIME, Mode::empty()) {
+        Err(rustix::io::Errno::PERM) => rustix::fs::open(&again, flags, Mode::empty()),
         r => r,
     }
+    .with_context(|| format!("cannot open {}", shown(path)))?;
+    let st = rustix::fs::fstat(&fd).with_context(|| format!("cannot stat {}", shown(path)))?;
+    check(&st)?;
+    Ok((File::from(fd), st))
 }
 
 /// Chunks of one big extent hashed and compressed in parallel at a time.
@@ -319,11 +537,16 @@ fn store_all(cuts: &[(usize, usize)], data: &[u8], packer: &Packer<'_>) -> Resul
     cuts.par_iter().map(one).collect()
 }
 
-fn chunk_file(path: &Path, packer: &Packer<'_>, cfg: &crate::repo::Config) -> Result<Vec<Extent>> {
-    let mut f = open_noatime(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let md = f.metadata()?;
+fn chunk_file(
+    root: BorrowedFd<'_>,
+    found: &Found,
+    packer: &Packer<'_>,
+    cfg: &crate::repo::Config,
+) -> Result<Vec<Extent>> {
+    let path = &found.entry.path;
+    let (mut f, st) = open_regular(root, found)?;
     let mut extents = Vec::new();
-    for (offset, len) in data_extents(&f, &md)? {
+    for (offset, len) in data_extents(&f, &st)? {
         f.seek(SeekFrom::Start(offset))?;
         let mut chunks = Vec::new();
         if len <= IN_MEMORY_EXTENT {
@@ -331,7 +554,7 @@ fn chunk_file(path: &Path, packer: &Packer<'_>, cfg: &crate::repo::Config) -> Re
             // allocate a chunk_max buffer per file).
             let mut data = vec![0u8; len as usize];
             f.read_exact(&mut data)
-                .with_context(|| format!("cannot read {}", path.display()))?;
+                .with_context(|| format!("cannot read {}", shown(path)))?;
             let cuts: Vec<(usize, usize)> =
                 fastcdc::v2020::FastCDC::new(&data, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max)
                     .map(|c| (c.offset, c.length))
@@ -362,7 +585,7 @@ fn chunk_file(path: &Path, packer: &Packer<'_>, cfg: &crate::repo::Config) -> Re
         };
         for c in fastcdc::v2020::StreamCDC::new(reader, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max)
         {
-            let c = c.map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+            let c = c.map_err(|e| anyhow!("cannot read {}: {e}", shown(path)))?;
             got += c.length as u64;
             batch.push(c.data);
             if batch.len() >= BATCH_CHUNKS {
@@ -371,7 +594,7 @@ fn chunk_file(path: &Path, packer: &Packer<'_>, cfg: &crate::repo::Config) -> Re
         }
         flush(&mut batch, &mut chunks)?;
         if got != len {
-            bail!("{} changed size while being read", path.display());
+            return Err(changed(path, "its size changed while it was being read"));
         }
         extents.push(Extent { offset, chunks });
     }
@@ -382,7 +605,7 @@ fn chunk_file(path: &Path, packer: &Packer<'_>, cfg: &crate::repo::Config) -> Re
 /// `packer`. `progress` is advanced by file bytes.
 ///
 /// # Errors
-/// Walk errors, unreadable files, or repository write failures.
+/// Walk errors, unreadable or changed files, or repository write failures.
 pub fn scan(
     root: &Path,
     source: Source,
@@ -390,7 +613,46 @@ pub fn scan(
     cfg: &crate::repo::Config,
     progress: Option<&indicatif::ProgressBar>,
 ) -> Result<(Layer, Summary)> {
-    let found = walk(root, source)?;
+    let fd = open_root(root)?;
+    let found = walk_fd(fd.as_fd(), root, source)?;
+    archive_fd(fd.as_fd(), found, packer, cfg, progress)
+}
+
+/// The second half of [`scan`]: read the data of the regular files a
+/// [`walk`] of `root` found, store it through `packer`, and return the
+/// manifest. Each file is re-opened relative to `root`; one that is no
+/// longer the regular file the walk saw (another inode, another size,
+/// another type) fails the scan, and nothing but a regular file is ever
+/// opened for reading.
+///
+/// # Errors
+/// `root` is no longer the walked directory, a file changed, or a read or
+/// repository write failed.
+pub fn archive(
+    root: &Path,
+    found: Vec<Found>,
+    packer: &Packer<'_>,
+    cfg: &crate::repo::Config,
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<(Layer, Summary)> {
+    let fd = open_root(root)?;
+    let st = rustix::fs::fstat(&fd).with_context(|| format!("cannot stat {}", root.display()))?;
+    if found.first().is_some_and(|r| r.id != fsx::dev_ino(&st)) {
+        bail!(
+            "{} changed while it was being archived (it is another directory now)",
+            root.display()
+        );
+    }
+    archive_fd(fd.as_fd(), found, packer, cfg, progress)
+}
+
+fn archive_fd(
+    root: BorrowedFd<'_>,
+    found: Vec<Found>,
+    packer: &Packer<'_>,
+    cfg: &crate::repo::Config,
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<(Layer, Summary)> {
     if let Some(p) = progress {
         let total: u64 = found
             .iter()
@@ -416,7 +678,7 @@ pub fn scan(
     let results: Vec<(usize, Vec<Extent>)> = todo
         .par_iter()
         .map(|&i| {
-            let ext = chunk_file(&found[i].fs_path, packer, cfg)?;
+            let ext = chunk_file(root, &found[i], packer, cfg)?;
             if let (Some(p), Node::File { size, .. }) = (progress, &found[i].entry.node) {
                 p.inc(*size);
             }
@@ -449,4 +711,47 @@ pub fn scan(
     summary.entries = layer.entries.len() as u64;
     summary.data_bytes = layer.data_bytes();
     Ok((layer, summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_paths_are_shown_whole() {
+        assert_eq!(shown(b""), "/");
+        assert_eq!(shown(b"a/b c"), "a/b c");
+        assert_eq!(shown(b"bad\xffname"), "bad\u{fffd}name");
+        let p = vec![b'x'; 2 * SHOWN_END + 3];
+        assert_eq!(shown(&p), String::from_utf8(p).unwrap());
+    }
+
+    #[test]
+    fn control_characters_cannot_break_the_line() {
+        assert_eq!(shown(b"evil\nname\r\x1b[2J"), "evil\\nname\\r\\u{1b}[2J");
+    }
+
+    #[test]
+    fn long_paths_keep_both_ends() {
+        let mut p = b"head/".to_vec();
+        p.extend(std::iter::repeat_n(b'm', 10_000));
+        p.extend_from_slice(b"/tail.txt");
+        let s = shown(&p);
+        assert!(s.starts_with("head/mmm"), "{s}");
+        assert!(s.ends_with("mmm/tail.txt"), "{s}");
+        assert_eq!(
+            s,
+            format!("{}…{}", &s[..SHOWN_END], &s[s.len() - SHOWN_END..])
+        );
+    }
+
+    #[test]
+    fn long_paths_are_cut_on_character_boundaries() {
+        // Three-byte characters: no cut lands on a byte boundary of 120.
+        let p = "é€".repeat(500).into_bytes();
+        let s = shown(&p);
+        assert!(s.contains('…'));
+        assert!(s.len() <= 2 * SHOWN_END + '…'.len_utf8());
+        assert!(s.len() >= 2 * (SHOWN_END - 3));
+    }
 }
