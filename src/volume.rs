@@ -1204,45 +1204,52 @@ pub struct Change {
     pub path: String,
 }
 
+/// `lstat` of the relative path `comps` inside the open directory `dir`,
+/// descriptor by descriptor (paths may exceed PATH_MAX).
+fn lookup_in(dir: rustix::fd::OwnedFd, comps: &[&[u8]]) -> Option<rustix::fs::Stat> {
+    let (last, parents) = comps.split_last()?;
+    let mut d = dir;
+    for c in parents {
+        d = crate::fsx::open_subdir(&d, c).ok()?;
+    }
+    crate::fsx::stat_at(&d, last).ok().flatten()
+}
+
 fn exists_below(vol: &Volume, path: &[u8]) -> bool {
-    use std::os::unix::ffi::OsStrExt;
+    use crate::fsx::{is_dir, is_whiteout, open_subdir, stat_at, xattrs_fd};
     let comps: Vec<&[u8]> = path.split(|&b| b == b'/').collect();
-    for l in vol.st.layers.iter().rev() {
-        let mut p = vol.layer_dir(l.seq);
+    'layers: for l in vol.st.layers.iter().rev() {
+        let Ok(mut dir) = crate::fsx::open_dir_path(&vol.layer_dir(l.seq)) else {
+            continue;
+        };
         for (i, c) in comps.iter().enumerate() {
-            p.push(std::ffi::OsStr::from_bytes(c));
-            let Ok(md) = fs::symlink_metadata(&p) else {
-                break;
+            let Some(st) = stat_at(&dir, c).ok().flatten() else {
+                continue 'layers;
             };
-            if is_whiteout(&md) {
+            if is_whiteout(&st) {
                 return false;
             }
             if i + 1 == comps.len() {
                 return true;
             }
-            if !md.is_dir() {
+            if !is_dir(&st) {
                 return false;
             }
-            if scan::read_xattrs(&p)
+            let Ok(sub) = open_subdir(&dir, c) else {
+                continue 'layers;
+            };
+            if xattrs_fd(&sub)
                 .unwrap_or_default()
                 .iter()
                 .any(|(k, v)| k.as_slice() == b"trusted.overlay.opaque" && v.as_slice() == b"y")
             {
                 // Opaque: nothing further down is visible; look only here.
-                let mut q = p.clone();
-                for c in &comps[i + 1..] {
-                    q.push(std::ffi::OsStr::from_bytes(c));
-                }
-                return fs::symlink_metadata(&q).is_ok_and(|m| !is_whiteout(&m));
+                return lookup_in(sub, &comps[i + 1..]).is_some_and(|m| !is_whiteout(&m));
             }
+            dir = sub;
         }
     }
     false
-}
-
-fn is_whiteout(md: &fs::Metadata) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    md.file_type().is_char_device() && md.rdev() == 0
 }
 
 /// What changed since the last snapshot, read from the upper directory (and,

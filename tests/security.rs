@@ -744,3 +744,86 @@ fn names_with_control_characters_cannot_fake_lines() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v[0]["path"], "evil\nM fake");
 }
+
+#[test]
+fn a_tree_deeper_than_path_max_is_archived_restored_and_detached() {
+    if !need_root() {
+        return;
+    }
+    let (env, alice, _home) = setup();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    std::os::unix::fs::chown(&vol, Some(alice.0), Some(alice.1)).unwrap();
+    env.run(&[OsStr::new("attach"), os(&vol)]).ok();
+    // Built with chdir in a loop, as a user would: 30 levels of 200 bytes.
+    let st = as_user(alice, "/usr/bin/python3")
+        .arg("-c")
+        .arg(
+            "import os, sys\nos.chdir(sys.argv[1])\nfor i in range(30):\n    \
+             n = ('%02d' % i) * 100\n    os.mkdir(n)\n    os.chdir(n)\n\
+             open('deep', 'w').write('bottom')\n",
+        )
+        .arg(&vol)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    env.run(&[OsStr::new("status"), os(&vol)]).ok();
+    env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
+    let t = env.path("t");
+    env.run(&[OsStr::new("restore"), OsStr::new("latest"), os(&t)])
+        .ok();
+    let check = |root: &Path| {
+        let script = "import os, sys\nos.chdir(sys.argv[1])\nfor i in range(30):\n    \
+                      os.chdir(('%02d' % i) * 100)\nprint(open('deep').read())\n";
+        let o = Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(script)
+            .arg(root)
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&o.stdout).starts_with("bottom"));
+    };
+    check(&t);
+    // A change deep down is "modified", its existing parents not "added".
+    let st = as_user(alice, "/usr/bin/python3")
+        .arg("-c")
+        .arg(
+            "import os, sys\nos.chdir(sys.argv[1])\nfor i in range(30):\n    \
+             os.chdir(('%02d' % i) * 100)\nopen('deep', 'a').write('!')\n",
+        )
+        .arg(&vol)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = env.run(&[OsStr::new("status"), os(&vol)]).ok().stdout;
+    assert_eq!(status.lines().count(), 1, "{status}");
+    assert!(
+        status.starts_with("M ") && status.trim_end().ends_with("/deep"),
+        "{status}"
+    );
+    env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
+    // Deleting it later does not leave a layer that can never be archived.
+    fs::remove_dir_all(vol.join("00".repeat(100))).unwrap_or_else(|_| {
+        let st = Command::new("rm")
+            .arg("-rf")
+            .arg(vol.join("00".repeat(100)))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    });
+    let st = as_user(alice, "/usr/bin/python3")
+        .arg("-c")
+        .arg(
+            "import os, sys\nos.chdir(sys.argv[1])\nfor i in range(30):\n    \
+             n = ('%02d' % i) * 100\n    os.mkdir(n)\n    os.chdir(n)\n\
+             open('deep', 'w').write('bottom')\n",
+        )
+        .arg(&vol)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
+    env.run(&[OsStr::new("detach"), os(&vol)]).ok();
+    check(&vol);
+}
