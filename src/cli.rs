@@ -239,6 +239,11 @@ pub enum Cmd {
         /// Remove the stored policy.
         #[arg(long)]
         clear: bool,
+        /// How snapshots rotate the volume: `swap` (default: no gap, readers
+        /// and working directories keep a frozen view) or `strict` (0.1's
+        /// unmount and remount: any use of the volume blocks a snapshot).
+        #[arg(long, value_enum)]
+        rotation: Option<Rotation>,
     },
     /// Repair the repository: `index` rebuilds the index from the packs.
     Repair {
@@ -316,6 +321,15 @@ impl KeepArgs {
             tags: self.keep_tags.clone(),
         }
     }
+}
+
+/// How a volume rotates at a snapshot.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Rotation {
+    /// Swap generations with no gap (kernel 6.5+).
+    Swap,
+    /// Unmount and remount; every use of the volume blocks it.
+    Strict,
 }
 
 /// What `repair` can rebuild.
@@ -751,8 +765,18 @@ pub fn run(cli: Cli) -> Result<()> {
             let r = crate::reclaim::prune(&repo, *max_unused, *dry_run, None)?;
             print_prune(&r, *dry_run, *json)
         }
-        Cmd::Policy { path, keep, clear } => {
+        Cmd::Policy {
+            path,
+            keep,
+            clear,
+            rotation,
+        } => {
             let mut vol = volume::find(&cli.state_dir, path)?;
+            let _lock = vol.lock()?;
+            if let Some(r) = rotation {
+                vol.st.strict_rotation = matches!(r, Rotation::Strict);
+                vol.save()?;
+            }
             let p = keep.policy();
             if *clear {
                 vol.st.policy = None;

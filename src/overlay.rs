@@ -102,6 +102,12 @@ fn read_fs_log(fs: &rustix::fd::OwnedFd) -> String {
 }
 
 fn mount_new_api(spec: &Spec, target: &Target, flags: MountAttrFlags) -> Result<u64> {
+    attach(&build(spec, flags)?, target)
+}
+
+/// Create the overlay of `spec` as a detached mount (nothing is visible
+/// anywhere until it is attached).
+fn build(spec: &Spec, flags: MountAttrFlags) -> Result<OwnedFd> {
     let fs =
         rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).context("fsopen(overlay)")?;
     let set = |k: &str, v: &std::ffi::OsStr| {
@@ -138,9 +144,151 @@ fn mount_new_api(spec: &Spec, target: &Target, flags: MountAttrFlags) -> Result<
     // Built detached, with its final flags, then attached onto the target
     // descriptor: there is no moment at which it is mounted differently or
     // somewhere else.
-    let mnt = rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, flags)
-        .map_err(|e| anyhow!("fsmount: {e}"))?;
-    attach(&mnt, target)
+    rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, flags)
+        .map_err(|e| anyhow!("fsmount: {e}"))
+}
+
+/// Why a generation swap did not happen. Nothing changed in any of them.
+#[derive(Debug)]
+pub enum SwapError {
+    /// The kernel cannot mount beneath (before 6.5) or lacks the new mount
+    /// API: use the unmount/mount rotation.
+    Unsupported(anyhow::Error),
+    /// Files are open for writing in the volume (freezing it returned EBUSY
+    /// until `wait` ran out).
+    Writers,
+    /// Anything else.
+    Failed(anyhow::Error),
+}
+
+/// The old generation after a swap: frozen read-only and detached, held
+/// open by this descriptor so the teardown of its dentries (tens of ms on a
+/// hot tree) happens when the holder drops it, not inside the swap.
+pub struct OldGeneration {
+    /// Its never-reused mount id (processes still inside it keep it alive).
+    pub mount_id: u64,
+    hold: OwnedFd,
+}
+
+impl OldGeneration {
+    /// Drop the last reference on a background thread.
+    pub fn release_in_background(self) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || drop(self.hold))
+    }
+}
+
+fn freeze(top: &OwnedFd, ro: bool) -> rustix::io::Result<()> {
+    let fs = rustix::mount::fspick(
+        top,
+        "",
+        rustix::mount::FsPickFlags::FSPICK_CLOEXEC | rustix::mount::FsPickFlags::FSPICK_EMPTY_PATH,
+    )?;
+    rustix::mount::fsconfig_set_flag(&fs, if ro { "ro" } else { "rw" })?;
+    rustix::mount::fsconfig_reconfigure(&fs)
+}
+
+/// Replace the live overlay at `target` (mount id `live`) by a new
+/// generation built from `spec`, with no moment at which the directory is
+/// missing: the new one is created detached, the old one's superblock is
+/// made read-only (which fails while any file is open for writing through
+/// any mount of it, and then stops every write, bind mounts included), the
+/// new one is attached beneath it (`MOVE_MOUNT_BENEATH`) and the old one
+/// detached from above. Processes inside the old one keep a frozen,
+/// read-only view; every new path lookup reaches the new generation.
+///
+/// # Errors
+/// See [`SwapError`]; on every error the old generation is live and
+/// writable again.
+pub fn swap_generation(
+    spec: &Spec,
+    target: &Target,
+    live: u64,
+    wait: Duration,
+) -> std::result::Result<(u64, OldGeneration), SwapError> {
+    let top = target.fresh().map_err(SwapError::Failed)?;
+    if mount_id(&top).map_err(SwapError::Failed)? != live {
+        return Err(SwapError::Failed(anyhow!(
+            "{} is not the volume's mount (another mount is on top of it)",
+            target.shown.display()
+        )));
+    }
+    let new = build(spec, MountAttrFlags::empty()).map_err(|e| {
+        if e.chain()
+            .any(|c| c.downcast_ref::<rustix::io::Errno>() == Some(&rustix::io::Errno::NOSYS))
+            || e.to_string().contains("lowerdir+")
+        {
+            SwapError::Unsupported(e)
+        } else {
+            SwapError::Failed(e)
+        }
+    })?;
+    // Dirty data is written out before the freeze, so the read-only window
+    // (in which writers get EROFS) stays short.
+    let _ = rustix::fs::syncfs(&top);
+    let start = Instant::now();
+    loop {
+        match freeze(&top, true) {
+            Ok(()) => break,
+            Err(rustix::io::Errno::BUSY) if start.elapsed() < wait => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(rustix::io::Errno::BUSY) => return Err(SwapError::Writers),
+            Err(e) => {
+                return Err(SwapError::Failed(
+                    anyhow::Error::from(e).context("cannot freeze the volume read-only"),
+                ));
+            }
+        }
+    }
+    let thaw = |e: anyhow::Error| {
+        let _ = freeze(&top, false);
+        e
+    };
+    let new_id = match mount_id(&new) {
+        Ok(id) => id,
+        Err(e) => return Err(SwapError::Failed(thaw(e))),
+    };
+    match rustix::mount::move_mount(
+        &new,
+        "",
+        &top,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH
+            | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH
+            | MoveMountFlags::MOVE_MOUNT_BENEATH,
+    ) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::INVAL) => {
+            return Err(SwapError::Unsupported(thaw(anyhow!(
+                "this kernel cannot mount beneath (MOVE_MOUNT_BENEATH needs Linux 6.5)"
+            ))));
+        }
+        Err(e) => {
+            return Err(SwapError::Failed(thaw(
+                anyhow::Error::from(e).context("cannot mount the new generation"),
+            )));
+        }
+    }
+    // Lazily detach the frozen old generation from above: nothing can
+    // write through it any more, so nothing is lost with it.
+    if let Err(e) = rustix::mount::unmount(
+        target.proc_path().as_path(),
+        UnmountFlags::DETACH | UnmountFlags::NOFOLLOW,
+    ) {
+        // The new generation stays hidden beneath the old one, which is
+        // thawed and stays live; `laybak down`/`up` clears it up.
+        return Err(SwapError::Failed(thaw(
+            anyhow::Error::from(e).context("cannot detach the old generation"),
+        )));
+    }
+    let old_id = unique_id_at(&top, Path::new(""), AtFlags::EMPTY_PATH).unwrap_or(0);
+    Ok((
+        new_id,
+        OldGeneration {
+            mount_id: old_id,
+            hold: top,
+        },
+    ))
 }
 
 /// Attach detached mount `mnt` onto `target`; returns its mount id.
@@ -166,6 +314,21 @@ pub fn mount_id(fd: impl AsFd) -> Result<u64> {
     let st = rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID)
         .context("statx(STATX_MNT_ID)")?;
     Ok(st.stx_mnt_id)
+}
+
+/// `STATX_MNT_ID_UNIQUE` (Linux 6.8): a mount id that is never reused.
+const MNT_ID_UNIQUE: u32 = 0x4000;
+
+/// A never-reused id of the mount `p` (or `fd` when `p` is empty) is on,
+/// falling back to the reusable one on kernels before 6.8.
+fn unique_id_at(fd: impl AsFd, p: &Path, flags: AtFlags) -> Option<u64> {
+    let st = rustix::fs::statx(fd, p, flags, StatxFlags::from_bits_retain(MNT_ID_UNIQUE)).ok()?;
+    if st.stx_mask & MNT_ID_UNIQUE != 0 {
+        return Some(st.stx_mnt_id);
+    }
+    rustix::fs::statx(rustix::fs::CWD, p, flags, StatxFlags::MNT_ID)
+        .ok()
+        .map(|s| s.stx_mnt_id)
 }
 
 /// A mount point: its parent directory, opened once (`O_PATH`, no symlink
@@ -539,6 +702,57 @@ pub fn unmount_now(target: &Path) -> rustix::io::Result<()> {
     rustix::mount::unmount(t.proc_path().as_path(), UnmountFlags::NOFOLLOW)
 }
 
+/// Processes that still use the mount with never-reused id `id` (a
+/// detached old generation): through their cwd, root, an open file or a mapping.
+pub fn mount_users(id: u64) -> Vec<(u32, String)> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    let on = |p: &Path| unique_id_at(rustix::fs::CWD, p, AtFlags::empty()) == Some(id);
+    for ent in rd.flatten() {
+        let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let base = ent.path();
+        let mut used = on(&base.join("cwd")) || on(&base.join("root"));
+        for sub in ["fd", "map_files"] {
+            if used {
+                break;
+            }
+            if let Ok(fds) = std::fs::read_dir(base.join(sub)) {
+                used = fds.flatten().any(|f| on(&f.path()));
+            }
+        }
+        if used {
+            let comm = std::fs::read_to_string(base.join("comm"))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default();
+            out.push((pid, comm));
+        }
+    }
+    out
+}
+
+/// Processes with a file open for writing (or a shared writable mapping)
+/// under `dir`: they block freezing a volume.
+pub fn writers(dir: &Path) -> Vec<(u32, String, String)> {
+    holders(dir)
+        .into_iter()
+        .filter_map(|(pid, comm, what)| {
+            let w: Vec<&str> = what
+                .split(", ")
+                .filter(|x| x.contains("for writing"))
+                .collect();
+            (!w.is_empty()).then(|| (pid, comm, w.join(", ")))
+        })
+        .collect()
+}
+
 /// Processes holding something under `dir`: (pid, command, what).
 pub fn holders(dir: &Path) -> Vec<(u32, String, String)> {
     let mut out = Vec::new();
@@ -571,22 +785,48 @@ pub fn holders(dir: &Path) -> Vec<(u32, String, String)> {
             }
         }
         if let Ok(fds) = std::fs::read_dir(base.join("fd")) {
+            let mut reader = None;
             for fd in fds.flatten() {
                 if let Ok(t) = std::fs::read_link(fd.path())
                     && under(&t)
                 {
-                    what.push(format!("open file {}", t.display()));
-                    break;
+                    let flags = std::fs::read_to_string(base.join("fdinfo").join(fd.file_name()))
+                        .ok()
+                        .and_then(|i| {
+                            i.lines()
+                                .find_map(|l| l.strip_prefix("flags:"))
+                                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                        })
+                        .unwrap_or(0);
+                    if flags & 0o3 != 0 {
+                        what.push(format!("file {} open for writing", t.display()));
+                        reader = None;
+                        break;
+                    }
+                    reader.get_or_insert_with(|| format!("open file {}", t.display()));
                 }
             }
+            what.extend(reader);
         }
-        if let Ok(maps) = std::fs::read_to_string(base.join("maps"))
-            && maps
+        if let Ok(maps) = std::fs::read_to_string(base.join("maps")) {
+            let mapped: Vec<&str> = maps
                 .lines()
-                .filter_map(|l| l.split_whitespace().nth(5))
-                .any(|p| under(Path::new(p)))
-        {
-            what.push("memory mapping".into());
+                .filter(|l| {
+                    l.split_whitespace()
+                        .nth(5)
+                        .is_some_and(|p| under(Path::new(p)))
+                })
+                .collect();
+            // A shared writable mapping ("rw-s") writes like an open file.
+            if mapped.iter().any(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|p| p.starts_with("rw") && p.ends_with('s'))
+            }) {
+                what.push("shared writable mapping (for writing)".into());
+            } else if !mapped.is_empty() {
+                what.push("memory mapping".into());
+            }
         }
         if !what.is_empty() {
             out.push((pid, comm, what.join(", ")));

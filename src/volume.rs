@@ -114,6 +114,22 @@ pub struct VolumeState {
     /// Retention policy applied by `snapshot --forget`.
     #[serde(default)]
     pub policy: Option<crate::reclaim::Policy>,
+    /// Workdir of the live generation: `.laybak/w/N` (each generation gets
+    /// a fresh one); `None` for volumes attached before 0.2 (`.laybak/work`).
+    #[serde(default)]
+    pub work: Option<u64>,
+    /// A generation swap to upper `N` was started: `up` or the next
+    /// snapshot finds out whether it happened and finishes or undoes it.
+    #[serde(default)]
+    pub rotating: Option<u64>,
+    /// Mount ids of detached old generations that processes may still be
+    /// inside (read-only). Layers are not folded while one is in use.
+    #[serde(default)]
+    pub old_gens: Vec<u64>,
+    /// Rotate by unmounting (0.1's behaviour): busy volumes are refused
+    /// instead of leaving their users a frozen view.
+    #[serde(default)]
+    pub strict_rotation: bool,
 }
 
 /// Paths and state of a volume.
@@ -314,7 +330,14 @@ impl Volume {
     }
 
     fn work_dir(&self) -> PathBuf {
-        self.backing().join(STORE).join("work")
+        match self.st.work {
+            Some(n) => self.gen_work_dir(n),
+            None => self.backing().join(STORE).join("work"),
+        }
+    }
+
+    fn gen_work_dir(&self, n: u64) -> PathBuf {
+        self.backing().join(STORE).join("w").join(n.to_string())
     }
 
     /// The mount spec of the live volume.
@@ -728,6 +751,10 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
         policy: None,
         detach_root_mtime: None,
         detach_store: None,
+        work: None,
+        rotating: None,
+        old_gens: Vec::new(),
+        strict_rotation: false,
         aliases: Default::default(),
     };
     fs::create_dir_all(state_dir.join("volumes"))
@@ -910,13 +937,21 @@ fn below_layers(vol: &Volume, repo: &Repo, i: usize) -> Result<Vec<Id>> {
     Ok(layers)
 }
 
-/// Seal the upper and remount on a fresh one. The volume is never left
-/// unmounted by a failure here: if the new mount fails, the old layout is
-/// mounted again.
+/// Seal the upper and continue on a fresh one. The volume is never left
+/// unmounted by a failure here.
+///
+/// On kernels that can mount beneath (6.5+), the new generation is swapped
+/// in under the old one with no gap ([`overlay::swap_generation`]); readers
+/// and processes whose cwd is in the volume keep a frozen view and do not
+/// block. Files open for writing block the freeze: after `wait` the
+/// snapshot fails naming them. A fold that is due, on an old kernel, or with
+/// `strict_rotation`, rotates the 0.1 way (unmount, remount), which every
+/// use of the volume blocks.
 ///
 /// # Errors
 /// Busy (after `wait`), or mount failures.
 pub fn rotate(vol: &mut Volume, wait: Duration, tags: Vec<String>) -> Result<()> {
+    recover_rotation(vol)?;
     vol.require_mounted()?;
     if vol.st.layers.len() + 1 >= 480 {
         bail!(
@@ -925,6 +960,177 @@ pub fn rotate(vol: &mut Volume, wait: Duration, tags: Vec<String>) -> Result<()>
             vol.st.layers.len()
         );
     }
+    let fold_due = fold_wanted(vol) && fold_allowed(vol)?;
+    // LAYBAK_FORCE_MOUNT2 stands for an old kernel (no new mount API).
+    let beneath = !vol.st.strict_rotation && std::env::var_os("LAYBAK_FORCE_MOUNT2").is_none();
+    if beneath && !fold_due {
+        match rotate_beneath(vol, wait, tags.clone())? {
+            None => return Ok(()),
+            Some(why) => {
+                if std::env::var_os("LAYBAK_DEBUG").is_some() {
+                    eprintln!("laybak: rotating by remount: {why:#}");
+                }
+            }
+        }
+    }
+    // A fold rewrites bottom layers, which only an unmounted volume allows;
+    // when the volume is in use, the fold waits for a quieter rotation.
+    let first_wait = if fold_due && beneath {
+        Duration::ZERO
+    } else {
+        wait
+    };
+    match rotate_remount(vol, first_wait, tags.clone()) {
+        Err(e) if fold_due && beneath && e.downcast_ref::<Busy>().is_some() => {
+            match rotate_beneath(vol, wait, tags)? {
+                None => Ok(()),
+                Some(e) => Err(e),
+            }
+        }
+        r => r,
+    }
+}
+
+/// Finish or undo a generation swap that a crash interrupted.
+fn recover_rotation(vol: &mut Volume) -> Result<()> {
+    let Some(seq) = vol.st.rotating else {
+        return Ok(());
+    };
+    let new_upper = vol.layer_dir(seq);
+    let swapped = overlay::find_mount(&vol.st.path)?.is_some_and(|m| {
+        m.fstype == "overlay"
+            && m.super_options
+                .split(',')
+                .any(|o| o.strip_prefix("upperdir=") == new_upper.to_str())
+    });
+    if swapped {
+        let old = vol.st.upper;
+        seal(vol, old, seq, Vec::new());
+    } else {
+        discard_new_gen(vol, seq);
+    }
+    vol.st.rotating = None;
+    vol.save()
+}
+
+/// The state change of a rotation: `old` upper becomes the newest sealed
+/// layer, `seq` the upper (with its own workdir).
+fn seal(vol: &mut Volume, old: u64, seq: u64, tags: Vec<String>) {
+    vol.st.layers.push(LocalLayer {
+        seq: old,
+        sealed: Time::now(),
+        tags,
+        archived: Vec::new(),
+        writing: None,
+    });
+    vol.st.upper = seq;
+    vol.st.work = Some(seq);
+    vol.st.next_seq = vol.st.next_seq.max(seq + 1);
+}
+
+fn discard_new_gen(vol: &Volume, seq: u64) {
+    let _ = fs::remove_dir(vol.layer_dir(seq));
+    let _ = fs::remove_dir_all(vol.gen_work_dir(seq));
+}
+
+/// The gap-free rotation. `Ok(None)`: done. `Ok(Some(why))`: this kernel
+/// cannot do it, nothing changed, rotate the old way.
+fn rotate_beneath(
+    vol: &mut Volume,
+    wait: Duration,
+    tags: Vec<String>,
+) -> Result<Option<anyhow::Error>> {
+    let target = overlay::Target::open(&vol.st.path)?;
+    let live = target.top_id()?;
+    let seq = vol.st.next_seq;
+    let old_upper = vol.st.upper;
+    new_layer_dir(&vol.layer_dir(seq), &vol.layer_dir(old_upper))?;
+    let work = vol.gen_work_dir(seq);
+    let _ = fs::remove_dir_all(&work);
+    crate::backend::private_dirs(&work)?;
+    vol.st.rotating = Some(seq);
+    vol.save()?;
+    crate::failpoint::hit("before-unmount")?;
+    let mut next = vol.st.clone();
+    next.layers.push(LocalLayer {
+        seq: old_upper,
+        sealed: Time::now(),
+        tags: Vec::new(),
+        archived: Vec::new(),
+        writing: None,
+    });
+    next.upper = seq;
+    next.work = Some(seq);
+    let spec = Volume {
+        state_dir: vol.state_dir.clone(),
+        st: next,
+    }
+    .spec();
+    let undo = |vol: &mut Volume| -> Result<()> {
+        discard_new_gen(vol, seq);
+        vol.st.rotating = None;
+        vol.save()
+    };
+    match overlay::swap_generation(&spec, &target, live, wait) {
+        Ok((new_id, old)) => {
+            crate::failpoint::hit("unmounted")?;
+            let prev_work = vol.st.work;
+            seal(vol, old_upper, seq, tags);
+            vol.st.rotating = None;
+            vol.st.old_gens.push(old.mount_id);
+            vol.save()?;
+            crate::failpoint::hit("state-rotated")?;
+            drop(old.release_in_background());
+            overlay::verify_id(new_id, &vol.st.path)?;
+            remove_stale_workdirs(vol, prev_work);
+            crate::failpoint::hit("remounted")?;
+            Ok(None)
+        }
+        Err(overlay::SwapError::Unsupported(e)) => {
+            undo(vol)?;
+            Ok(Some(e))
+        }
+        Err(overlay::SwapError::Writers) => {
+            undo(vol)?;
+            let w = overlay::writers(&vol.st.path);
+            let list = if w.is_empty() {
+                "no process found in /proc (a bind mount in another namespace?)".to_string()
+            } else {
+                w.iter()
+                    .map(|(p, c, what)| format!("pid {p} ({c}): {what}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
+            Err(Busy(format!(
+                "{} has files open for writing after waiting {}s: {list}; close them (stop the service) or raise --wait",
+                vol.st.path.display(),
+                wait.as_secs()
+            ))
+            .into())
+        }
+        Err(overlay::SwapError::Failed(e)) => {
+            undo(vol)?;
+            Err(e)
+        }
+    }
+}
+
+/// Workdirs of generations before the previous one: nothing writes to them
+/// (their superblocks are read-only), so they go.
+fn remove_stale_workdirs(vol: &Volume, prev: Option<u64>) {
+    let dir = vol.backing().join(STORE).join("w");
+    let Ok(rd) = fs::read_dir(&dir) else { return };
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().parse::<u64>().ok();
+        if n.is_some() && n != vol.st.work && n != prev {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Rotation by unmount and remount (0.1): a gap of a few milliseconds, and
+/// any use of the volume blocks it.
+fn rotate_remount(vol: &mut Volume, wait: Duration, tags: Vec<String>) -> Result<()> {
     let old = vol.st.clone();
     crate::failpoint::hit("before-unmount")?;
     overlay::unmount_wait(&vol.st.path, wait)?;
@@ -969,6 +1175,57 @@ pub fn rotate(vol: &mut Volume, wait: Duration, tags: Vec<String>) -> Result<()>
     Ok(())
 }
 
+/// Fail (exit 11) naming the processes still inside old generations of the
+/// volume (frozen views left by gap-free rotations).
+fn refuse_if_old_gens_used(vol: &mut Volume, what: &str) -> Result<()> {
+    let mut users = Vec::new();
+    vol.st.old_gens.retain(|&id| {
+        let u = overlay::mount_users(id);
+        let alive = !u.is_empty();
+        users.extend(u);
+        alive
+    });
+    vol.save()?;
+    if users.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = users
+        .iter()
+        .map(|(p, c)| format!("pid {p} ({c})"))
+        .collect();
+    Err(Busy(format!(
+        "{what} of {} has to wait: processes are still inside an earlier, frozen view of it (their working directory or open files): {}; end them or let them leave the directory",
+        vol.st.path.display(),
+        list.join(", ")
+    ))
+    .into())
+}
+
+/// Whether the chain is long enough for a fold.
+fn fold_wanted(vol: &Volume) -> bool {
+    // Counted with the layer this rotation seals.
+    vol.st.folding.is_some()
+        || (vol.st.layers.len() + 1 > vol.st.max_layers
+            && vol.st.layers.len() >= 2
+            && !vol.st.layers[0].archived.is_empty()
+            && !vol.st.layers[1].archived.is_empty())
+}
+
+/// Whether folding may change the bottom layers now: no historical mount
+/// stacks them and no process is still inside an old generation. Forgets
+/// old generations nobody uses any more.
+fn fold_allowed(vol: &mut Volume) -> Result<bool> {
+    let before = vol.st.old_gens.len();
+    vol.st
+        .old_gens
+        .retain(|&id| !overlay::mount_users(id).is_empty());
+    if vol.st.old_gens.len() != before {
+        vol.save()?;
+    }
+    Ok(vol.st.old_gens.is_empty()
+        && crate::mounts::using_volume(&vol.state_dir, &vol.st.name)?.is_empty())
+}
+
 /// Fold the bottom two archived layers while the volume is unmounted, when
 /// the chain is longer than `max_layers`. Costs the size of the second
 /// layer (renames only), not of the tree.
@@ -978,7 +1235,7 @@ fn fold_if_needed(vol: &mut Volume) -> Result<()> {
     }
     // Never rewrite a layer under a historical mount: the fold waits until
     // those mounts are gone (the chain is a little longer meanwhile).
-    if !crate::mounts::using_volume(&vol.state_dir, &vol.st.name)?.is_empty() {
+    if !fold_allowed(vol)? {
         return Ok(());
     }
     while vol.st.layers.len() > vol.st.max_layers
@@ -1020,6 +1277,7 @@ fn finish_fold(vol: &mut Volume, up: u64, low: u64) -> Result<()> {
 pub fn up(vol: &mut Volume) -> Result<bool> {
     need_root("up")?;
     let _lock = vol.lock()?;
+    recover_rotation(vol)?;
     if vol.st.phase == Phase::Attaching {
         finish_attach(vol)?;
         return Ok(true);
@@ -1057,10 +1315,12 @@ pub fn up(vol: &mut Volume) -> Result<bool> {
 pub fn down(vol: &mut Volume, wait: Duration) -> Result<()> {
     need_root("down")?;
     let _lock = vol.lock()?;
+    recover_rotation(vol)?;
     if vol.is_mounted()? {
         overlay::unmount_wait(&vol.st.path, wait)?;
     }
     if vol.backing_mounted()? {
+        refuse_if_old_gens_used(vol, "down")?;
         overlay::unmount_wait(&vol.backing(), wait)?;
     }
     vol.st.up = false;
@@ -1077,6 +1337,8 @@ pub fn detach(vol: &mut Volume, wait: Duration) -> Result<usize> {
     need_root("detach")?;
     let lock = vol.lock()?;
     crate::mounts::refuse_if_used(&vol.state_dir, &vol.st.name, "detach")?;
+    recover_rotation(vol)?;
+    refuse_if_old_gens_used(vol, "detach")?;
     let pending = vol
         .st
         .layers

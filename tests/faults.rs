@@ -402,11 +402,14 @@ fn overlapping_cron_runs_never_rotate_one_volume_twice() {
     fs::write(vol.join("x"), b"x").unwrap();
     // A process in the volume keeps the first run waiting in its unmount
     // loop (longer than the few seconds a second run waits for the lock).
-    let mut holder = std::process::Command::new("sleep")
-        .arg("6")
+    // A writer keeps the first run waiting (readers no longer would).
+    let mut holder = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("exec 3>>held; exec sleep 6")
         .current_dir(&vol)
         .spawn()
         .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
     let first = env
         .cmd()
         .args(["snapshot", "--all", "--wait", "10"])

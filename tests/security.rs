@@ -332,7 +332,11 @@ fn restore_and_mount_targets_flipped_to_symlinks_never_land_elsewhere() {
                     "{line}"
                 );
             }
-            env.run(&[OsStr::new("umount"), os(&m)]).ok();
+            // The directory it landed on (the attacker may have renamed
+            // names around it; a mount point itself cannot be renamed).
+            let at = PathBuf::from(line.split(' ').nth(4).unwrap());
+            assert!(at.starts_with(&home), "mounted at {}", at.display());
+            env.run(&[OsStr::new("umount"), os(&at)]).ok();
         }
     }
     let ran = attacker.finish();
@@ -598,7 +602,7 @@ fn a_users_own_dot_laybak_does_not_break_detach() {
 }
 
 #[test]
-fn a_shell_left_in_a_volume_cannot_hang_snapshot() {
+fn a_shell_left_in_a_volume_does_not_keep_it_from_being_snapshotted() {
     if !need_root() {
         return;
     }
@@ -608,6 +612,7 @@ fn a_shell_left_in_a_volume_cannot_hang_snapshot() {
     fs::create_dir(&vol).unwrap();
     fs::set_permissions(&vol, fs::Permissions::from_mode(0o777)).unwrap();
     env.run(&[OsStr::new("attach"), os(&vol)]).ok();
+    fs::write(vol.join("before"), b"1").unwrap();
     let mut shell = as_user(alice, "sh")
         .arg("-c")
         .arg("cd \"$0\" && exec sleep 60")
@@ -615,16 +620,34 @@ fn a_shell_left_in_a_volume_cannot_hang_snapshot() {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(200));
-    let r = env.run(&[
+    env.run(&[
         OsStr::new("snapshot"),
         os(&vol),
         OsStr::new("--wait"),
         OsStr::new("1"),
-    ]);
+    ])
+    .ok();
+    // Her shell keeps the frozen view of the snapshot's moment: readable,
+    // read-only; the volume itself goes on, writable, for everyone else.
+    let cwd = PathBuf::from(format!("/proc/{}/cwd", shell.id()));
+    assert_eq!(fs::read(cwd.join("before")).unwrap(), b"1");
+    let e = fs::write(cwd.join("stale"), b"x").unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(30),
+        "EROFS through the old view: {e}"
+    );
+    fs::write(vol.join("after"), b"2").unwrap();
+    assert!(!cwd.join("after").exists());
+    // While she is inside it, the old view's layers are not folded away
+    // and detach waits, naming her shell.
+    env.run(&[OsStr::new("detach"), os(&vol)])
+        .fails(11, &format!("pid {} (sleep)", shell.id()));
     let _ = shell.kill();
     let _ = shell.wait();
-    r.fails(11, "busy");
     env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
+    env.run(&[OsStr::new("detach"), os(&vol)]).ok();
+    assert_eq!(fs::read(vol.join("after")).unwrap(), b"2");
 }
 
 #[test]

@@ -416,11 +416,14 @@ fn busy_volume_names_the_holder_and_stays_mounted() {
     let vol = env.path("vol");
     fs::create_dir(&vol).unwrap();
     env.run(&[OsStr::new("attach"), os(&vol)]).ok();
-    let mut child = std::process::Command::new("sleep")
-        .arg("30")
+    // A writer blocks the freeze: named, and nothing changes.
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("exec 3>>log; exec sleep 30")
         .current_dir(&vol)
         .spawn()
         .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
     fs::write(vol.join("written"), b"w").unwrap();
     let r = env.run(&[
         OsStr::new("snapshot"),
@@ -430,9 +433,33 @@ fn busy_volume_names_the_holder_and_stays_mounted() {
     ]);
     child.kill().unwrap();
     child.wait().unwrap();
-    r.fails(11, &format!("pid {} (sleep): cwd", child.id()));
+    let r = r.fails(11, &format!("pid {} (sleep): file", child.id()));
+    assert!(r.stderr.contains("open for writing"), "{}", r.stderr);
     assert_eq!(fs::read(vol.join("written")).unwrap(), b"w");
     assert!(laybak::overlay::find_mount(&vol).unwrap().unwrap().fstype == "overlay");
+    snapshot_id(&env, &vol);
+    // With strict rotation (0.1's), any use blocks, a working directory too.
+    env.run(&[
+        OsStr::new("policy"),
+        os(&vol),
+        OsStr::new("--rotation"),
+        OsStr::new("strict"),
+    ])
+    .ok();
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .current_dir(&vol)
+        .spawn()
+        .unwrap();
+    let r = env.run(&[
+        OsStr::new("snapshot"),
+        os(&vol),
+        OsStr::new("--wait"),
+        OsStr::new("0"),
+    ]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    r.fails(11, &format!("pid {} (sleep): cwd", child.id()));
     snapshot_id(&env, &vol);
 }
 
