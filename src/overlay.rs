@@ -177,6 +177,71 @@ impl OldGeneration {
     }
 }
 
+/// How a generation is frozen: the mount only (no sync, a ~0.1 ms window),
+/// or the whole superblock (covers bind mounts and copies of the mount in
+/// other mount namespaces, but syncs the upper filesystem inside the
+/// window).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Freeze {
+    Mount,
+    Superblock,
+}
+
+/// Whether the overlay mounted at `dev` ("major:minor" in mountinfo) is
+/// also mounted somewhere else: a bind mount here, or a copy in another
+/// mount namespace (services with private mounts have those).
+fn mounted_elsewhere(dev: &str, live: u64) -> bool {
+    let mine = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let count = |text: &str, skip: Option<u64>| {
+        text.lines()
+            .filter(|l| {
+                let f: Vec<&str> = l.split(' ').take(3).collect();
+                f.len() == 3 && f[2] == dev && Some(f[0].parse().unwrap_or(0)) != skip
+            })
+            .count()
+    };
+    if let Ok(t) = std::fs::read_to_string("/proc/self/mountinfo")
+        && count(&t, Some(live)) > 0
+    {
+        return true;
+    }
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    let mut seen = std::collections::HashSet::new();
+    for e in rd.flatten() {
+        if e.file_name()
+            .to_str()
+            .is_none_or(|n| n.parse::<u32>().is_err())
+        {
+            continue;
+        }
+        let Ok(ns) = std::fs::read_link(e.path().join("ns/mnt")) else {
+            continue;
+        };
+        if Some(&ns) == mine.as_ref() || !seen.insert(ns) {
+            continue;
+        }
+        if std::fs::read_to_string(e.path().join("mountinfo")).is_ok_and(|t| count(&t, None) > 0) {
+            return true;
+        }
+    }
+    false
+}
+
+fn freeze_with(how: Freeze, target: &Target, top: &OwnedFd, ro: bool) -> rustix::io::Result<()> {
+    match how {
+        Freeze::Superblock => freeze(top, ro),
+        Freeze::Mount => {
+            let mut f = MountFlags::BIND;
+            if ro {
+                f |= MountFlags::RDONLY;
+            }
+            rustix::mount::mount_remount(target.proc_path().as_path(), f, "")
+        }
+    }
+}
+
 fn freeze(top: &OwnedFd, ro: bool) -> rustix::io::Result<()> {
     let fs = rustix::mount::fspick(
         top,
@@ -222,13 +287,32 @@ pub fn swap_generation(
             SwapError::Failed(e)
         }
     })?;
-    // Dirty data is written out before the freeze, so the read-only window
-    // (in which writers get EROFS) stays short.
-    let _ = rustix::fs::syncfs(&top);
+    // Only this mount of the superblock exists: making the mount read-only
+    // stops every writer (and fails while one has a file open). Otherwise
+    // the superblock, after writing dirty data out first so the read-only
+    // window (writers get EROFS) stays short.
+    let dev = mount_by_id(live)
+        .ok()
+        .flatten()
+        .map(|m| m.dev)
+        .unwrap_or_default();
+    let how = if dev.is_empty() || mounted_elsewhere(&dev, live) {
+        let _ = rustix::fs::syncfs(&top);
+        Freeze::Superblock
+    } else {
+        Freeze::Mount
+    };
     let start = Instant::now();
+    let debug = std::env::var_os("LAYBAK_DEBUG").is_some();
     loop {
-        match freeze(&top, true) {
-            Ok(()) => break,
+        let t = Instant::now();
+        match freeze_with(how, target, &top, true) {
+            Ok(()) => {
+                if debug {
+                    eprintln!("laybak: freeze ({how:?}) took {:?}", t.elapsed());
+                }
+                break;
+            }
             Err(rustix::io::Errno::BUSY) if start.elapsed() < wait => {
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -241,7 +325,7 @@ pub fn swap_generation(
         }
     }
     let thaw = |e: anyhow::Error| {
-        let _ = freeze(&top, false);
+        let _ = freeze_with(how, target, &top, false);
         e
     };
     let new_id = match mount_id(&new) {
@@ -280,6 +364,12 @@ pub fn swap_generation(
         return Err(SwapError::Failed(thaw(
             anyhow::Error::from(e).context("cannot detach the old generation"),
         )));
+    }
+    if debug {
+        eprintln!(
+            "laybak: read-only for {:?} (from the freeze's start)",
+            start.elapsed()
+        );
     }
     let old_id = unique_id_at(&top, Path::new(""), AtFlags::EMPTY_PATH).unwrap_or(0);
     Ok((
@@ -625,6 +715,8 @@ pub fn bind_private(src: &Path, target: &Path) -> Result<()> {
 pub struct MountInfo {
     /// Mount id.
     pub id: u64,
+    /// Device of its superblock, "major:minor".
+    pub dev: String,
     /// Mount point.
     pub target: PathBuf,
     /// Filesystem type.
@@ -669,6 +761,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
         }
         out.push(MountInfo {
             id: l[0].parse().unwrap_or(0),
+            dev: l[2].to_string(),
             target: PathBuf::from(std::ffi::OsStr::from_bytes(&unescape(l[4]))),
             fstype: r[0].to_string(),
             source: String::from_utf8_lossy(&unescape(r[1])).into_owned(),
