@@ -179,3 +179,151 @@ fn strip_fd(dir: BorrowedFd<'_>) -> Result<()> {
     )?;
     Ok(())
 }
+
+/// Xattrs a merged layer keeps: the user's, the escaped user
+/// `trusted.overlay.overlay.*`, and the opaque marker; overlay's other
+/// bookkeeping (origin, impure) describes the old upper, not the new layer.
+fn keep_in_layer(k: &[u8]) -> bool {
+    !k.starts_with(OVL_PREFIX) || k == OPAQUE || k.starts_with(b"trusted.overlay.overlay.")
+}
+
+/// Owner, mode, kept xattrs and times of open directory `from` onto `to`.
+fn copy_layer_meta(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> Result<()> {
+    let st = rustix::fs::fstat(from)?;
+    for (k, _) in fsx::xattrs_fd(to)? {
+        match rustix::fs::fremovexattr(to, fsx::os(&k)) {
+            Ok(()) | Err(rustix::io::Errno::NODATA) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for (k, v) in fsx::xattrs_fd(from)? {
+        if keep_in_layer(&k) {
+            rustix::fs::fsetxattr(to, fsx::os(&k), &v, rustix::fs::XattrFlags::empty())?;
+        }
+    }
+    rustix::fs::fchown(
+        to,
+        Some(rustix::fs::Uid::from_raw(st.st_uid)),
+        Some(rustix::fs::Gid::from_raw(st.st_gid)),
+    )?;
+    rustix::fs::fchmod(to, rustix::fs::Mode::from_raw_mode(st.st_mode & 0o7777))?;
+    fsx::set_times_fd(
+        to,
+        (st.st_atime, st.st_atime_nsec as i64),
+        (st.st_mtime, st.st_mtime_nsec as i64),
+    )?;
+    Ok(())
+}
+
+fn link(from: BorrowedFd<'_>, to: BorrowedFd<'_>, name: &[u8]) -> Result<()> {
+    rustix::fs::linkat(
+        from,
+        fsx::os(name),
+        to,
+        fsx::os(name),
+        rustix::fs::AtFlags::empty(),
+    )
+    .with_context(|| format!("cannot link {}", crate::layer::show(name)))
+}
+
+fn mkdir_open(dir: BorrowedFd<'_>, name: &[u8]) -> Result<OwnedFd> {
+    rustix::fs::mkdirat(dir, fsx::os(name), rustix::fs::Mode::from_raw_mode(0o700))
+        .with_context(|| format!("cannot create {}", crate::layer::show(name)))?;
+    Ok(fsx::open_subdir(dir, name)?)
+}
+
+/// Copy the tree of `src` into the empty directory `dst`: directories are
+/// made anew, everything else is hard-linked (no data is copied).
+fn clone_tree(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<()> {
+    for name in fsx::names(src)? {
+        let Some(st) = fsx::stat_at(src, &name)? else {
+            continue;
+        };
+        if is_dir(&st) {
+            let s = open_checked(src, &name, dev_ino(&st))?;
+            let d = mkdir_open(dst, &name)?;
+            clone_tree(s.as_fd(), d.as_fd())?;
+            copy_layer_meta(s.as_fd(), d.as_fd())?;
+        } else {
+            link(src, dst, &name)?;
+        }
+    }
+    Ok(())
+}
+
+fn set_opaque(dir: BorrowedFd<'_>) -> Result<()> {
+    rustix::fs::fsetxattr(dir, fsx::os(OPAQUE), b"y", rustix::fs::XattrFlags::empty())?;
+    Ok(())
+}
+
+/// Apply layer `upper` onto `out` (a copy of the layer below it) with the
+/// semantics of two adjacent layers squashed into one that still has
+/// layers below it: whiteouts stay whiteouts, an opaque directory replaces,
+/// a directory over a directory merges (the older one's opacity stays, the
+/// newer one's metadata wins), a directory over a whiteout or a
+/// non-directory becomes opaque (it must hide what lies below), anything
+/// else replaces. `upper` is only read.
+fn apply_fd(upper: BorrowedFd<'_>, out: BorrowedFd<'_>) -> Result<()> {
+    let show = crate::layer::show;
+    for name in fsx::names(upper)? {
+        let Some(st) = fsx::stat_at(upper, &name)? else {
+            continue;
+        };
+        let dst = fsx::stat_at(out, &name)?;
+        if is_whiteout(&st) || !is_dir(&st) {
+            fsx::remove_all_at(out, &name)
+                .with_context(|| format!("cannot replace {}", show(&name)))?;
+            link(upper, out, &name)?;
+            continue;
+        }
+        let sub = open_checked(upper, &name, dev_ino(&st))?;
+        match dst {
+            Some(d) if is_dir(&d) && !is_opaque(sub.as_fd())? => {
+                let o = open_checked(out, &name, dev_ino(&d))?;
+                let was_opaque = is_opaque(o.as_fd())?;
+                apply_fd(sub.as_fd(), o.as_fd()).with_context(|| format!("in {}", show(&name)))?;
+                copy_layer_meta(sub.as_fd(), o.as_fd())?;
+                if was_opaque {
+                    set_opaque(o.as_fd())?;
+                }
+            }
+            d => {
+                let hides = d.is_some();
+                fsx::remove_all_at(out, &name)
+                    .with_context(|| format!("cannot replace {}", show(&name)))?;
+                let o = mkdir_open(out, &name)?;
+                clone_tree(sub.as_fd(), o.as_fd())?;
+                copy_layer_meta(sub.as_fd(), o.as_fd())?;
+                if hides {
+                    set_opaque(o.as_fd())?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Build `out` (an empty directory) as the merge of the adjacent layers
+/// `lower` and `upper` (not the bottom of the chain), by hard links: the two
+/// layers are only read, so a mount that stacks them (a live generation, an
+/// old one a process is still inside, a historical mount) never sees them
+/// change. Costs the entries of the two layers, not their data.
+///
+/// # Errors
+/// Any filesystem error; `out` is then garbage to remove.
+pub fn merge_into(lower: &Path, upper: &Path, out: &Path) -> Result<()> {
+    let (l, u, o) = (open(lower)?, open(upper)?, open(out)?);
+    clone_tree(l.as_fd(), o.as_fd())
+        .and_then(|()| apply_fd(u.as_fd(), o.as_fd()))
+        .and_then(|()| copy_layer_meta(u.as_fd(), o.as_fd()))
+        .with_context(|| {
+            format!(
+                "merging {} and {} into {}",
+                lower.display(),
+                upper.display(),
+                out.display()
+            )
+        })?;
+    rustix::fs::syncfs(&o)?;
+    Ok(())
+}

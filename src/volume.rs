@@ -65,6 +65,10 @@ pub struct LocalLayer {
     /// second record for the same layer.
     #[serde(default)]
     pub writing: Option<(String, String)>,
+    /// Entries in the directory (from its archive; summed by merges), to
+    /// pick the cheapest layers to merge.
+    #[serde(default)]
+    pub entries: u64,
 }
 
 /// Persistent state of one volume (`STATE/volumes/NAME.json`).
@@ -130,6 +134,14 @@ pub struct VolumeState {
     /// instead of leaving their users a frozen view.
     #[serde(default)]
     pub strict_rotation: bool,
+    /// Layers `.0` and `.1` are being merged into a fresh layer `.2`
+    /// (by hard links); the next generation stacks `.2` instead of both.
+    #[serde(default)]
+    pub merging: Option<(u64, u64, u64)>,
+    /// Layer directories replaced by a merge, kept while an old generation
+    /// or a historical mount may still stack them.
+    #[serde(default)]
+    pub retired: Vec<u64>,
 }
 
 /// Paths and state of a volume.
@@ -741,6 +753,7 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
             tags: opts.tags,
             archived: Vec::new(),
             writing: None,
+            entries: 0,
         }],
         upper: 2,
         next_seq: 3,
@@ -755,6 +768,8 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
         rotating: None,
         old_gens: Vec::new(),
         strict_rotation: false,
+        merging: None,
+        retired: Vec::new(),
         aliases: Default::default(),
     };
     fs::create_dir_all(state_dir.join("volumes"))
@@ -901,6 +916,7 @@ pub fn archive_pending(
         crate::failpoint::hit("snapshot-written")?;
         vol.st.layers[i].archived = vec![layer_id.hex()];
         vol.st.layers[i].writing = None;
+        vol.st.layers[i].entries = snap.summary.entries;
         vol.st.last_snapshot = Some(id.hex());
         vol.save()?;
         out.push(Archived { id, snap });
@@ -960,9 +976,15 @@ pub fn rotate(vol: &mut Volume, wait: Duration, tags: Vec<String>) -> Result<()>
             vol.st.layers.len()
         );
     }
-    let fold_due = fold_wanted(vol) && fold_allowed(vol)?;
     // LAYBAK_FORCE_MOUNT2 stands for an old kernel (no new mount API).
     let beneath = !vol.st.strict_rotation && std::env::var_os("LAYBAK_FORCE_MOUNT2").is_none();
+    // Gap-free rotations merge into fresh layers instead of folding; only a
+    // fold that a crash interrupted needs the unmounted volume.
+    let fold_due = if beneath {
+        vol.st.folding.is_some() && fold_allowed(vol)?
+    } else {
+        fold_wanted(vol) && fold_allowed(vol)?
+    };
     if beneath && !fold_due {
         match rotate_beneath(vol, wait, tags.clone())? {
             None => return Ok(()),
@@ -1005,12 +1027,117 @@ fn recover_rotation(vol: &mut Volume) -> Result<()> {
     });
     if swapped {
         let old = vol.st.upper;
+        if let Some((a, b, f)) = vol.st.merging.take() {
+            apply_merge(&mut vol.st, a, b, f);
+            retire(vol, &[a, b])?;
+        }
         seal(vol, old, seq, Vec::new());
     } else {
         discard_new_gen(vol, seq);
+        discard_merge(vol);
     }
     vol.st.rotating = None;
     vol.save()
+}
+
+/// Replace local layers `a` and `b` (adjacent, `a` below) by the merged
+/// layer `f` in a state.
+fn apply_merge(st: &mut VolumeState, a: u64, b: u64, f: u64) {
+    let Some(i) = st.layers.iter().position(|l| l.seq == a) else {
+        return;
+    };
+    if st.layers.get(i + 1).is_none_or(|l| l.seq != b) {
+        return;
+    }
+    let upper = st.layers.remove(i + 1);
+    let lower = &mut st.layers[i];
+    lower.seq = f;
+    lower.archived.extend(upper.archived);
+    lower.entries += upper.entries;
+    lower.sealed = upper.sealed;
+    lower.tags = upper.tags;
+}
+
+fn discard_merge(vol: &mut Volume) {
+    if let Some((_, _, f)) = vol.st.merging.take() {
+        let _ = fs::remove_dir_all(vol.layer_dir(f));
+    }
+}
+
+/// Move layer directories a merge replaced out of `l/` (a mount that
+/// stacks them keeps them by reference, renaming does not disturb it).
+fn retire(vol: &mut Volume, seqs: &[u64]) -> Result<()> {
+    let dir = vol.backing().join(STORE).join("retired");
+    crate::backend::private_dirs(&dir)?;
+    for &s in seqs {
+        let from = vol.layer_dir(s);
+        if from.exists() {
+            fs::rename(&from, dir.join(s.to_string()))
+                .with_context(|| format!("cannot retire {}", from.display()))?;
+        }
+        if !vol.st.retired.contains(&s) {
+            vol.st.retired.push(s);
+        }
+    }
+    Ok(())
+}
+
+/// Delete retired layer directories once no old generation and no
+/// historical mount can stack them any more.
+fn sweep_retired(vol: &mut Volume) -> Result<()> {
+    if vol.st.retired.is_empty() || !fold_allowed(vol)? {
+        return Ok(());
+    }
+    let dir = vol.backing().join(STORE).join("retired");
+    for s in std::mem::take(&mut vol.st.retired) {
+        let p = dir.join(s.to_string());
+        if p.exists() {
+            fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
+        }
+    }
+    vol.save()
+}
+
+/// The cheapest adjacent pair of archived layers above the base to merge
+/// (fewest entries together): merging costs their entries, never the base.
+fn merge_pick(vol: &Volume) -> Option<(u64, u64)> {
+    let l = &vol.st.layers;
+    let ok = |i: usize| !l[i].archived.is_empty() && !l[i + 1].archived.is_empty();
+    (1..l.len().saturating_sub(1))
+        .filter(|&i| ok(i))
+        .min_by_key(|&i| l[i].entries + l[i + 1].entries)
+        // Only the base and one layer: merging costs the base, but the
+        // chain stays bounded.
+        .or_else(|| (l.len() >= 2 && ok(0)).then_some(0))
+        .map(|i| (l[i].seq, l[i + 1].seq))
+}
+
+/// Build the merge for the coming rotation when the chain is too long.
+/// A failure here only means no merge this time.
+fn prepare_merge(vol: &mut Volume) -> Result<()> {
+    discard_merge(vol);
+    if vol.st.layers.len() < vol.st.max_layers {
+        return Ok(());
+    }
+    let Some((a, b)) = merge_pick(vol) else {
+        return Ok(());
+    };
+    let f = vol.st.next_seq;
+    vol.st.next_seq += 1;
+    vol.st.merging = Some((a, b, f));
+    vol.save()?;
+    let out = vol.layer_dir(f);
+    let _ = fs::remove_dir_all(&out);
+    crate::backend::private_dirs(&out)?;
+    crate::failpoint::hit("merge")?;
+    if let Err(e) = fold::merge_into(&vol.layer_dir(a), &vol.layer_dir(b), &out) {
+        discard_merge(vol);
+        vol.save()?;
+        if std::env::var_os("LAYBAK_DEBUG").is_some() {
+            eprintln!("laybak: no merge this time: {e:#}");
+        }
+    }
+    Ok(())
 }
 
 /// The state change of a rotation: `old` upper becomes the newest sealed
@@ -1022,6 +1149,7 @@ fn seal(vol: &mut Volume, old: u64, seq: u64, tags: Vec<String>) {
         tags,
         archived: Vec::new(),
         writing: None,
+        entries: 0,
     });
     vol.st.upper = seq;
     vol.st.work = Some(seq);
@@ -1042,6 +1170,7 @@ fn rotate_beneath(
 ) -> Result<Option<anyhow::Error>> {
     let target = overlay::Target::open(&vol.st.path)?;
     let live = target.top_id()?;
+    prepare_merge(vol)?;
     let seq = vol.st.next_seq;
     let old_upper = vol.st.upper;
     new_layer_dir(&vol.layer_dir(seq), &vol.layer_dir(old_upper))?;
@@ -1052,12 +1181,16 @@ fn rotate_beneath(
     vol.save()?;
     crate::failpoint::hit("before-unmount")?;
     let mut next = vol.st.clone();
+    if let Some((a, b, f)) = vol.st.merging {
+        apply_merge(&mut next, a, b, f);
+    }
     next.layers.push(LocalLayer {
         seq: old_upper,
         sealed: Time::now(),
         tags: Vec::new(),
         archived: Vec::new(),
         writing: None,
+        entries: 0,
     });
     next.upper = seq;
     next.work = Some(seq);
@@ -1068,6 +1201,7 @@ fn rotate_beneath(
     .spec();
     let undo = |vol: &mut Volume| -> Result<()> {
         discard_new_gen(vol, seq);
+        discard_merge(vol);
         vol.st.rotating = None;
         vol.save()
     };
@@ -1075,6 +1209,10 @@ fn rotate_beneath(
         Ok((new_id, old)) => {
             crate::failpoint::hit("unmounted")?;
             let prev_work = vol.st.work;
+            if let Some((a, b, f)) = vol.st.merging.take() {
+                apply_merge(&mut vol.st, a, b, f);
+                retire(vol, &[a, b])?;
+            }
             seal(vol, old_upper, seq, tags);
             vol.st.rotating = None;
             vol.st.old_gens.push(old.mount_id);
@@ -1083,6 +1221,7 @@ fn rotate_beneath(
             drop(old.release_in_background());
             overlay::verify_id(new_id, &vol.st.path)?;
             remove_stale_workdirs(vol, prev_work);
+            sweep_retired(vol)?;
             crate::failpoint::hit("remounted")?;
             Ok(None)
         }
@@ -1144,6 +1283,7 @@ fn rotate_remount(vol: &mut Volume, wait: Duration, tags: Vec<String>) -> Result
             tags,
             archived: Vec::new(),
             writing: None,
+            entries: 0,
         });
         vol.st.upper = seq;
         vol.st.next_seq = seq + 1;

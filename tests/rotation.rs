@@ -150,3 +150,66 @@ fn a_writer_through_a_bind_mount_blocks_sealing_and_never_writes_into_a_sealed_l
         .status()
         .unwrap();
 }
+
+#[test]
+fn layers_merge_under_a_process_that_stays_in_an_old_view() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    fs::write(vol.join("f"), b"0").unwrap();
+    env.run(&[
+        OsStr::new("attach"),
+        os(&vol),
+        OsStr::new("--max-layers"),
+        OsStr::new("3"),
+    ])
+    .ok();
+    fs::write(vol.join("f"), b"1").unwrap();
+    fs::create_dir(vol.join("d1")).unwrap();
+    env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
+    let mut holder = std::process::Command::new("sleep")
+        .arg("60")
+        .current_dir(&vol)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
+    let frozen = std::path::PathBuf::from(format!("/proc/{}/cwd", holder.id()));
+    for i in 2..10 {
+        fs::write(vol.join("f"), i.to_string()).unwrap();
+        fs::remove_dir(vol.join(format!("d{}", i - 1))).unwrap();
+        fs::create_dir(vol.join(format!("d{i}"))).unwrap();
+        env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
+        let info = laybak::overlay::find_mount(&vol).unwrap().unwrap();
+        assert!(
+            info.super_options.matches("lowerdir").count() <= 3,
+            "{}",
+            info.super_options
+        );
+        // The old view never changes under its process.
+        assert_eq!(fs::read(frozen.join("f")).unwrap(), b"1");
+        assert!(frozen.join("d1").is_dir());
+        assert_eq!(fs::read(vol.join("f")).unwrap(), i.to_string().as_bytes());
+    }
+    let retired = env.state.join("backing/vol/.laybak/retired");
+    assert!(
+        fs::read_dir(&retired).unwrap().next().is_some(),
+        "nothing was merged"
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
+    assert!(
+        fs::read_dir(&retired).unwrap().next().is_none(),
+        "retired layers outlived their last user"
+    );
+    let t = env.path("t");
+    env.run(&[OsStr::new("restore"), OsStr::new("latest"), os(&t)])
+        .ok();
+    assert_eq!(fs::read(t.join("f")).unwrap(), b"9");
+    assert!(t.join("d9").is_dir() && !t.join("d8").exists());
+}

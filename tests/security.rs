@@ -435,8 +435,8 @@ fn historical_mounts_never_change_and_detach_waits_for_them() {
     for _ in 0..3 {
         env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
     }
-    // A fold was due (more than 2 layers) and waited.
-    assert!(layers(&env) > 2, "a fold ran under a mounted snapshot");
+    // Merges kept the chain bounded without touching the mounted layers.
+    assert!(layers(&env) <= 2, "the chain grew: {}", layers(&env));
     assert_eq!(fs::read(m.join("a")).unwrap(), b"v1");
     assert_eq!(fs::read(m.join("dir/x")).unwrap(), b"x");
     env.run(&[OsStr::new("detach"), os(&vol)])
@@ -444,7 +444,7 @@ fn historical_mounts_never_change_and_detach_waits_for_them() {
     assert_eq!(fs::read(m.join("a")).unwrap(), b"v1");
     env.run(&[OsStr::new("umount"), os(&m)]).ok();
     env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
-    assert!(layers(&env) <= 3, "the fold did not catch up");
+    assert!(layers(&env) <= 2);
     env.run(&[OsStr::new("detach"), os(&vol)]).ok();
     assert_eq!(fs::read(vol.join("a")).unwrap(), b"v2");
     assert!(!vol.join("dir").exists());
