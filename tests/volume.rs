@@ -337,7 +337,7 @@ fn random_operations_restore_identically_seed_3() {
 /// (by hard links), and the merged chain must show exactly the kernel's view.
 #[test]
 fn random_operations_with_merged_layers_keep_the_view() {
-    random_rounds_with(0x5eed_0f_3e46e, 12, 20, Some("3"));
+    random_rounds_with(0x05ee_d0f3_e46e, 12, 20, Some("3"));
 }
 
 #[test]
