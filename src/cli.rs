@@ -244,6 +244,17 @@ pub enum Cmd {
         /// unmount and remount: any use of the volume blocks a snapshot).
         #[arg(long, value_enum)]
         rotation: Option<Rotation>,
+        /// Quiesce hook run (`sh -c`) before the volume is sealed, e.g.
+        /// `systemctl stop app` or `sqlite3 db .backup` ("" removes it).
+        #[arg(long, value_name = "COMMAND")]
+        before: Option<String>,
+        /// Hook run after sealing, always once `before` ran (even when it or
+        /// the sealing failed), e.g. `systemctl start app` ("" removes it).
+        #[arg(long, value_name = "COMMAND")]
+        after: Option<String>,
+        /// Seconds a hook may run before it is killed.
+        #[arg(long, value_name = "SECS")]
+        hook_timeout: Option<u64>,
     },
     /// Repair the repository: `index` rebuilds the index from the packs.
     Repair {
@@ -770,11 +781,32 @@ pub fn run(cli: Cli) -> Result<()> {
             keep,
             clear,
             rotation,
+            before,
+            after,
+            hook_timeout,
         } => {
             let mut vol = volume::find(&cli.state_dir, path)?;
             let _lock = vol.lock()?;
             if let Some(r) = rotation {
                 vol.st.strict_rotation = matches!(r, Rotation::Strict);
+                vol.save()?;
+            }
+            if before.is_some() || after.is_some() || hook_timeout.is_some() {
+                let mut h = vol.st.hooks.clone().unwrap_or(crate::hooks::Hooks {
+                    timeout_secs: crate::hooks::DEFAULT_TIMEOUT_SECS,
+                    ..Default::default()
+                });
+                let set = |v: &Option<String>, old: Option<String>| match v {
+                    Some(c) if c.is_empty() => None,
+                    Some(c) => Some(c.clone()),
+                    None => old,
+                };
+                h.before = set(before, h.before.take());
+                h.after = set(after, h.after.take());
+                if let Some(t) = hook_timeout {
+                    h.timeout_secs = *t;
+                }
+                vol.st.hooks = (h.before.is_some() || h.after.is_some()).then_some(h);
                 vol.save()?;
             }
             let p = keep.policy();
@@ -889,7 +921,25 @@ fn snapshot_one(
 ) -> Result<volume::Archived> {
     let _lock = v.lock()?;
     let repo_res = Repo::open(&v.st.repo);
-    volume::rotate(v, wait, tags.to_vec())?;
+    let (name, path, hooks) = (v.st.name.clone(), v.st.path.clone(), v.st.hooks.clone());
+    let ((), after_failed) = crate::hooks::around(hooks.as_ref(), &name, &path, || {
+        volume::rotate(v, wait, tags.to_vec())
+    })?;
+    let res = archive_sealed(v, repo_res, lock_wait);
+    match after_failed {
+        Some(e) => Err(e.context(format!(
+            "the snapshot of {name} was sealed{}",
+            if res.is_ok() { " and archived" } else { "" }
+        ))),
+        None => res,
+    }
+}
+
+fn archive_sealed(
+    v: &mut Volume,
+    repo_res: Result<Repo>,
+    lock_wait: Duration,
+) -> Result<volume::Archived> {
     let repo = repo_res.with_context(|| {
         format!(
             "sealed a new layer of {}, but the repository is unavailable; it stays in the local layer store and the next `laybak snapshot` archives it",

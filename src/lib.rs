@@ -18,6 +18,7 @@ pub mod failpoint;
 pub mod fold;
 pub mod format;
 pub mod fsx;
+pub mod hooks;
 pub mod layer;
 pub mod lock;
 pub mod materialize;

@@ -142,6 +142,9 @@ pub struct VolumeState {
     /// or a historical mount may still stack them.
     #[serde(default)]
     pub retired: Vec<u64>,
+    /// Quiesce hooks run around the rotation of a snapshot.
+    #[serde(default)]
+    pub hooks: Option<crate::hooks::Hooks>,
 }
 
 /// Paths and state of a volume.
@@ -770,6 +773,7 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
         strict_rotation: false,
         merging: None,
         retired: Vec::new(),
+        hooks: None,
         aliases: Default::default(),
     };
     fs::create_dir_all(state_dir.join("volumes"))
