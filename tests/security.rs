@@ -871,3 +871,83 @@ fn a_tree_deeper_than_path_max_is_archived_restored_and_detached() {
     env.run(&[OsStr::new("detach"), os(&vol)]).ok();
     check(&vol);
 }
+
+#[test]
+fn forget_evicts_cached_layers_of_forgotten_snapshots_but_not_mounted_ones() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    fs::write(vol.join("secret"), b"v1").unwrap();
+    env.run(&[OsStr::new("attach"), os(&vol)]).ok();
+    fs::write(vol.join("secret"), b"v2").unwrap();
+    env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
+    fs::write(vol.join("other"), b"o").unwrap();
+    env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
+    let ids: Vec<String> = {
+        let v: serde_json::Value =
+            serde_json::from_str(&env.lb(&["snapshots", "--json"]).ok().stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Another host's state dir: both older snapshots come from the cache.
+    let other = env.path("other");
+    let with_other = |args: &[&OsStr]| {
+        let mut a = vec![OsStr::new("--state-dir"), os(&other)];
+        a.extend_from_slice(args);
+        env.run(&a)
+    };
+    let (m1, m2) = (env.path("m1"), env.path("m2"));
+    with_other(&[OsStr::new("mount"), OsStr::new(&ids[0]), os(&m1)]).ok();
+    with_other(&[OsStr::new("mount"), OsStr::new(&ids[1]), os(&m2)]).ok();
+    with_other(&[OsStr::new("umount"), os(&m1)]).ok();
+    let cached = |env: &Env| -> usize {
+        let _ = env;
+        fs::read_dir(other.join("cache"))
+            .unwrap()
+            .filter(|e| {
+                let n = e.as_ref().unwrap().file_name();
+                laybak::format::Id::parse(n.to_str().unwrap().split('.').next().unwrap()).is_some()
+            })
+            .count()
+    };
+    let before = cached(&env);
+    assert!(before >= 2, "{before} cached layers");
+    // Forget everything but the newest: the older layers are squashed
+    // away, but the mount m2 still stacks them from the cache: they stay.
+    with_other(&[
+        OsStr::new("forget"),
+        OsStr::new("--keep-last"),
+        OsStr::new("1"),
+    ])
+    .ok();
+    assert_eq!(cached(&env), before, "a mounted layer was evicted");
+    assert_eq!(fs::read(m2.join("secret")).unwrap(), b"v2");
+    with_other(&[OsStr::new("umount"), os(&m2)]).ok();
+    with_other(&[
+        OsStr::new("forget"),
+        OsStr::new("--keep-last"),
+        OsStr::new("1"),
+    ])
+    .ok();
+    assert!(cached(&env) < before, "nothing was evicted");
+    let v: serde_json::Value =
+        serde_json::from_str(&env.lb(&["snapshots", "--json"]).ok().stdout).unwrap();
+    let kept: std::collections::HashSet<String> = v[0]["layers"]
+        .as_array()
+        .map(|a| a.iter().map(|x| x.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    for e in fs::read_dir(other.join("cache")).unwrap() {
+        let n = e.unwrap().file_name().to_string_lossy().into_owned();
+        let id = n.split('.').next().unwrap().to_string();
+        if laybak::format::Id::parse(&id).is_some() {
+            assert!(kept.contains(&id), "forgotten layer {n} still cached");
+        }
+    }
+}
