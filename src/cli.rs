@@ -149,6 +149,11 @@ pub enum Cmd {
         /// Volume for `latest`.
         #[arg(long)]
         volume: Option<String>,
+        /// Bound on the local layer cache (`STATE/cache`, layers of
+        /// snapshots mounted from the repository): least recently used
+        /// layers no mount uses are removed beyond it. Suffixes K, M, G, T.
+        #[arg(long, env = "LAYBAK_CACHE_MAX", default_value = "10G", value_parser = parse_size)]
+        cache_max: u64,
     },
     /// Unmount a snapshot mounted with `laybak mount`.
     Umount {
@@ -305,6 +310,22 @@ pub struct KeepArgs {
 
 fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 2d, 12h, 1w)"))
+}
+
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        Some('T') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("{s:?} is not a size (a number of bytes, or with K, M, G or T)"))
 }
 
 fn parse_fraction(s: &str) -> std::result::Result<f64, String> {
@@ -666,12 +687,14 @@ pub fn run(cli: Cli) -> Result<()> {
             snapshot,
             target,
             volume,
+            cache_max,
         } => {
             need_root("mount")?;
             let repo = open_repo(&cli)?;
             let _l = crate::lock::for_reading(&repo, "mount", LOCK_WAIT)?;
             let (id, snap) = repo.resolve(snapshot, volume.as_deref())?;
-            crate::mounts::mount_snapshot(&cli.state_dir, &repo, &id, &snap, target)
+            crate::mounts::mount_snapshot(&cli.state_dir, &repo, &id, &snap, target)?;
+            crate::mounts::evict_to_size(&cli.state_dir, *cache_max)
         }
         Cmd::Umount { target } => {
             need_root("umount")?;

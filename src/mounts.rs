@@ -258,6 +258,7 @@ pub fn cached_layer(
     let cache = state_dir.join("cache");
     let dir = cache.join(name);
     if dir.exists() {
+        touch(&dir);
         return Ok(dir);
     }
     crate::fsx::private_dir(&cache)?;
@@ -288,8 +289,76 @@ pub fn cached_layer(
             return Err(e).with_context(|| format!("cannot create {}", dir.display()));
         }
     }
+    // Its size, for the bound on the cache (walking big layers at every
+    // mount would cost what the cache saves).
+    let sizes = cache.join(".sizes");
+    crate::fsx::private_dir(&sizes)?;
+    let bytes = layer.data_bytes() + 4096 * layer.entries.len() as u64;
+    let _ = fs::write(sizes.join(name), bytes.to_string());
     crate::backend::sync_dir(&cache)?;
     Ok(dir)
+}
+
+/// Mark a cache entry as just used (its mtime orders eviction).
+fn touch(dir: &Path) {
+    let now = rustix::fs::Timespec {
+        tv_sec: crate::format::Time::now().secs,
+        tv_nsec: 0,
+    };
+    let _ = rustix::fs::utimensat(
+        rustix::fs::CWD,
+        dir,
+        &rustix::fs::Timestamps {
+            last_access: now,
+            last_modification: now,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    );
+}
+
+/// Remove least recently used cached layers that no live mount uses until
+/// the cache holds at most `max` bytes (as recorded when each was built).
+///
+/// # Errors
+/// The cache cannot be listed.
+pub fn evict_to_size(state_dir: &Path, max: u64) -> Result<()> {
+    let cache = state_dir.join("cache");
+    let Ok(rd) = fs::read_dir(&cache) else {
+        return Ok(());
+    };
+    let in_use: HashSet<String> = live(state_dir)?.into_iter().flat_map(|r| r.cache).collect();
+    let mut entries: Vec<(i64, u64, String)> = Vec::new();
+    let mut total = 0u64;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || Id::parse(name.split('.').next().unwrap_or("")).is_none() {
+            continue;
+        }
+        let size = fs::read_to_string(cache.join(".sizes").join(&name))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let mtime = e.metadata().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.mtime()
+        });
+        total += size;
+        entries.push((mtime.unwrap_or(0), size, name));
+    }
+    entries.sort();
+    for (_, size, name) in entries {
+        if total <= max {
+            break;
+        }
+        if in_use.contains(&name) {
+            continue;
+        }
+        let p = cache.join(&name);
+        fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
+        let _ = fs::remove_file(cache.join(".sizes").join(&name));
+        total -= size;
+    }
+    Ok(())
 }
 
 /// Remove cached layers that no snapshot of `repo` references any more and
@@ -334,6 +403,7 @@ pub fn evict(state_dir: &Path, repo: &Repo) -> Result<usize> {
             }
             let p = cache.join(&name);
             fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
+            let _ = fs::remove_file(cache.join(".sizes").join(&name));
             n += 1;
         }
     }

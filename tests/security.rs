@@ -951,3 +951,54 @@ fn forget_evicts_cached_layers_of_forgotten_snapshots_but_not_mounted_ones() {
         }
     }
 }
+
+#[test]
+fn the_layer_cache_is_bounded_by_size() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    fs::write(vol.join("a"), vec![b'a'; 100_000]).unwrap();
+    env.run(&[OsStr::new("attach"), os(&vol)]).ok();
+    fs::write(vol.join("b"), vec![b'b'; 100_000]).unwrap();
+    env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
+    let other = env.path("other");
+    let m = env.path("m");
+    let lb = |args: &[&str]| {
+        let mut a = vec![OsStr::new("--state-dir"), os(&other)];
+        a.extend(args.iter().map(OsStr::new));
+        env.run(&a).ok()
+    };
+    let layers = || -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(other.join("cache"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        v.sort();
+        v
+    };
+    let ids: Vec<String> = {
+        let v: serde_json::Value =
+            serde_json::from_str(&env.lb(&["snapshots", "--json"]).ok().stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let ms = m.to_str().unwrap();
+    lb(&["mount", &ids[1], ms]);
+    lb(&["umount", ms]);
+    assert_eq!(layers().len(), 2);
+    // A tiny bound: everything not under a live mount goes, the mounted
+    // snapshot's layer stays.
+    lb(&["mount", &ids[0], ms, "--cache-max", "1K"]);
+    assert_eq!(fs::read(m.join("a")).unwrap().len(), 100_000);
+    let left = layers();
+    assert_eq!(left.len(), 1, "{left:?}");
+    lb(&["umount", ms]);
+}
