@@ -139,6 +139,12 @@ pub fn proc_path(dir: BorrowedFd<'_>, name: &[u8]) -> PathBuf {
     Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(os(name))
 }
 
+/// `/proc/self/fd/N`: the path of an open descriptor itself (for calls that
+/// only take paths, such as `chmod` on an `O_PATH` descriptor).
+pub fn fd_path(fd: BorrowedFd<'_>) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
 /// Extended attributes `(name, value)`, sorted.
 pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -411,4 +417,44 @@ pub fn open_dir_trusted(path: &Path) -> io::Result<OwnedFd> {
         .map_err(err)?;
     }
     Ok(fd)
+}
+
+/// Create `path` and its missing parents with `mode`, each relative to its
+/// parent's descriptor (the existing part is opened with
+/// [`open_dir_trusted`], the new part never follows a symlink): a user
+/// cannot make root create directories somewhere else.
+///
+/// # Errors
+/// A component is a user's symlink, not a directory, or cannot be made.
+pub fn create_dirs_trusted(path: &Path, mode: u32) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut p = path;
+    while std::fs::symlink_metadata(p).is_err() {
+        match (p.parent(), p.file_name()) {
+            (Some(up), Some(n)) => {
+                missing.push(n.as_bytes().to_vec());
+                p = if up.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    up
+                };
+            }
+            _ => break,
+        }
+    }
+    let mut fd = open_dir_trusted(p)?;
+    for name in missing.iter().rev() {
+        match rustix::fs::mkdirat(&fd, os(name), Mode::from_raw_mode(mode)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(err(e)),
+        }
+        fd = rustix::fs::openat(
+            &fd,
+            os(name),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(err)?;
+    }
+    Ok(())
 }

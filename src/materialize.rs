@@ -198,8 +198,24 @@ fn apply_meta_at(
     }
     set_xattrs_path(&proc_path(dir, name), &xattrs, as_root)?;
     if !matches!(e.node, Node::Symlink { .. }) {
-        rustix::fs::chmodat(dir, os(name), Mode::from_raw_mode(mode), AtFlags::empty())
-            .with_context(|| format!("cannot chmod {}", show(&e.path)))?;
+        // chmodat follows symlinks: go through an O_PATH descriptor of the
+        // entry itself (never a symlink: O_NOFOLLOW, type checked).
+        let fd = rustix::fs::openat(
+            dir,
+            os(name),
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| format!("cannot open {}", show(&e.path)))?;
+        let ft = FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode);
+        if ft == FileType::Symlink || ft == FileType::Directory || ft == FileType::RegularFile {
+            bail!("{} changed type while it was restored", show(&e.path));
+        }
+        rustix::fs::chmod(
+            crate::fsx::fd_path(fd.as_fd()).as_path(),
+            Mode::from_raw_mode(mode),
+        )
+        .with_context(|| format!("cannot chmod {}", show(&e.path)))?;
     }
     rustix::fs::utimensat(
         dir,
@@ -337,11 +353,7 @@ pub fn prepare_target(target: &Path) -> Result<Dest> {
         ),
     };
     if !parent.exists() {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(parent)
+        crate::fsx::create_dirs_trusted(parent, 0o755)
             .with_context(|| format!("cannot create {}", parent.display()))?;
     }
     let pfd = crate::fsx::open_dir_trusted(parent)
@@ -373,7 +385,10 @@ pub fn prepare_target(target: &Path) -> Result<Dest> {
         orig,
     };
     let as_root = rustix::process::geteuid().is_root();
-    if as_root && !created && (st.st_uid != 0 || st.st_gid != 0 || st.st_mode & 0o077 != 0) {
+    // Decided from the directory actually opened, not from whether laybak
+    // just made it: its owner may have swapped the name in between.
+    let _ = created;
+    if as_root && (st.st_uid != 0 || st.st_gid != 0 || st.st_mode & 0o077 != 0) {
         // Root's alone while it writes: nobody else can create, rename or
         // open anything in it from here on.
         rustix::fs::fchown(

@@ -111,11 +111,7 @@ pub fn mount_snapshot(
     target: &Path,
 ) -> Result<()> {
     if !target.exists() {
-        use std::os::unix::fs::DirBuilderExt;
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(target)
+        crate::fsx::create_dirs_trusted(target, 0o755)
             .with_context(|| format!("cannot create {}", target.display()))?;
     }
     let t = Target::open_held(target)?;

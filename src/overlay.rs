@@ -187,6 +187,15 @@ enum Freeze {
     Superblock,
 }
 
+/// Whether unprivileged users can make mount namespaces of their own
+/// (`unshare -Urm`): a copy of the volume's mount in one can be pinned with
+/// no process inside it, where no scan of `/proc` sees it.
+fn users_can_copy_mounts() -> bool {
+    let zero = |p: &str| std::fs::read_to_string(p).is_ok_and(|s| s.trim() == "0");
+    !(zero("/proc/sys/user/max_user_namespaces")
+        || zero("/proc/sys/kernel/unprivileged_userns_clone"))
+}
+
 /// Whether the overlay mounted at `dev` ("major:minor" in mountinfo) is
 /// also mounted somewhere else: a bind mount here, or a copy in another
 /// mount namespace (services with private mounts have those).
@@ -287,16 +296,21 @@ pub fn swap_generation(
             SwapError::Failed(e)
         }
     })?;
-    // Only this mount of the superblock exists: making the mount read-only
-    // stops every writer (and fails while one has a file open). Otherwise
+    // Only this mount of the superblock exists (and users cannot make hidden
+    // copies): making the mount read-only stops every writer (and fails
+    // while one has a file open), with no sync inside the window. Otherwise
     // the superblock, after writing dirty data out first so the read-only
-    // window (writers get EROFS) stays short.
+    // window (writers get EROFS while overlay syncs the upper filesystem)
+    // stays short.
     let dev = mount_by_id(live)
         .ok()
         .flatten()
         .map(|m| m.dev)
         .unwrap_or_default();
-    let how = if dev.is_empty() || mounted_elsewhere(&dev, live) {
+    // A mount-level freeze covers only that mount; any other mount of the
+    // superblock (a bind mount, a copy in another namespace, possibly one
+    // a user made and hid) could keep writing into the sealed layer.
+    let how = if dev.is_empty() || users_can_copy_mounts() || mounted_elsewhere(&dev, live) {
         let _ = rustix::fs::syncfs(&top);
         Freeze::Superblock
     } else {

@@ -649,6 +649,28 @@ fn refuse_attach_place(path: &Path, state_dir: &Path, repo: &Repo, vols: &[Volum
             );
         }
     }
+    // laybak finds the volume by its path: a user who could rename a
+    // directory above it could make laybak take another mount (or none)
+    // for the volume. (The volume directory itself is immutable while
+    // attached.)
+    let mut child: Option<&Path> = Some(path);
+    for anc in path.ancestors().skip(1) {
+        let md = fs::symlink_metadata(anc)?;
+        let sticky = md.mode() & 0o1000 != 0;
+        let child_is_roots =
+            child.is_none_or(|c| fs::symlink_metadata(c).is_ok_and(|m| m.uid() == 0));
+        let others_write = md.mode() & 0o022 != 0 && !(sticky && child_is_roots);
+        if md.uid() != 0 || others_write {
+            bail!(
+                "{} can be renamed by a user other than root ({} is owned by uid {} with mode {:o}): attach a directory whose parents are root's",
+                shown,
+                anc.display(),
+                md.uid(),
+                md.mode() & 0o7777
+            );
+        }
+        child = Some(anc);
+    }
     let text = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
     let mounts = overlay::parse_mountinfo(&text);
     // The mount the directory lives on (the longest mount point above it).

@@ -76,27 +76,31 @@ fn misuse_table() {
     let other = env.path("other");
     fs::create_dir(&other).unwrap();
     env.lb(&["attach", other.to_str().unwrap()]).ok();
-    let mut ids: Vec<String> = Vec::new();
-    loop {
-        fs::write(other.join("x"), ids.len().to_string()).unwrap();
-        ids.push(
-            env.lb(&["snapshot", other.to_str().unwrap()])
-                .ok()
-                .stdout
-                .trim()
-                .to_string(),
-        );
-        let mut firsts: Vec<char> = ids.iter().map(|i| i.chars().next().unwrap()).collect();
-        firsts.sort();
-        let n = firsts.len();
-        firsts.dedup();
-        if firsts.len() < n {
-            break;
+    // Every snapshot in the repository counts (the attaches' too), so the
+    // prefix is chosen once exactly two of them share it.
+    let all_ids = |env: &Env| -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&env.lb(&["snapshots", "--json"]).ok().stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let mut n = 0;
+    let ambiguous = loop {
+        fs::write(other.join("x"), n.to_string()).unwrap();
+        n += 1;
+        env.lb(&["snapshot", other.to_str().unwrap()]).ok();
+        let ids = all_ids(&env);
+        let twice = ids
+            .iter()
+            .map(|i| &i[..1])
+            .find(|p| ids.iter().filter(|i| i.starts_with(*p)).count() == 2);
+        if let Some(p) = twice {
+            break p.to_string();
         }
-    }
-    let mut firsts: Vec<&String> = ids.iter().collect();
-    firsts.sort();
-    let ambiguous = firsts.windows(2).find(|w| w[0][..1] == w[1][..1]).unwrap()[0][..1].to_string();
+    };
     let plain = env.path("plain");
     fs::create_dir(&plain).unwrap();
     fs::write(plain.join("p"), b"p").unwrap();
