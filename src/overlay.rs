@@ -157,8 +157,47 @@ pub enum SwapError {
     /// Files are open for writing in the volume (freezing it returned EBUSY
     /// until `wait` ran out).
     Writers,
+    /// The new generation is mounted beneath the frozen old one, which
+    /// could not be detached: the volume stays read-only until `laybak up`
+    /// (or the next snapshot) finishes the swap.
+    Stuck(anyhow::Error),
     /// Anything else.
     Failed(anyhow::Error),
+}
+
+/// Lazily detach the top mount at `target` (a frozen old generation).
+///
+/// # Errors
+/// The kernel refused.
+pub fn detach_top(target: &Target) -> Result<()> {
+    rustix::mount::unmount(
+        target.proc_path().as_path(),
+        UnmountFlags::DETACH | UnmountFlags::NOFOLLOW,
+    )
+    .context("cannot detach the old generation")
+}
+
+/// Make the top mount at `target` writable again, at the mount and at the
+/// superblock (after a crash between freezing and swapping). Harmless when
+/// it is writable.
+pub fn thaw(target: &Target) {
+    if let Ok(top) = target.fresh() {
+        let _ = freeze(&top, false);
+    }
+    let _ = rustix::mount::mount_remount(target.proc_path().as_path(), MountFlags::BIND, "");
+}
+
+/// Never-reused id of the top mount at `target`.
+pub fn unique_top_id(target: &Target) -> Option<u64> {
+    let top = target.fresh().ok()?;
+    unique_id_at(&top, Path::new(""), AtFlags::EMPTY_PATH)
+}
+
+/// Whether mountinfo options `opts` name `dir` as the upper directory.
+pub fn has_upper(opts: &str, dir: &Path) -> bool {
+    opts.split(',')
+        .filter_map(|o| o.strip_prefix("upperdir="))
+        .any(|u| unescape(u) == dir.as_os_str().as_bytes())
 }
 
 /// The old generation after a swap: frozen read-only and detached, held
@@ -342,6 +381,9 @@ pub fn swap_generation(
         let _ = freeze_with(how, target, &top, false);
         e
     };
+    if let Err(e) = crate::failpoint::hit("frozen") {
+        return Err(SwapError::Failed(thaw(e)));
+    }
     let new_id = match mount_id(&new) {
         Ok(id) => id,
         Err(e) => return Err(SwapError::Failed(thaw(e))),
@@ -369,15 +411,11 @@ pub fn swap_generation(
     }
     // Lazily detach the frozen old generation from above: nothing can
     // write through it any more, so nothing is lost with it.
-    if let Err(e) = rustix::mount::unmount(
-        target.proc_path().as_path(),
-        UnmountFlags::DETACH | UnmountFlags::NOFOLLOW,
-    ) {
-        // The new generation stays hidden beneath the old one, which is
-        // thawed and stays live; `laybak down`/`up` clears it up.
-        return Err(SwapError::Failed(thaw(
-            anyhow::Error::from(e).context("cannot detach the old generation"),
-        )));
+    if let Err(e) = crate::failpoint::hit("beneath").and_then(|()| detach_top(target)) {
+        // Never thaw the old generation over a mounted new one: its writes
+        // would go into a layer the new one stacks. The crash recovery
+        // finishes the swap.
+        return Err(SwapError::Stuck(e));
     }
     if debug {
         eprintln!(

@@ -126,6 +126,10 @@ pub struct VolumeState {
     /// snapshot finds out whether it happened and finishes or undoes it.
     #[serde(default)]
     pub rotating: Option<u64>,
+    /// Never-reused mount id of the generation that swap replaces (noted
+    /// before it starts, so a crash cannot lose track of it).
+    #[serde(default)]
+    pub rotating_old: Option<u64>,
     /// Mount ids of detached old generations that processes may still be
     /// inside (read-only). Layers are not folded while one is in use.
     #[serde(default)]
@@ -791,6 +795,7 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
         detach_store: None,
         work: None,
         rotating: None,
+        rotating_old: None,
         old_gens: Vec::new(),
         strict_rotation: false,
         merging: None,
@@ -1039,18 +1044,40 @@ pub fn rotate(vol: &mut Volume, wait: Duration, tags: Vec<String>) -> Result<()>
     }
 }
 
-/// Finish or undo a generation swap that a crash interrupted.
+/// Finish or undo a generation swap that a crash interrupted, looking at
+/// the real mount stack on the volume: the new generation on top (swap
+/// done), beneath the frozen old one (detach it, then done), or nowhere
+/// (thaw the old one, remove the new upper and workdir).
 fn recover_rotation(vol: &mut Volume) -> Result<()> {
     let Some(seq) = vol.st.rotating else {
         return Ok(());
     };
     let new_upper = vol.layer_dir(seq);
-    let swapped = overlay::find_mount(&vol.st.path)?.is_some_and(|m| {
-        m.fstype == "overlay"
-            && m.super_options
-                .split(',')
-                .any(|o| o.strip_prefix("upperdir=") == new_upper.to_str())
+    let target = overlay::Target::open(&vol.st.path)?;
+    let top = target
+        .top_id()
+        .ok()
+        .and_then(|id| overlay::mount_by_id(id).ok().flatten());
+    let text = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    let canon = &vol.st.path;
+    let beneath = overlay::parse_mountinfo(&text).into_iter().any(|m| {
+        &m.target == canon
+            && m.fstype == "overlay"
+            && overlay::has_upper(&m.super_options, &new_upper)
     });
+    let on_top = top
+        .as_ref()
+        .is_some_and(|m| overlay::has_upper(&m.super_options, &new_upper));
+    let swapped = if on_top {
+        true
+    } else if beneath {
+        // Crashed between mounting beneath and detaching: the old one on
+        // top is frozen, so detaching it loses nothing.
+        overlay::detach_top(&target)?;
+        true
+    } else {
+        false
+    };
     if swapped {
         let old = vol.st.upper;
         if let Some((a, b, f)) = vol.st.merging.take() {
@@ -1058,11 +1085,22 @@ fn recover_rotation(vol: &mut Volume) -> Result<()> {
             retire(vol, &[a, b])?;
         }
         seal(vol, old, seq, Vec::new());
+        if let Some(id) = vol.st.rotating_old.take() {
+            vol.st.old_gens.push(id);
+        }
     } else {
+        let ours = format!("laybak:{}", vol.st.name);
+        if top
+            .as_ref()
+            .is_some_and(|m| m.fstype == "overlay" && m.source == ours && &m.target == canon)
+        {
+            overlay::thaw(&target);
+        }
         discard_new_gen(vol, seq);
         discard_merge(vol);
     }
     vol.st.rotating = None;
+    vol.st.rotating_old = None;
     vol.save()
 }
 
@@ -1204,6 +1242,7 @@ fn rotate_beneath(
     let _ = fs::remove_dir_all(&work);
     crate::backend::private_dirs(&work)?;
     vol.st.rotating = Some(seq);
+    vol.st.rotating_old = overlay::unique_top_id(&target);
     vol.save()?;
     crate::failpoint::hit("before-unmount")?;
     let mut next = vol.st.clone();
@@ -1229,6 +1268,7 @@ fn rotate_beneath(
         discard_new_gen(vol, seq);
         discard_merge(vol);
         vol.st.rotating = None;
+        vol.st.rotating_old = None;
         vol.save()
     };
     match overlay::swap_generation(&spec, &target, live, wait) {
@@ -1241,6 +1281,7 @@ fn rotate_beneath(
             }
             seal(vol, old_upper, seq, tags);
             vol.st.rotating = None;
+            vol.st.rotating_old = None;
             vol.st.old_gens.push(old.mount_id);
             vol.save()?;
             crate::failpoint::hit("state-rotated")?;
@@ -1277,6 +1318,11 @@ fn rotate_beneath(
             undo(vol)?;
             Err(e)
         }
+        Err(overlay::SwapError::Stuck(e)) => Err(e.context(format!(
+            "the new generation of {} is mounted beneath the frozen old one; run `laybak up {}` to finish the swap",
+            vol.st.name,
+            vol.st.path.display()
+        ))),
     }
 }
 
