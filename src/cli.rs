@@ -944,6 +944,7 @@ fn snapshot_one(
 ) -> Result<volume::Archived> {
     let _lock = v.lock()?;
     let repo_res = Repo::open(&v.st.repo);
+    volume::prepare_rotation(v)?;
     let (name, path, hooks) = (v.st.name.clone(), v.st.path.clone(), v.st.hooks.clone());
     let ((), after_failed) = crate::hooks::around(hooks.as_ref(), &name, &path, || {
         volume::rotate(v, wait, tags.to_vec())

@@ -9,6 +9,18 @@ fn main() -> ExitCode {
     // is private unless it sets a mode explicitly; restore and attach set
     // every mode they mean.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    // Descriptor-relative walks hold a descriptor per directory level;
+    // users can build trees hundreds of levels deep. Use the hard limit.
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if lim.current < lim.maximum {
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        );
+    }
     let cli = match laybak::cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {

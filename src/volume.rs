@@ -1176,6 +1176,22 @@ fn merge_pick(vol: &Volume) -> Option<(u64, u64)> {
         .map(|i| (l[i].seq, l[i + 1].seq))
 }
 
+/// Work a snapshot does before it rotates, outside the quiesce hooks'
+/// window (so a stopped service is not kept down by it): finish an
+/// interrupted swap, and build the merge the coming rotation will stack
+/// when the chain is too long.
+///
+/// # Errors
+/// State or mount errors.
+pub fn prepare_rotation(vol: &mut Volume) -> Result<()> {
+    recover_rotation(vol)?;
+    let beneath = !vol.st.strict_rotation && std::env::var_os("LAYBAK_FORCE_MOUNT2").is_none();
+    if beneath && vol.is_mounted()? {
+        prepare_merge(vol)?;
+    }
+    Ok(())
+}
+
 /// Build the merge for the coming rotation when the chain is too long.
 /// A failure here only means no merge this time.
 fn prepare_merge(vol: &mut Volume) -> Result<()> {
@@ -1234,7 +1250,6 @@ fn rotate_beneath(
 ) -> Result<Option<anyhow::Error>> {
     let target = overlay::Target::open(&vol.st.path)?;
     let live = target.top_id()?;
-    prepare_merge(vol)?;
     let seq = vol.st.next_seq;
     let old_upper = vol.st.upper;
     new_layer_dir(&vol.layer_dir(seq), &vol.layer_dir(old_upper))?;
@@ -1342,6 +1357,7 @@ fn remove_stale_workdirs(vol: &Volume, prev: Option<u64>) {
 /// Rotation by unmount and remount (0.1): a gap of a few milliseconds, and
 /// any use of the volume blocks it.
 fn rotate_remount(vol: &mut Volume, wait: Duration, tags: Vec<String>) -> Result<()> {
+    discard_merge(vol);
     let old = vol.st.clone();
     crate::failpoint::hit("before-unmount")?;
     overlay::unmount_wait(&vol.st.path, wait)?;
