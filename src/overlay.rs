@@ -187,12 +187,6 @@ pub fn thaw(target: &Target) {
     let _ = rustix::mount::mount_remount(target.proc_path().as_path(), MountFlags::BIND, "");
 }
 
-/// Never-reused id of the top mount at `target`.
-pub fn unique_top_id(target: &Target) -> Option<u64> {
-    let top = target.fresh().ok()?;
-    unique_id_at(&top, Path::new(""), AtFlags::EMPTY_PATH)
-}
-
 /// Whether mountinfo options `opts` name `dir` as the upper directory.
 pub fn has_upper(opts: &str, dir: &Path) -> bool {
     opts.split(',')
@@ -204,8 +198,8 @@ pub fn has_upper(opts: &str, dir: &Path) -> bool {
 /// open by this descriptor so the teardown of its dentries (tens of ms on a
 /// hot tree) happens when the holder drops it, not inside the swap.
 pub struct OldGeneration {
-    /// Its never-reused mount id (processes still inside it keep it alive).
-    pub mount_id: u64,
+    /// Its identity (processes still inside it keep it alive).
+    pub id: GenId,
     hold: OwnedFd,
 }
 
@@ -423,11 +417,11 @@ pub fn swap_generation(
             start.elapsed()
         );
     }
-    let old_id = unique_id_at(&top, Path::new(""), AtFlags::EMPTY_PATH).unwrap_or(0);
+    let old_id = id_and_dev_at(&top, Path::new(""), AtFlags::EMPTY_PATH).unwrap_or((0, 0));
     Ok((
         new_id,
         OldGeneration {
-            mount_id: old_id,
+            id: old_id,
             hold: top,
         },
     ))
@@ -461,16 +455,31 @@ pub fn mount_id(fd: impl AsFd) -> Result<u64> {
 /// `STATX_MNT_ID_UNIQUE` (Linux 6.8): a mount id that is never reused.
 const MNT_ID_UNIQUE: u32 = 0x4000;
 
-/// A never-reused id of the mount `p` (or `fd` when `p` is empty) is on,
-/// falling back to the reusable one on kernels before 6.8.
-fn unique_id_at(fd: impl AsFd, p: &Path, flags: AtFlags) -> Option<u64> {
+/// (never-reused id of the mount `p` (or `fd` when `p` is empty) is on,
+/// falling back to the reusable one before Linux 6.8; device of its
+/// filesystem).
+fn id_and_dev_at(fd: impl AsFd, p: &Path, flags: AtFlags) -> Option<(u64, u64)> {
+    let fd = fd.as_fd();
     let st = rustix::fs::statx(fd, p, flags, StatxFlags::from_bits_retain(MNT_ID_UNIQUE)).ok()?;
+    let dev = (u64::from(st.stx_dev_major) << 32) | u64::from(st.stx_dev_minor);
     if st.stx_mask & MNT_ID_UNIQUE != 0 {
-        return Some(st.stx_mnt_id);
+        return Some((st.stx_mnt_id, dev));
     }
-    rustix::fs::statx(rustix::fs::CWD, p, flags, StatxFlags::MNT_ID)
+    rustix::fs::statx(fd, p, flags, StatxFlags::MNT_ID)
         .ok()
-        .map(|s| s.stx_mnt_id)
+        .map(|s| (s.stx_mnt_id, dev))
+}
+
+/// A generation's identity: its never-reused mount id, and the device of
+/// its superblock (copies of the mount in other namespaces have other
+/// mount ids but the same device; overlay reports one device for every
+/// object when all layers are on one filesystem, as laybak's are).
+pub type GenId = (u64, u64);
+
+/// Identity of the top mount at `target`.
+pub fn gen_id(target: &Target) -> Option<GenId> {
+    let top = target.fresh().ok()?;
+    id_and_dev_at(&top, Path::new(""), AtFlags::EMPTY_PATH)
 }
 
 /// A mount point: its parent directory, opened once (`O_PATH`, no symlink
@@ -847,15 +856,18 @@ pub fn unmount_now(target: &Path) -> rustix::io::Result<()> {
     rustix::mount::unmount(t.proc_path().as_path(), UnmountFlags::NOFOLLOW)
 }
 
-/// Processes that still use the mount with never-reused id `id` (a
-/// detached old generation): through their cwd, root, an open file or a mapping.
-pub fn mount_users(id: u64) -> Vec<(u32, String)> {
+/// Processes that still use generation `which` (a detached old one), in
+/// any mount namespace: through their cwd, root, an open file or a mapping.
+pub fn mount_users(which: GenId) -> Vec<(u32, String)> {
     let me = std::process::id();
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return out;
     };
-    let on = |p: &Path| unique_id_at(rustix::fs::CWD, p, AtFlags::empty()) == Some(id);
+    let on = |p: &Path| {
+        id_and_dev_at(rustix::fs::CWD, p, AtFlags::empty())
+            .is_some_and(|(id, dev)| id == which.0 || (which.1 != 0 && dev == which.1))
+    };
     for ent in rd.flatten() {
         let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;

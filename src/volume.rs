@@ -129,11 +129,12 @@ pub struct VolumeState {
     /// Never-reused mount id of the generation that swap replaces (noted
     /// before it starts, so a crash cannot lose track of it).
     #[serde(default)]
-    pub rotating_old: Option<u64>,
-    /// Mount ids of detached old generations that processes may still be
-    /// inside (read-only). Layers are not folded while one is in use.
+    pub rotating_old: Option<overlay::GenId>,
+    /// Detached old generations (mount id, superblock device) that
+    /// processes may still be inside (read-only). Their layers are not
+    /// folded or deleted while one is in use.
     #[serde(default)]
-    pub old_gens: Vec<u64>,
+    pub old_gens: Vec<overlay::GenId>,
     /// Rotate by unmounting (0.1's behaviour): busy volumes are refused
     /// instead of leaving their users a frozen view.
     #[serde(default)]
@@ -1257,7 +1258,7 @@ fn rotate_beneath(
     let _ = fs::remove_dir_all(&work);
     crate::backend::private_dirs(&work)?;
     vol.st.rotating = Some(seq);
-    vol.st.rotating_old = overlay::unique_top_id(&target);
+    vol.st.rotating_old = overlay::gen_id(&target);
     vol.save()?;
     crate::failpoint::hit("before-unmount")?;
     let mut next = vol.st.clone();
@@ -1297,7 +1298,7 @@ fn rotate_beneath(
             seal(vol, old_upper, seq, tags);
             vol.st.rotating = None;
             vol.st.rotating_old = None;
-            vol.st.old_gens.push(old.mount_id);
+            vol.st.old_gens.push(old.id);
             vol.save()?;
             crate::failpoint::hit("state-rotated")?;
             drop(old.release_in_background());
@@ -1403,16 +1404,30 @@ fn rotate_remount(vol: &mut Volume, wait: Duration, tags: Vec<String>) -> Result
     Ok(())
 }
 
+/// Forget old generations nobody is inside any more. A superblock device
+/// is unique among live superblocks, so an entry whose device the live
+/// generation now has is long dead (its device number was reused).
+fn prune_old_gens(vol: &mut Volume) {
+    let live = overlay::Target::open(&vol.st.path)
+        .ok()
+        .and_then(|t| overlay::gen_id(&t))
+        .map(|g| g.1);
+    vol.st.old_gens.retain(|&g| {
+        let g = if Some(g.1) == live { (g.0, 0) } else { g };
+        !overlay::mount_users(g).is_empty()
+    });
+}
+
 /// Fail (exit 11) naming the processes still inside old generations of the
 /// volume (frozen views left by gap-free rotations).
 fn refuse_if_old_gens_used(vol: &mut Volume, what: &str) -> Result<()> {
-    let mut users = Vec::new();
-    vol.st.old_gens.retain(|&id| {
-        let u = overlay::mount_users(id);
-        let alive = !u.is_empty();
-        users.extend(u);
-        alive
-    });
+    prune_old_gens(vol);
+    let users: Vec<(u32, String)> = vol
+        .st
+        .old_gens
+        .iter()
+        .flat_map(|&g| overlay::mount_users(g))
+        .collect();
     vol.save()?;
     if users.is_empty() {
         return Ok(());
@@ -1444,9 +1459,7 @@ fn fold_wanted(vol: &Volume) -> bool {
 /// old generations nobody uses any more.
 fn fold_allowed(vol: &mut Volume) -> Result<bool> {
     let before = vol.st.old_gens.len();
-    vol.st
-        .old_gens
-        .retain(|&id| !overlay::mount_users(id).is_empty());
+    prune_old_gens(vol);
     if vol.st.old_gens.len() != before {
         vol.save()?;
     }
