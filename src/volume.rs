@@ -1799,7 +1799,9 @@ pub fn local_layers_for(vols: &[Volume], snap: &Snapshot) -> LocalChain {
     let Some(vol) = vols.iter().find(|v| v.st.name == snap.volume) else {
         return LocalChain::default();
     };
-    if !vol.backing_mounted().unwrap_or(false) {
+    // A half-done fold has rewritten the bottom layer: not a view of any
+    // snapshot until it is finished.
+    if !vol.backing_mounted().unwrap_or(false) || vol.st.folding.is_some() {
         return LocalChain::default();
     }
     let mut dirs = Vec::new();
