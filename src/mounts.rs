@@ -74,8 +74,10 @@ pub fn live(state_dir: &Path) -> Result<Vec<MountRecord>> {
             let _ = fs::remove_file(&p);
             continue;
         };
+        // By id and laybak's source tag only: renaming the directory (or
+        // one above it) must not make laybak forget the mount.
         let alive = overlay::mount_by_id(rec.id)?
-            .is_some_and(|m| m.source.starts_with(SOURCE_PREFIX) && m.target == rec.target);
+            .is_some_and(|m| m.source.starts_with(SOURCE_PREFIX) && m.fstype == "overlay");
         if alive {
             out.push(rec);
         } else {
@@ -162,9 +164,11 @@ pub fn mount_snapshot(
         source: format!("{SOURCE_PREFIX}{}", id.short()),
     };
     let mid = overlay::mount_at(&spec, &t)?;
+    // Where it really is (the name may have changed since it was checked).
+    let at = overlay::mount_by_id(mid)?.map_or(canon, |m| m.target);
     let rec = MountRecord {
         id: mid,
-        target: canon,
+        target: at,
         snapshot: id.hex(),
         volume: snap.volume.clone(),
         local: local.seqs,

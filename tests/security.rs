@@ -336,7 +336,19 @@ fn restore_and_mount_targets_flipped_to_symlinks_never_land_elsewhere() {
             // names around it; a mount point itself cannot be renamed).
             let at = PathBuf::from(line.split(' ').nth(4).unwrap());
             assert!(at.starts_with(&home), "mounted at {}", at.display());
-            env.run(&[OsStr::new("umount"), os(&at)]).ok();
+            let u = env.run(&[OsStr::new("umount"), os(&at)]);
+            if u.code != 0 {
+                let recs: Vec<_> = fs::read_dir(env.state.join("mounts"))
+                    .map(|r| r.map(|e| e.unwrap().file_name()).collect())
+                    .unwrap_or_default();
+                panic!(
+                    "{}\nmounts: {:?}\nrecords: {recs:?}",
+                    u.stderr,
+                    info.lines()
+                        .filter(|l| l.contains("laybak"))
+                        .collect::<Vec<_>>()
+                );
+            }
         }
     }
     let ran = attacker.finish();
