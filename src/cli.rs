@@ -46,7 +46,8 @@ pub enum Cmd {
         /// Volume name (default: the directory's name).
         #[arg(long)]
         name: Option<String>,
-        /// Fold local layers beyond this many (keeps the live chain short).
+        /// Merge local layers beyond this many (keeps the live chain short:
+        /// every layer that holds a directory slows lookups of new names in it).
         #[arg(long, default_value_t = volume::DEFAULT_MAX_LAYERS)]
         max_layers: usize,
         /// Tag for the first snapshot (repeatable).
@@ -260,6 +261,10 @@ pub enum Cmd {
         /// Seconds a hook may run before it is killed.
         #[arg(long, value_name = "SECS")]
         hook_timeout: Option<u64>,
+        /// Bound on the live chain (as `attach --max-layers`); applies from
+        /// the next snapshot.
+        #[arg(long, value_name = "N")]
+        max_layers: Option<usize>,
     },
     /// Repair the repository: `index` rebuilds the index from the packs.
     Repair {
@@ -807,9 +812,14 @@ pub fn run(cli: Cli) -> Result<()> {
             before,
             after,
             hook_timeout,
+            max_layers,
         } => {
             let mut vol = volume::find(&cli.state_dir, path)?;
             let _lock = vol.lock()?;
+            if let Some(m) = max_layers {
+                vol.st.max_layers = (*m).clamp(2, 400);
+                vol.save()?;
+            }
             if let Some(r) = rotation {
                 vol.st.strict_rotation = matches!(r, Rotation::Strict);
                 vol.save()?;

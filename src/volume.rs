@@ -37,7 +37,7 @@ const LOCK_GRACE: Duration = Duration::from_secs(3);
 /// Name of the layer store inside a volume directory.
 pub const STORE: &str = ".laybak";
 /// Default bound on the live chain (sealed layers below the upper).
-pub const DEFAULT_MAX_LAYERS: usize = 64;
+pub const DEFAULT_MAX_LAYERS: usize = 8;
 
 /// Where an attach stands (so `up` can finish an interrupted one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
