@@ -1304,6 +1304,13 @@ fn rotate_beneath(
             drop(old.release_in_background());
             overlay::verify_id(new_id, &vol.st.path)?;
             remove_stale_workdirs(vol, prev_work);
+            // Forget old generations nobody is inside any more (the one just
+            // detached is held only by this process until it exits).
+            let before = vol.st.old_gens.len();
+            prune_old_gens(vol);
+            if vol.st.old_gens.len() != before {
+                vol.save()?;
+            }
             sweep_retired(vol)?;
             crate::failpoint::hit("remounted")?;
             Ok(None)
