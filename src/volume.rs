@@ -553,28 +553,27 @@ pub struct AttachOpts {
     pub tags: Vec<String>,
 }
 
-fn probe_fs(store: &Path) -> Result<()> {
-    let probe = store.join("probe");
-    fs::create_dir(&probe)?;
-    let r = rustix::fs::lsetxattr(
+/// Check that the volume's filesystem can carry an overlay: `trusted.*`
+/// xattrs and `d_type`. Works in the store of the open volume directory
+/// `vol` by descriptors (the directory is one users may write).
+fn probe_fs(vol: &rustix::fd::OwnedFd) -> Result<()> {
+    let store = crate::fsx::open_subdir(vol, STORE.as_bytes())?;
+    rustix::fs::mkdirat(&store, "probe", rustix::fs::Mode::from_raw_mode(0o700))?;
+    let probe = crate::fsx::open_subdir(&store, b"probe")?;
+    let r = rustix::fs::fsetxattr(
         &probe,
         "trusted.laybak.probe",
         b"1",
         rustix::fs::XattrFlags::empty(),
     );
+    drop(probe);
     let mut dtype_ok = false;
-    let dirfd = rustix::fs::open(
-        store,
-        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY,
-        rustix::fs::Mode::empty(),
-    )?;
-    let mut dir = rustix::fs::Dir::read_from(&dirfd)?;
-    while let Some(Ok(e)) = dir.next() {
+    for e in rustix::fs::Dir::read_from(&store)?.flatten() {
         if e.file_name().to_bytes() == b"probe" {
             dtype_ok = e.file_type() == rustix::fs::FileType::Directory;
         }
     }
-    fs::remove_dir(&probe)?;
+    rustix::fs::unlinkat(&store, "probe", rustix::fs::AtFlags::REMOVEDIR)?;
     if r.is_err() {
         bail!(
             "the filesystem does not support trusted.* extended attributes, which overlayfs needs: use ext4, xfs or btrfs"
@@ -766,8 +765,15 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
             .create(&store)
             .with_context(|| format!("cannot create {}", store.display()))?;
     }
-    if let Err(e) = probe_fs(&store) {
-        let _ = fs::remove_dir_all(&store);
+    let vfd = crate::fsx::open_dir_path(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if let Err(e) = probe_fs(&vfd) {
+        // Remove only what the probe made (empty directories): never a
+        // tree a user may have put under that name meanwhile.
+        if let Ok(st) = crate::fsx::open_subdir(&vfd, STORE.as_bytes()) {
+            let _ = rustix::fs::unlinkat(&st, "probe", rustix::fs::AtFlags::REMOVEDIR);
+        }
+        let _ = rustix::fs::unlinkat(&vfd, STORE, rustix::fs::AtFlags::REMOVEDIR);
         return Err(e);
     }
     let st = VolumeState {
