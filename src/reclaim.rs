@@ -530,17 +530,27 @@ pub fn prune(
         new_packs.push(done);
     }
     // A rerun after a crash can rebuild a pack the crashed run already
-    // wrote (same content, same id): it is then both "unindexed" and new.
-    // Never delete a pack the new index lists.
+    // wrote (same content, same id): it is then new and also unindexed, or
+    // indexed but with every blob claimed by the old pack it was made
+    // from (so "to delete"), or "to repack". Never delete a pack the new
+    // index lists, whichever list it came from.
     let new_ids: HashSet<Id> = new_packs.iter().map(|(id, _, _)| *id).collect();
-    for id in unindexed.iter().filter(|id| new_ids.contains(id)) {
-        removed -= size_of(&repo::pack_name(id));
-    }
-    let unindexed: Vec<Id> = unindexed
-        .into_iter()
-        .filter(|id| !new_ids.contains(id))
-        .collect();
+    let keep_new = |ids: Vec<Id>, removed: &mut u64| -> Vec<Id> {
+        ids.into_iter()
+            .filter(|id| {
+                let listed = new_ids.contains(id);
+                if listed {
+                    *removed = removed.saturating_sub(size_of(&repo::pack_name(id)));
+                }
+                !listed
+            })
+            .collect()
+    };
+    let unindexed = keep_new(unindexed, &mut removed);
+    let delete_packs = keep_new(delete_packs, &mut removed);
+    let repacked = keep_new(repack.iter().map(|(p, _)| p.id).collect(), &mut removed);
     report.packs_unindexed = unindexed.len();
+    report.packs_deleted = delete_packs.len();
     report.packs_written = new_packs.len();
     for (id, bytes, _) in &new_packs {
         if be.size(&repo::pack_name(id)).is_err() {
@@ -583,9 +593,9 @@ pub fn prune(
         crate::failpoint::hit("prune-layer")?;
         be.remove(&format!("layers/{}", l.hex()))?;
     }
-    for (p, _) in &repack {
+    for id in &repacked {
         crate::failpoint::hit("prune-delete-pack")?;
-        be.remove(&repo::pack_name(&p.id))?;
+        be.remove(&repo::pack_name(id))?;
     }
     for id in delete_packs.iter().chain(&unindexed) {
         crate::failpoint::hit("prune-delete-pack")?;
