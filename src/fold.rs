@@ -23,6 +23,11 @@ use std::path::Path;
 
 const OPAQUE: &[u8] = b"trusted.overlay.opaque";
 
+/// Not overlay's own bookkeeping: the xattrs a fold carries over.
+pub fn is_user_xattr(k: &[u8]) -> bool {
+    !k.starts_with(OVL_PREFIX)
+}
+
 fn open(p: &Path) -> Result<OwnedFd> {
     fsx::open_dir_path(p).with_context(|| format!("cannot open {}", p.display()))
 }
@@ -54,7 +59,7 @@ fn is_opaque(dir: BorrowedFd<'_>) -> Result<bool> {
 /// Any syscall failure.
 pub fn copy_dir_meta(from: &Path, to: &Path) -> Result<()> {
     let (f, t) = (open(from)?, open(to)?);
-    fsx::copy_meta_fd(f.as_fd(), t.as_fd(), OVL_PREFIX)
+    fsx::copy_meta_fd(f.as_fd(), t.as_fd(), is_user_xattr)
         .with_context(|| format!("cannot copy metadata to {}", to.display()))
 }
 
@@ -121,7 +126,7 @@ fn fold_fd(upper: BorrowedFd<'_>, lower: BorrowedFd<'_>, keep_markers: bool) -> 
     }
     // The merged directory's own metadata comes from the upper; its times
     // last, since the moves above changed the lower's mtime.
-    fsx::copy_meta_fd(upper, lower, OVL_PREFIX)?;
+    fsx::copy_meta_fd(upper, lower, is_user_xattr)?;
     fsx::set_times_fd(
         lower,
         (up_st.st_atime, up_st.st_atime_nsec as i64),
@@ -187,32 +192,10 @@ fn keep_in_layer(k: &[u8]) -> bool {
     !k.starts_with(OVL_PREFIX) || k == OPAQUE || k.starts_with(b"trusted.overlay.overlay.")
 }
 
-/// Owner, mode, kept xattrs and times of open directory `from` onto `to`.
+/// Owner, mode, kept xattrs and times of open directory `from` onto `to`
+/// (a directory of a layer being built, which holds only kept xattrs).
 fn copy_layer_meta(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> Result<()> {
-    let st = rustix::fs::fstat(from)?;
-    for (k, _) in fsx::xattrs_fd(to)? {
-        match rustix::fs::fremovexattr(to, fsx::os(&k)) {
-            Ok(()) | Err(rustix::io::Errno::NODATA) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    for (k, v) in fsx::xattrs_fd(from)? {
-        if keep_in_layer(&k) {
-            rustix::fs::fsetxattr(to, fsx::os(&k), &v, rustix::fs::XattrFlags::empty())?;
-        }
-    }
-    rustix::fs::fchown(
-        to,
-        Some(rustix::fs::Uid::from_raw(st.st_uid)),
-        Some(rustix::fs::Gid::from_raw(st.st_gid)),
-    )?;
-    rustix::fs::fchmod(to, rustix::fs::Mode::from_raw_mode(st.st_mode & 0o7777))?;
-    fsx::set_times_fd(
-        to,
-        (st.st_atime, st.st_atime_nsec as i64),
-        (st.st_mtime, st.st_mtime_nsec as i64),
-    )?;
-    Ok(())
+    Ok(fsx::copy_meta_fd(from, to, keep_in_layer)?)
 }
 
 fn link(from: BorrowedFd<'_>, to: BorrowedFd<'_>, name: &[u8]) -> Result<()> {

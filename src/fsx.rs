@@ -148,14 +148,25 @@ pub fn fd_path(fd: BorrowedFd<'_>) -> PathBuf {
 /// Extended attributes `(name, value)`, sorted.
 pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// Xattrs of an open file or directory.
-///
-/// # Errors
-/// The filesystem refused the listing.
-pub fn xattrs_fd(fd: impl AsFd) -> io::Result<Xattrs> {
-    let fd = fd.as_fd();
+/// The calls of one xattr family (`f*` on a descriptor, `l*` on a path):
+/// the size of the name list, the list, the size of a value, a value.
+struct XattrCalls<LQ, L, GQ, G> {
+    list_size: LQ,
+    list: L,
+    value_size: GQ,
+    value: G,
+}
+
+/// Read every xattr through `c`, sorted by name.
+fn gather<LQ, L, GQ, G>(c: XattrCalls<LQ, L, GQ, G>) -> io::Result<Xattrs>
+where
+    LQ: Fn() -> rustix::io::Result<usize>,
+    L: Fn(&mut [u8]) -> rustix::io::Result<usize>,
+    GQ: Fn(&[u8]) -> rustix::io::Result<usize>,
+    G: Fn(&[u8], &mut [u8]) -> rustix::io::Result<usize>,
+{
     let mut out = Vec::new();
-    let n = match rustix::fs::flistxattr_query(fd) {
+    let n = match (c.list_size)() {
         Ok(n) => n,
         Err(rustix::io::Errno::NOTSUP) => return Ok(out),
         Err(e) => return Err(err(e)),
@@ -164,15 +175,15 @@ pub fn xattrs_fd(fd: impl AsFd) -> io::Result<Xattrs> {
         return Ok(out);
     }
     let mut names = vec![0u8; n];
-    let n = rustix::fs::flistxattr(fd, &mut names[..]).map_err(err)?;
+    let n = (c.list)(&mut names).map_err(err)?;
     for name in names[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
-        let len = match rustix::fs::fgetxattr_query(fd, os(name)) {
+        let len = match (c.value_size)(name) {
             Ok(l) => l,
             Err(rustix::io::Errno::NODATA) => continue,
             Err(e) => return Err(err(e)),
         };
         let mut val = vec![0u8; len];
-        let l = rustix::fs::fgetxattr(fd, os(name), &mut val[..]).map_err(err)?;
+        let l = (c.value)(name, &mut val).map_err(err)?;
         val.truncate(l);
         out.push((name.to_vec(), val));
     }
@@ -180,36 +191,39 @@ pub fn xattrs_fd(fd: impl AsFd) -> io::Result<Xattrs> {
     Ok(out)
 }
 
+/// Xattrs of an open file or directory.
+///
+/// # Errors
+/// The filesystem refused the listing.
+pub fn xattrs_fd(fd: impl AsFd) -> io::Result<Xattrs> {
+    let fd = fd.as_fd();
+    gather(XattrCalls {
+        list_size: || rustix::fs::flistxattr_query(fd),
+        list: |buf: &mut [u8]| rustix::fs::flistxattr(fd, buf),
+        value_size: |k: &[u8]| rustix::fs::fgetxattr_query(fd, os(k)),
+        value: |k: &[u8], buf: &mut [u8]| rustix::fs::fgetxattr(fd, os(k), buf),
+    })
+}
+
+/// Xattrs of `path` itself (a final symlink is not followed).
+///
+/// # Errors
+/// The filesystem refused the listing.
+pub fn xattrs_path(path: &Path) -> io::Result<Xattrs> {
+    gather(XattrCalls {
+        list_size: || rustix::fs::llistxattr_query(path),
+        list: |buf: &mut [u8]| rustix::fs::llistxattr(path, buf),
+        value_size: |k: &[u8]| rustix::fs::lgetxattr_query(path, os(k)),
+        value: |k: &[u8], buf: &mut [u8]| rustix::fs::lgetxattr(path, os(k), buf),
+    })
+}
+
 /// Xattrs of entry `name` of `dir`, whatever its type (not followed).
 ///
 /// # Errors
 /// The filesystem refused the listing.
 pub fn xattrs_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Xattrs> {
-    let p = proc_path(dir, name);
-    let mut out = Vec::new();
-    let n = match rustix::fs::llistxattr_query(&p) {
-        Ok(n) => n,
-        Err(rustix::io::Errno::NOTSUP) => return Ok(out),
-        Err(e) => return Err(err(e)),
-    };
-    if n == 0 {
-        return Ok(out);
-    }
-    let mut names = vec![0u8; n];
-    let n = rustix::fs::llistxattr(&p, &mut names[..]).map_err(err)?;
-    for k in names[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
-        let len = match rustix::fs::lgetxattr_query(&p, os(k)) {
-            Ok(l) => l,
-            Err(rustix::io::Errno::NODATA) => continue,
-            Err(e) => return Err(err(e)),
-        };
-        let mut val = vec![0u8; len];
-        let l = rustix::fs::lgetxattr(&p, os(k), &mut val[..]).map_err(err)?;
-        val.truncate(l);
-        out.push((k.to_vec(), val));
-    }
-    out.sort();
-    Ok(out)
+    xattrs_path(&proc_path(dir, name))
 }
 
 /// Remove xattr `key` of entry `name` of `dir` (not followed); a missing
@@ -243,16 +257,20 @@ pub fn set_times_fd(fd: impl AsFd, atime: (i64, i64), mtime: (i64, i64)) -> io::
     .map_err(err)
 }
 
-/// Copy owner, mode, times and xattrs (except those starting with `skip`,
-/// which are neither copied nor removed) of open directory `from` onto open
-/// directory `to`.
+/// Copy owner, mode, times and the xattrs `managed` selects (the others are
+/// neither copied nor removed) of open directory `from` onto open directory
+/// `to`.
 ///
 /// # Errors
 /// Any syscall failure.
-pub fn copy_meta_fd(from: BorrowedFd<'_>, to: BorrowedFd<'_>, skip: &[u8]) -> io::Result<()> {
+pub fn copy_meta_fd(
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    managed: impl Fn(&[u8]) -> bool,
+) -> io::Result<()> {
     let st = rustix::fs::fstat(from).map_err(err)?;
     for (k, _) in xattrs_fd(to)? {
-        if !k.starts_with(skip) {
+        if managed(&k) {
             match rustix::fs::fremovexattr(to, os(&k)) {
                 Ok(()) | Err(rustix::io::Errno::NODATA) => {}
                 Err(e) => return Err(err(e)),
@@ -260,7 +278,7 @@ pub fn copy_meta_fd(from: BorrowedFd<'_>, to: BorrowedFd<'_>, skip: &[u8]) -> io
         }
     }
     for (k, v) in xattrs_fd(from)? {
-        if !k.starts_with(skip) {
+        if managed(&k) {
             rustix::fs::fsetxattr(to, os(&k), &v, rustix::fs::XattrFlags::empty()).map_err(err)?;
         }
     }

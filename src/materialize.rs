@@ -156,11 +156,6 @@ fn user_xattrs(x: &[(Vec<u8>, Vec<u8>)], target: Target) -> Vec<(Vec<u8>, Vec<u8
         .collect()
 }
 
-fn proc_path(dir: &OwnedFd, name: &[u8]) -> std::path::PathBuf {
-    use rustix::fd::AsRawFd;
-    Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(os(name))
-}
-
 /// The mode and xattrs to give `e`, with setuid/setgid bits and file
 /// capabilities removed when `safety` says so.
 fn safe_meta(e: &Entry, target: Target, safety: Safety) -> (u32, crate::layer::Xattrs) {
@@ -196,7 +191,7 @@ fn apply_meta_at(
         )
         .with_context(|| format!("cannot chown {}", show(&e.path)))?;
     }
-    set_xattrs_path(&proc_path(dir, name), &xattrs, as_root)?;
+    set_xattrs_path(&crate::fsx::proc_path(dir.as_fd(), name), &xattrs, as_root)?;
     if !matches!(e.node, Node::Symlink { .. }) {
         // chmodat follows symlinks: go through an O_PATH descriptor of the
         // entry itself (never a symlink: O_NOFOLLOW, type checked).

@@ -737,15 +737,6 @@ pub fn unmount_id(id: u64, target: &Target) -> Result<()> {
         .with_context(|| format!("cannot unmount {}", target.shown.display()))
 }
 
-/// Check mountinfo for forbidden effective options at `target`.
-///
-/// # Errors
-/// Not mounted as overlay, or a forbidden option is in effect.
-pub fn verify(target: &Path) -> Result<()> {
-    let info = find_mount(target)?.ok_or_else(|| anyhow!("{} is not mounted", target.display()))?;
-    check_options(&info, target)
-}
-
 /// A private read-write bind mount of `src` at `target` (the volume's
 /// backing view, which must not see the overlay later mounted on `src`).
 ///

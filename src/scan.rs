@@ -116,33 +116,7 @@ fn dir_flags() -> OFlags {
 /// # Errors
 /// The filesystem refused the listing.
 pub fn read_xattrs(path: &Path) -> Result<Xattrs> {
-    let mut out = Vec::new();
-    let n = match rustix::fs::llistxattr_query(path) {
-        Ok(n) => n,
-        Err(rustix::io::Errno::NOTSUP) => return Ok(out),
-        Err(e) => return Err(e).with_context(|| format!("listxattr {}", path.display())),
-    };
-    if n == 0 {
-        return Ok(out);
-    }
-    let mut names = vec![0u8; n];
-    let n = rustix::fs::llistxattr(path, &mut names[..])
-        .with_context(|| format!("listxattr {}", path.display()))?;
-    for name in names[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
-        let cname = std::ffi::CString::new(name.to_vec()).expect("no interior NUL");
-        let len = match rustix::fs::lgetxattr_query(path, &cname) {
-            Ok(l) => l,
-            Err(rustix::io::Errno::NODATA) => continue,
-            Err(e) => return Err(e).with_context(|| format!("getxattr {}", path.display())),
-        };
-        let mut val = vec![0u8; len];
-        let l = rustix::fs::lgetxattr(path, &cname, &mut val[..])
-            .with_context(|| format!("getxattr {}", path.display()))?;
-        val.truncate(l);
-        out.push((name.to_vec(), val));
-    }
-    out.sort();
-    Ok(out)
+    crate::fsx::xattrs_path(path).with_context(|| format!("listxattr {}", path.display()))
 }
 
 fn meta_of(st: &Stat, xattrs: Xattrs) -> Meta {

@@ -1014,8 +1014,7 @@ pub fn rotate(vol: &mut Volume, wait: Duration, tags: Vec<String>) -> Result<()>
             vol.st.layers.len()
         );
     }
-    // LAYBAK_FORCE_MOUNT2 stands for an old kernel (no new mount API).
-    let beneath = !vol.st.strict_rotation && std::env::var_os("LAYBAK_FORCE_MOUNT2").is_none();
+    let beneath = gap_free(vol);
     // Gap-free rotations merge into fresh layers instead of folding; only a
     // fold that a crash interrupted needs the unmounted volume.
     let fold_due = if beneath {
@@ -1049,6 +1048,13 @@ pub fn rotate(vol: &mut Volume, wait: Duration, tags: Vec<String>) -> Result<()>
         }
         r => r,
     }
+}
+
+/// Whether this volume rotates by swapping generations (not strict, and a
+/// kernel with the new mount API: `LAYBAK_FORCE_MOUNT2` stands for an old
+/// one).
+fn gap_free(vol: &Volume) -> bool {
+    !vol.st.strict_rotation && std::env::var_os("LAYBAK_FORCE_MOUNT2").is_none()
 }
 
 /// Finish or undo a generation swap that a crash interrupted, looking at
@@ -1087,11 +1093,9 @@ fn recover_rotation(vol: &mut Volume) -> Result<()> {
     };
     if swapped {
         let old = vol.st.upper;
-        if let Some((a, b, f)) = vol.st.merging.take() {
-            apply_merge(&mut vol.st, a, b, f);
-            retire(vol, &[a, b])?;
+        if let Some(merged) = advance(&mut vol.st, old, seq, Vec::new()) {
+            retire(vol, &merged)?;
         }
-        seal(vol, old, seq, Vec::new());
         if let Some(id) = vol.st.rotating_old.take() {
             vol.st.old_gens.push(id);
         }
@@ -1192,8 +1196,7 @@ fn merge_pick(vol: &Volume) -> Option<(u64, u64)> {
 /// State or mount errors.
 pub fn prepare_rotation(vol: &mut Volume) -> Result<()> {
     recover_rotation(vol)?;
-    let beneath = !vol.st.strict_rotation && std::env::var_os("LAYBAK_FORCE_MOUNT2").is_none();
-    if beneath && vol.is_mounted()? {
+    if gap_free(vol) && vol.is_mounted()? {
         prepare_merge(vol)?;
     }
     Ok(())
@@ -1227,10 +1230,15 @@ fn prepare_merge(vol: &mut Volume) -> Result<()> {
     Ok(())
 }
 
-/// The state change of a rotation: `old` upper becomes the newest sealed
-/// layer, `seq` the upper (with its own workdir).
-fn seal(vol: &mut Volume, old: u64, seq: u64, tags: Vec<String>) {
-    vol.st.layers.push(LocalLayer {
+/// The state change of a rotation: the merge it stacks (if any) replaces
+/// its two layers, `old` upper becomes the newest sealed layer, `seq` the
+/// upper (with its own workdir). Returns the layers the merge replaced.
+fn advance(st: &mut VolumeState, old: u64, seq: u64, tags: Vec<String>) -> Option<[u64; 2]> {
+    let merged = st.merging.take().map(|(a, b, f)| {
+        apply_merge(st, a, b, f);
+        [a, b]
+    });
+    st.layers.push(LocalLayer {
         seq: old,
         sealed: Time::now(),
         tags,
@@ -1238,9 +1246,10 @@ fn seal(vol: &mut Volume, old: u64, seq: u64, tags: Vec<String>) {
         writing: None,
         entries: 0,
     });
-    vol.st.upper = seq;
-    vol.st.work = Some(seq);
-    vol.st.next_seq = vol.st.next_seq.max(seq + 1);
+    st.upper = seq;
+    st.work = Some(seq);
+    st.next_seq = st.next_seq.max(seq + 1);
+    merged
 }
 
 fn discard_new_gen(vol: &Volume, seq: u64) {
@@ -1268,19 +1277,7 @@ fn rotate_beneath(
     vol.save()?;
     crate::failpoint::hit("before-unmount")?;
     let mut next = vol.st.clone();
-    if let Some((a, b, f)) = vol.st.merging {
-        apply_merge(&mut next, a, b, f);
-    }
-    next.layers.push(LocalLayer {
-        seq: old_upper,
-        sealed: Time::now(),
-        tags: Vec::new(),
-        archived: Vec::new(),
-        writing: None,
-        entries: 0,
-    });
-    next.upper = seq;
-    next.work = Some(seq);
+    advance(&mut next, old_upper, seq, Vec::new());
     let spec = Volume {
         state_dir: vol.state_dir.clone(),
         st: next,
@@ -1297,11 +1294,9 @@ fn rotate_beneath(
         Ok((new_id, old)) => {
             crate::failpoint::hit("unmounted")?;
             let prev_work = vol.st.work;
-            if let Some((a, b, f)) = vol.st.merging.take() {
-                apply_merge(&mut vol.st, a, b, f);
-                retire(vol, &[a, b])?;
+            if let Some(merged) = advance(&mut vol.st, old_upper, seq, tags) {
+                retire(vol, &merged)?;
             }
-            seal(vol, old_upper, seq, tags);
             vol.st.rotating = None;
             vol.st.rotating_old = None;
             vol.st.old_gens.push(old.id);
@@ -1655,7 +1650,7 @@ pub fn detach(vol: &mut Volume, wait: Duration) -> Result<usize> {
         })?;
         crate::failpoint::hit("detach-move")?;
     }
-    crate::fsx::copy_meta_fd(base_fd.as_fd(), rfd.as_fd(), crate::scan::OVL_PREFIX)?;
+    crate::fsx::copy_meta_fd(base_fd.as_fd(), rfd.as_fd(), fold::is_user_xattr)?;
     drop(base_fd);
     crate::fsx::remove_all_at(&rfd, store.as_bytes()).with_context(|| {
         format!(

@@ -23,12 +23,7 @@ fn policy(env: &Env, vol: &Path, args: &[&str]) {
 }
 
 fn snapshots(env: &Env) -> usize {
-    let out = env.lb(&["snapshots", "--json"]).ok().stdout;
-    serde_json::from_str::<serde_json::Value>(&out)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .len()
+    env.snapshot_ids().len()
 }
 
 #[test]

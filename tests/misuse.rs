@@ -78,21 +78,12 @@ fn misuse_table() {
     env.lb(&["attach", other.to_str().unwrap()]).ok();
     // Every snapshot in the repository counts (the attaches' too), so the
     // prefix is chosen once exactly two of them share it.
-    let all_ids = |env: &Env| -> Vec<String> {
-        let v: serde_json::Value =
-            serde_json::from_str(&env.lb(&["snapshots", "--json"]).ok().stdout).unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["id"].as_str().unwrap().to_string())
-            .collect()
-    };
     let mut n = 0;
     let ambiguous = loop {
         fs::write(other.join("x"), n.to_string()).unwrap();
         n += 1;
         env.lb(&["snapshot", other.to_str().unwrap()]).ok();
-        let ids = all_ids(&env);
+        let ids = env.snapshot_ids();
         let twice = ids
             .iter()
             .map(|i| &i[..1])

@@ -555,11 +555,7 @@ fn quiet_volumes_mount_from_the_repository() {
     ])
     .ok();
     // A single-layer view (the first snapshot) is read-only too.
-    let first = {
-        let v: serde_json::Value =
-            serde_json::from_str(&env.lb(&["snapshots", "--json"]).ok().stdout).unwrap();
-        v[0]["id"].as_str().unwrap().to_string()
-    };
+    let first = env.snapshot_ids()[0].clone();
     env.run(&[
         OsStr::new("--state-dir"),
         os(&other),
@@ -813,17 +809,20 @@ fn a_tree_deeper_than_path_max_is_archived_restored_and_detached() {
     std::os::unix::fs::chown(&vol, Some(alice.0), Some(alice.1)).unwrap();
     env.run(&[OsStr::new("attach"), os(&vol)]).ok();
     // Built with chdir in a loop, as a user would: 30 levels of 200 bytes.
-    let st = as_user(alice, "/usr/bin/python3")
-        .arg("-c")
-        .arg(
-            "import os, sys\nos.chdir(sys.argv[1])\nfor i in range(30):\n    \
-             n = ('%02d' % i) * 100\n    os.mkdir(n)\n    os.chdir(n)\n\
-             open('deep', 'w').write('bottom')\n",
-        )
-        .arg(&vol)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let build_deep = || {
+        let st = as_user(alice, "/usr/bin/python3")
+            .arg("-c")
+            .arg(
+                "import os, sys\nos.chdir(sys.argv[1])\nfor i in range(30):\n    \
+                 n = ('%02d' % i) * 100\n    os.mkdir(n)\n    os.chdir(n)\n\
+                 open('deep', 'w').write('bottom')\n",
+            )
+            .arg(&vol)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    build_deep();
     env.run(&[OsStr::new("status"), os(&vol)]).ok();
     env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
     let t = env.path("t");
@@ -860,25 +859,8 @@ fn a_tree_deeper_than_path_max_is_archived_restored_and_detached() {
     );
     env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
     // Deleting it later does not leave a layer that can never be archived.
-    fs::remove_dir_all(vol.join("00".repeat(100))).unwrap_or_else(|_| {
-        let st = Command::new("rm")
-            .arg("-rf")
-            .arg(vol.join("00".repeat(100)))
-            .status()
-            .unwrap();
-        assert!(st.success());
-    });
-    let st = as_user(alice, "/usr/bin/python3")
-        .arg("-c")
-        .arg(
-            "import os, sys\nos.chdir(sys.argv[1])\nfor i in range(30):\n    \
-             n = ('%02d' % i) * 100\n    os.mkdir(n)\n    os.chdir(n)\n\
-             open('deep', 'w').write('bottom')\n",
-        )
-        .arg(&vol)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    fs::remove_dir_all(vol.join("00".repeat(100))).unwrap();
+    build_deep();
     env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
     env.run(&[OsStr::new("detach"), os(&vol)]).ok();
     check(&vol);
@@ -899,15 +881,7 @@ fn forget_evicts_cached_layers_of_forgotten_snapshots_but_not_mounted_ones() {
     env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
     fs::write(vol.join("other"), b"o").unwrap();
     env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
-    let ids: Vec<String> = {
-        let v: serde_json::Value =
-            serde_json::from_str(&env.lb(&["snapshots", "--json"]).ok().stdout).unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["id"].as_str().unwrap().to_string())
-            .collect()
-    };
+    let ids = env.snapshot_ids();
     // Another host's state dir: both older snapshots come from the cache.
     let other = env.path("other");
     let with_other = |args: &[&OsStr]| {
@@ -919,8 +893,7 @@ fn forget_evicts_cached_layers_of_forgotten_snapshots_but_not_mounted_ones() {
     with_other(&[OsStr::new("mount"), OsStr::new(&ids[0]), os(&m1)]).ok();
     with_other(&[OsStr::new("mount"), OsStr::new(&ids[1]), os(&m2)]).ok();
     with_other(&[OsStr::new("umount"), os(&m1)]).ok();
-    let cached = |env: &Env| -> usize {
-        let _ = env;
+    let cached = || -> usize {
         fs::read_dir(other.join("cache"))
             .unwrap()
             .filter(|e| {
@@ -929,7 +902,7 @@ fn forget_evicts_cached_layers_of_forgotten_snapshots_but_not_mounted_ones() {
             })
             .count()
     };
-    let before = cached(&env);
+    let before = cached();
     assert!(before >= 2, "{before} cached layers");
     // Forget everything but the newest: the older layers are squashed
     // away, but the mount m2 still stacks them from the cache: they stay.
@@ -939,7 +912,7 @@ fn forget_evicts_cached_layers_of_forgotten_snapshots_but_not_mounted_ones() {
         OsStr::new("1"),
     ])
     .ok();
-    assert_eq!(cached(&env), before, "a mounted layer was evicted");
+    assert_eq!(cached(), before, "a mounted layer was evicted");
     assert_eq!(fs::read(m2.join("secret")).unwrap(), b"v2");
     with_other(&[OsStr::new("umount"), os(&m2)]).ok();
     with_other(&[
@@ -948,9 +921,8 @@ fn forget_evicts_cached_layers_of_forgotten_snapshots_but_not_mounted_ones() {
         OsStr::new("1"),
     ])
     .ok();
-    assert!(cached(&env) < before, "nothing was evicted");
-    let v: serde_json::Value =
-        serde_json::from_str(&env.lb(&["snapshots", "--json"]).ok().stdout).unwrap();
+    assert!(cached() < before, "nothing was evicted");
+    let v = env.snapshots_json();
     let kept: std::collections::HashSet<String> = v[0]["layers"]
         .as_array()
         .map(|a| a.iter().map(|x| x.as_str().unwrap().to_string()).collect())
@@ -993,15 +965,7 @@ fn the_layer_cache_is_bounded_by_size() {
         v.sort();
         v
     };
-    let ids: Vec<String> = {
-        let v: serde_json::Value =
-            serde_json::from_str(&env.lb(&["snapshots", "--json"]).ok().stdout).unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["id"].as_str().unwrap().to_string())
-            .collect()
-    };
+    let ids = env.snapshot_ids();
     let ms = m.to_str().unwrap();
     lb(&["mount", &ids[1], ms]);
     lb(&["umount", ms]);

@@ -361,3 +361,23 @@ pub fn as_user(user: (u32, u32), program: &str) -> Command {
         .arg(program);
     c
 }
+
+impl Env {
+    /// `laybak snapshots --json` of the environment's repository, parsed.
+    pub fn snapshots_json(&self) -> Vec<serde_json::Value> {
+        let out = self.lb(&["snapshots", "--json"]).ok().stdout;
+        serde_json::from_str::<serde_json::Value>(&out)
+            .expect("snapshots --json is JSON")
+            .as_array()
+            .expect("an array")
+            .clone()
+    }
+
+    /// Full ids of every snapshot in the repository, oldest first.
+    pub fn snapshot_ids(&self) -> Vec<String> {
+        self.snapshots_json()
+            .iter()
+            .map(|s| s["id"].as_str().expect("id").to_string())
+            .collect()
+    }
+}
