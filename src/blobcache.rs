@@ -303,8 +303,7 @@ mod tests {
         assert!(blobs[..200].iter().all(|b| c.contains(&Id::of(b)).unwrap()));
         // An index file disappears (as after prune): rebuilt, never stale.
         let first = repo.index_ids().unwrap()[0];
-        repo.backend()
-            .remove(&format!("index/{}", first.hex()))
+        repo.delete_file(crate::format::FileKind::Index, &first)
             .unwrap();
         let repo = Repo::open(&d.path().join("r")).unwrap();
         let c = BlobCache::open(&state, &repo).unwrap();

@@ -1,6 +1,6 @@
 //! Repository verification: structure always, every byte with `--read-data`.
 
-use crate::format::Id;
+use crate::format::{FileKind, Id};
 use crate::layer::Node;
 use crate::repo::{self, Repo};
 use anyhow::Result;
@@ -33,7 +33,6 @@ pub struct Report {
 /// the [`Report`].
 pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
     let mut r = Report::default();
-    let be = repo.backend();
     // Indexes.
     let mut blobs: HashMap<Id, repo::BlobLoc> = HashMap::new();
     let mut packs: HashMap<Id, u64> = HashMap::new();
@@ -57,20 +56,20 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
         }
     }
     r.packs = packs.len();
-    let listed: HashSet<Id> = be
-        .list("packs")?
-        .iter()
-        .filter_map(|n| n.rsplit('/').next().and_then(Id::parse))
-        .collect();
+    let pack_files = repo.list(FileKind::Pack)?;
+    let listed: HashMap<Id, u64> = pack_files.files.iter().map(|f| (f.id, f.size)).collect();
+    for name in &pack_files.stray {
+        r.notes.push(format!("stray file packs/{name}"));
+    }
     let mut bad_packs: HashSet<Id> = HashSet::new();
     let mut bad_blobs: HashSet<Id> = HashSet::new();
     for (id, size) in &packs {
-        if !listed.contains(id) {
+        let Some(&s) = listed.get(id) else {
             r.errors.push(format!("pack {} is missing", id.short()));
             bad_packs.insert(*id);
-        } else if let Ok(s) = be.size(&repo::pack_name(id))
-            && s != *size
-        {
+            continue;
+        };
+        if s != *size {
             r.errors.push(format!(
                 "pack {} has size {s}, the index says {size}",
                 id.short()
@@ -78,7 +77,7 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
             bad_packs.insert(*id);
         }
     }
-    for id in &listed {
+    for id in listed.keys() {
         if !packs.contains_key(id) {
             r.notes.push(format!(
                 "pack {} is not in any index (left by an interrupted run; harmless)",
@@ -102,10 +101,11 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
             .copied()
             .collect();
         for id in &todo {
-            let data = match be.read(&repo::pack_name(id)) {
-                Ok(d) => d,
+            let (data, intact) = match repo.read_pack(id) {
+                Ok(p) => (p.data, p.intact),
                 Err(e) => {
-                    r.errors.push(format!("pack {}: {e}", id.short()));
+                    r.errors
+                        .push(format!("pack {}: {}", id.short(), e.root_cause()));
                     bad_packs.insert(*id);
                     continue;
                 }
@@ -116,7 +116,7 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
             }
             // A damaged pack is reported; what it costs is decided blob by
             // blob below (its intact blobs still restore).
-            if Id::of(&data) != *id {
+            if !intact {
                 r.errors
                     .push(format!("pack {} is corrupt (blake3 mismatch)", id.short()));
             }
@@ -151,11 +151,11 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
     // Snapshots and layers.
     let mut layer_ok: HashMap<Id, bool> = HashMap::new();
     let mut damaged = BTreeSet::new();
-    for name in be.list("snapshots")? {
-        let Some(sid) = Id::parse(&name) else {
-            r.notes.push(format!("stray file snapshots/{name}"));
-            continue;
-        };
+    let snapshot_files = repo.list(FileKind::Snapshot)?;
+    for name in &snapshot_files.stray {
+        r.notes.push(format!("stray file snapshots/{name}"));
+    }
+    for sid in snapshot_files.files.iter().map(|f| f.id) {
         r.snapshots += 1;
         let snap = match repo.read_snapshot(&sid) {
             Ok(s) => s,

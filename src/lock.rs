@@ -8,7 +8,7 @@
 //! by whoever finds them.
 
 use crate::format::{self, FileKind, Id, Time};
-use crate::repo::Repo;
+use crate::repo::{LockStore, Repo};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -43,8 +43,9 @@ impl LockInfo {
 
 /// A held lock; removed on drop.
 pub struct Lock<'r> {
-    repo: &'r Repo,
-    name: String,
+    _repo: std::marker::PhantomData<&'r Repo>,
+    store: LockStore,
+    id: Id,
     stop: Arc<AtomicBool>,
     /// Held by the refresher while it rewrites the file, so a drop cannot
     /// race a refresh into resurrecting the lock.
@@ -55,7 +56,7 @@ impl Drop for Lock<'_> {
     fn drop(&mut self) {
         let _g = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         self.stop.store(true, Ordering::Relaxed);
-        let _ = self.repo.backend().remove_ephemeral(&self.name);
+        let _ = self.store.remove(&self.id);
     }
 }
 
@@ -70,23 +71,24 @@ fn is_stale(l: &LockInfo, host: &str, now: Time) -> bool {
     now.secs.saturating_sub(l.time.secs) > STALE_AFTER.as_secs() as i64
 }
 
-/// Other live locks in the repository (stale ones are removed).
-fn others(repo: &Repo, mine: &str) -> Result<Vec<LockInfo>> {
+/// Other live locks in the repository (stale ones are removed). A lock
+/// that exists but cannot be read fails the caller: it is never taken for
+/// absent.
+fn others(store: &LockStore, mine: &Id) -> Result<Vec<LockInfo>> {
     let host = Repo::hostname();
     let now = Time::now();
     let mut out = Vec::new();
-    for name in repo.backend().list("locks")? {
-        let full = format!("locks/{name}");
-        if full == mine {
+    for id in store.ids()? {
+        if id == *mine {
             continue;
         }
-        let Ok(data) = repo.backend().read(&full) else {
+        let Some(data) = store.read(&id)? else {
             continue; // removed meanwhile
         };
         match format::decode::<LockInfo>(FileKind::Lock, &data) {
             Ok(l) if !is_stale(&l, &host, now) => out.push(l),
             Ok(_) => {
-                let _ = repo.backend().remove_ephemeral(&full);
+                let _ = store.remove(&id);
             }
             // A lock written by a newer laybak: respect it, we cannot judge it.
             Err(_) if data.len() >= 8 && data[7] > format::FORMAT_VERSION => out.push(LockInfo {
@@ -97,7 +99,7 @@ fn others(repo: &Repo, mine: &str) -> Result<Vec<LockInfo>> {
                 what: "a newer laybak".into(),
             }),
             Err(_) => {
-                let _ = repo.backend().remove_ephemeral(&full);
+                let _ = store.remove(&id);
             }
         }
     }
@@ -113,25 +115,24 @@ fn take<'r>(repo: &'r Repo, exclusive: bool, what: &str) -> Result<Lock<'r>> {
         what: what.to_string(),
     };
     let data = format::encode(FileKind::Lock, &info)?;
-    let name = format!(
-        "locks/{}",
-        Id::of(format!("{:?}{}{}", info.time, info.pid, info.host).as_bytes()).hex()
-    );
-    repo.backend()
-        .write_ephemeral(&name, &data)
+    // Unique per taker (never overwritten by another), so locking is
+    // correct on stores whose create-if-absent is not atomic.
+    let id = Id::of(format!("{:?}{}{}", info.time, info.pid, info.host).as_bytes());
+    let store = repo.locks();
+    store
+        .write(&id, &data)
         .with_context(|| format!("cannot write a lock to {}", repo.location.display()))?;
     let stop = Arc::new(AtomicBool::new(false));
     let writing = Arc::new(std::sync::Mutex::new(()));
     let lock = Lock {
-        repo,
-        name: name.clone(),
+        _repo: std::marker::PhantomData,
+        store: store.clone(),
+        id,
         stop: stop.clone(),
         writing: writing.clone(),
     };
     // Refresh the lock while held, so other hosts do not take it for stale.
-    let backend_path = repo.location.clone();
     std::thread::spawn(move || {
-        let b = crate::backend::LocalBackend::new(&backend_path);
         let mut slept = Duration::ZERO;
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(500));
@@ -145,8 +146,7 @@ fn take<'r>(repo: &'r Repo, exclusive: bool, what: &str) -> Result<Lock<'r>> {
                 let mut i = info.clone();
                 i.time = Time::now();
                 if let Ok(d) = format::encode(FileKind::Lock, &i) {
-                    use crate::backend::Backend;
-                    let _ = b.write_ephemeral(&name, &d);
+                    let _ = store.write(&id, &d);
                 }
             }
         }
@@ -163,7 +163,7 @@ pub fn shared<'r>(repo: &'r Repo, what: &str, wait: Duration) -> Result<Lock<'r>
     let start = std::time::Instant::now();
     loop {
         let lock = take(repo, false, what)?;
-        let blocking: Vec<LockInfo> = others(repo, &lock.name)?
+        let blocking: Vec<LockInfo> = others(&lock.store, &lock.id)?
             .into_iter()
             .filter(|l| l.exclusive)
             .collect();
@@ -188,7 +188,7 @@ pub fn shared<'r>(repo: &'r Repo, what: &str, wait: Duration) -> Result<Lock<'r>
 /// Another live lock exists (exit code 11).
 pub fn exclusive<'r>(repo: &'r Repo, what: &str) -> Result<Lock<'r>> {
     let lock = take(repo, true, what)?;
-    let other = others(repo, &lock.name)?;
+    let other = others(&lock.store, &lock.id)?;
     if let Some(o) = other.first() {
         let msg = format!(
             "the repository is in use by {}; try again when it has finished",
@@ -211,9 +211,11 @@ pub fn for_reading<'r>(repo: &'r Repo, what: &str, wait: Duration) -> Result<Opt
         Ok(l) => Ok(Some(l)),
         Err(e)
             if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>().is_some_and(|io| {
-                    io.kind() == std::io::ErrorKind::PermissionDenied
-                        || io.kind() == std::io::ErrorKind::ReadOnlyFilesystem
+                c.downcast_ref::<crate::backend::Error>().is_some_and(|e| {
+                    matches!(
+                        e.kind(),
+                        crate::backend::ErrorKind::Denied | crate::backend::ErrorKind::ReadOnly
+                    )
                 })
             }) =>
         {

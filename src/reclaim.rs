@@ -228,14 +228,10 @@ fn make_plan(
 }
 
 /// Apply (or finish) a written plan. Idempotent.
-fn apply_plan(repo: &Repo, plan_name: &str, plan: &Plan) -> Result<()> {
+fn apply_plan(repo: &Repo, plan_id: &Id, plan: &Plan) -> Result<()> {
     for (id, layers) in &plan.rewrite {
         crate::failpoint::hit("forget-rewrite")?;
-        if repo
-            .backend()
-            .size(&format!("snapshots/{}", id.hex()))
-            .is_err()
-        {
+        if !repo.contains(FileKind::Snapshot, id)? {
             continue; // forgotten meanwhile
         }
         // A damaged record stops the plan (kept for a rerun) rather than
@@ -248,11 +244,9 @@ fn apply_plan(repo: &Repo, plan_name: &str, plan: &Plan) -> Result<()> {
     }
     for id in &plan.delete {
         crate::failpoint::hit("forget-delete")?;
-        repo.backend()
-            .remove(&format!("snapshots/{}", id.hex()))
-            .with_context(|| format!("cannot delete snapshot {}", id.short()))?;
+        repo.delete_file(FileKind::Snapshot, id)?;
     }
-    repo.backend().remove(plan_name)?;
+    repo.delete_file(FileKind::Plan, plan_id)?;
     Ok(())
 }
 
@@ -261,25 +255,25 @@ fn apply_plan(repo: &Repo, plan_name: &str, plan: &Plan) -> Result<()> {
 /// # Errors
 /// A plan cannot be read or applied.
 pub fn finish_plans(repo: &Repo) -> Result<usize> {
-    let names: Vec<String> = repo
-        .backend()
-        .list("plans")?
-        .into_iter()
-        .filter(|n| Id::parse(n).is_some())
+    let ids: Vec<Id> = repo
+        .list(FileKind::Plan)?
+        .files
+        .iter()
+        .map(|f| f.id)
         .collect();
-    for n in &names {
-        let name = format!("plans/{n}");
-        let data = repo.backend().read(&name)?;
-        if Id::of(&data).hex() != *n {
-            bail!(
-                "forget plan {n} is corrupt (blake3 mismatch): remove plans/{n} after checking the repository"
-            );
-        }
+    for id in &ids {
+        let data = repo.read_file(FileKind::Plan, id).with_context(|| {
+            format!(
+                "forget plan {} cannot be used: remove plans/{} after checking the repository",
+                id.short(),
+                id.hex()
+            )
+        })?;
         let plan: Plan = format::decode(FileKind::Plan, &data)
-            .with_context(|| format!("forget plan {n} is corrupt"))?;
-        apply_plan(repo, &name, &plan)?;
+            .with_context(|| format!("forget plan {} is corrupt", id.hex()))?;
+        apply_plan(repo, id, &plan)?;
     }
-    Ok(names.len())
+    Ok(ids.len())
 }
 
 /// Forget snapshots by policy (or by a keep function), squashing layers of
@@ -304,22 +298,33 @@ pub fn forget(
         bail!("no snapshot of volume {v:?} in the repository");
     }
     let (plan, new_layers, mut report) = make_plan(repo, &snaps, keep_of, volume)?;
-    let be = repo.backend();
-    let size = |n: String| be.size(&n).map(|s| s as i64).unwrap_or(0);
+    let sizes: HashMap<Id, u64> = repo
+        .list(FileKind::Snapshot)?
+        .files
+        .iter()
+        .map(|f| (f.id, f.size))
+        .collect();
+    let size = |id: &Id| sizes.get(id).copied().unwrap_or(0) as i64;
+    let layer_files: HashSet<Id> = repo
+        .list(FileKind::Layer)?
+        .files
+        .iter()
+        .map(|f| f.id)
+        .collect();
     let mut freed: i64 = 0;
     for id in &plan.delete {
-        freed += size(format!("snapshots/{}", id.hex()));
+        freed += size(id);
     }
     for (id, layers) in &plan.rewrite {
         if let Some((_, s)) = snaps.iter().find(|(i, _)| i == id) {
             let mut s = s.clone();
             s.layers = layers.clone();
-            freed += size(format!("snapshots/{}", id.hex()));
+            freed += size(id);
             freed -= format::encode_sealed(FileKind::Snapshot, &s)?.len() as i64;
         }
     }
     for (id, l) in &new_layers {
-        if be.size(&format!("layers/{}", id.hex())).is_err() {
+        if !layer_files.contains(id) {
             freed -= format::encode(FileKind::Layer, l)?.len() as i64;
         }
     }
@@ -332,10 +337,9 @@ pub fn forget(
         repo.write_layer(l)?;
     }
     let data = format::encode(FileKind::Plan, &plan)?;
-    let name = format!("plans/{}", Id::of(&data).hex());
     crate::failpoint::hit("forget-plan")?;
-    repo.backend().write(&name, &data)?;
-    apply_plan(repo, &name, &plan)?;
+    let plan_id = repo.write_file(FileKind::Plan, data)?;
+    apply_plan(repo, &plan_id, &plan)?;
     Ok((report, plan, new_layers))
 }
 
@@ -400,7 +404,6 @@ pub fn prune(
     if !dry_run {
         finish_plans(repo)?;
     }
-    let be = repo.backend();
     let mut snaps = repo.snapshots()?;
     let mut extra_layers: HashMap<Id, &Layer> = HashMap::new();
     if let Some((plan, layers)) = extra {
@@ -440,7 +443,8 @@ pub fn prune(
     let mut report = PruneReport::default();
     let mut removed: u64 = 0;
     let mut added: u64 = 0;
-    let index_ids = repo.index_ids()?;
+    let index_files = repo.list(FileKind::Index)?.files;
+    let index_ids: Vec<Id> = index_files.iter().map(|f| f.id).collect();
     let mut packs: BTreeMap<Id, IndexPack> = BTreeMap::new();
     for i in &index_ids {
         for p in repo.read_index(i)? {
@@ -471,29 +475,35 @@ pub fn prune(
         }
     }
     let indexed: HashSet<Id> = packs.keys().copied().collect();
-    let unindexed: Vec<Id> = be
-        .list("packs")?
+    let pack_sizes: HashMap<Id, u64> = repo
+        .list(FileKind::Pack)?
+        .files
         .iter()
-        .filter_map(|n| n.rsplit('/').next().and_then(Id::parse))
+        .map(|f| (f.id, f.size))
+        .collect();
+    let unindexed: Vec<Id> = pack_sizes
+        .keys()
         .filter(|id| !indexed.contains(id))
+        .copied()
         .collect();
     report.packs_unindexed = unindexed.len();
     report.packs_deleted = delete_packs.len();
     report.packs_repacked = repack.len();
     // Layers no snapshot references.
-    let dead_layers: Vec<Id> = be
-        .list("layers")?
+    let dead_layers: Vec<(Id, u64)> = repo
+        .list(FileKind::Layer)?
+        .files
         .iter()
-        .filter_map(|n| Id::parse(n))
-        .filter(|l| !used_layers.contains(l))
+        .filter(|l| !used_layers.contains(&l.id))
+        .map(|l| (l.id, l.size))
         .collect();
     report.layers_deleted = dead_layers.len();
-    let size_of = |name: &str| be.size(name).unwrap_or(0);
+    let pack_size = |id: &Id| pack_sizes.get(id).copied().unwrap_or(0);
     for id in delete_packs.iter().chain(&unindexed) {
-        removed += size_of(&repo::pack_name(id));
+        removed += pack_size(id);
     }
-    for l in &dead_layers {
-        removed += size_of(&format!("layers/{}", l.hex()));
+    for (_, size) in &dead_layers {
+        removed += size;
     }
     let nothing_to_do = repack.is_empty()
         && delete_packs.is_empty()
@@ -504,13 +514,14 @@ pub fn prune(
     }
     // Repack: copy the stored bytes of used blobs into new packs.
     let mut writer = repo::PackAssembler::new(repo.config.pack_size as usize);
-    let mut new_packs: Vec<(Id, Vec<u8>, IndexPack)> = Vec::new();
+    let mut new_packs: Vec<repo::SealedPack> = Vec::new();
     for (p, used) in &repack {
         removed += p.size;
-        let data = be
-            .read(&repo::pack_name(&p.id))
+        let pack = repo
+            .read_pack(&p.id)
             .with_context(|| format!("cannot read pack {} to repack it", p.id.short()))?;
-        if Id::of(&data) != p.id {
+        let data = pack.data;
+        if !pack.intact {
             bail!(
                 "pack {} is corrupt; run `laybak check --read-data` before pruning",
                 p.id.short()
@@ -534,13 +545,13 @@ pub fn prune(
     // indexed but with every blob claimed by the old pack it was made
     // from (so "to delete"), or "to repack". Never delete a pack the new
     // index lists, whichever list it came from.
-    let new_ids: HashSet<Id> = new_packs.iter().map(|(id, _, _)| *id).collect();
+    let new_ids: HashSet<Id> = new_packs.iter().map(|p| p.file.id).collect();
     let keep_new = |ids: Vec<Id>, removed: &mut u64| -> Vec<Id> {
         ids.into_iter()
             .filter(|id| {
                 let listed = new_ids.contains(id);
                 if listed {
-                    *removed = removed.saturating_sub(size_of(&repo::pack_name(id)));
+                    *removed = removed.saturating_sub(pack_size(id));
                 }
                 !listed
             })
@@ -552,22 +563,21 @@ pub fn prune(
     report.packs_unindexed = unindexed.len();
     report.packs_deleted = delete_packs.len();
     report.packs_written = new_packs.len();
-    for (id, bytes, _) in &new_packs {
-        if be.size(&repo::pack_name(id)).is_err() {
-            added += bytes.len() as u64;
+    for p in &new_packs {
+        if !pack_sizes.contains_key(&p.file.id) {
+            added += p.file.len();
         }
     }
     // One new index for everything that stays.
     let mut all: Vec<IndexPack> = keep_packs;
-    all.extend(new_packs.iter().map(|(_, _, ip)| ip.clone()));
-    let index_data = format::encode(FileKind::Index, &all)?;
-    let new_index = Id::of(&index_data);
-    added += index_data.len() as u64;
-    for i in &index_ids {
-        if *i != new_index {
-            removed += size_of(&format!("index/{}", i.hex()));
+    all.extend(new_packs.iter().map(|p| p.index.clone()));
+    let new_index = repo::Sealed::new(FileKind::Index, format::encode(FileKind::Index, &all)?);
+    added += new_index.len();
+    for i in &index_files {
+        if i.id != new_index.id {
+            removed += i.size;
         } else {
-            added -= index_data.len() as u64;
+            added -= new_index.len();
         }
     }
     report.indexes_replaced = index_ids.len();
@@ -577,29 +587,29 @@ pub fn prune(
     }
     // Sweep, in an order that keeps every snapshot restorable at each step:
     // new packs, new index, old indexes, then unreferenced layers and packs.
-    for (id, bytes, _) in &new_packs {
+    for p in &new_packs {
         crate::failpoint::hit("prune-pack")?;
-        be.write(&repo::pack_name(id), bytes)?;
+        repo.put(&p.file)?;
     }
     crate::failpoint::hit("prune-index")?;
-    be.write(&format!("index/{}", new_index.hex()), &index_data)?;
+    repo.put(&new_index)?;
     for i in &index_ids {
-        if *i != new_index {
+        if *i != new_index.id {
             crate::failpoint::hit("prune-old-index")?;
-            be.remove(&format!("index/{}", i.hex()))?;
+            repo.delete_file(FileKind::Index, i)?;
         }
     }
-    for l in &dead_layers {
+    for (l, _) in &dead_layers {
         crate::failpoint::hit("prune-layer")?;
-        be.remove(&format!("layers/{}", l.hex()))?;
+        repo.delete_file(FileKind::Layer, l)?;
     }
     for id in &repacked {
         crate::failpoint::hit("prune-delete-pack")?;
-        be.remove(&repo::pack_name(id))?;
+        repo.delete_file(FileKind::Pack, id)?;
     }
     for id in delete_packs.iter().chain(&unindexed) {
         crate::failpoint::hit("prune-delete-pack")?;
-        be.remove(&repo::pack_name(id))?;
+        repo.delete_file(FileKind::Pack, id)?;
     }
     Ok(report)
 }
@@ -628,16 +638,13 @@ pub struct RepairReport {
 /// Busy repository or I/O failures.
 pub fn repair_index(repo: &Repo) -> Result<RepairReport> {
     let _lock = crate::lock::exclusive(repo, "repair index")?;
-    let be = repo.backend();
     let mut report = RepairReport::default();
     let mut all: Vec<IndexPack> = Vec::new();
-    for name in be.list("packs")? {
-        let Some(id) = name.rsplit('/').next().and_then(Id::parse) else {
-            continue;
-        };
+    for id in repo.list(FileKind::Pack)?.files.iter().map(|f| f.id) {
         report.packs += 1;
-        let data = be.read(&repo::pack_name(&id))?;
-        if Id::of(&data) != id {
+        let pack = repo.read_pack(&id)?;
+        let data = pack.data;
+        if !pack.intact {
             report.damaged_packs.push(id.short());
         }
         let blobs = match repo::parse_pack_tail(&data) {
@@ -673,7 +680,7 @@ pub fn repair_index(repo: &Repo) -> Result<RepairReport> {
     let new = repo.write_index(&all)?;
     for i in old {
         if i != new {
-            be.remove(&format!("index/{}", i.hex()))?;
+            repo.delete_file(FileKind::Index, &i)?;
         }
     }
     Ok(report)

@@ -14,6 +14,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::{Mutex, OnceLock};
 
 /// Largest blob laybak writes or accepts (chunks are at most 4 MiB today).
@@ -119,17 +120,171 @@ pub struct BlobLoc {
 pub struct Repo {
     /// Where it lives (for messages).
     pub location: PathBuf,
-    backend: Box<dyn Backend>,
+    backend: Arc<dyn Backend>,
     /// Parameters from `config`.
     pub config: Config,
     index: OnceLock<HashMap<Id, BlobLoc>>,
     added: Mutex<HashMap<Id, BlobLoc>>,
 }
 
+/// The directory of each kind of file: with [`object_name`], the one place
+/// object names are built.
+fn dir_of(kind: FileKind) -> &'static str {
+    match kind {
+        FileKind::Config => "",
+        FileKind::Pack => "packs",
+        FileKind::Index => "index",
+        FileKind::Layer => "layers",
+        FileKind::Snapshot => "snapshots",
+        FileKind::Plan => "plans",
+        FileKind::Lock => "locks",
+    }
+}
+
+/// The object name of file `id` of `kind` (packs are spread over 256
+/// directories by their first byte).
+pub fn object_name(kind: FileKind, id: &Id) -> String {
+    let h = id.hex();
+    match kind {
+        FileKind::Config => "config".to_string(),
+        FileKind::Pack => format!("packs/{}/{h}", &h[..2]),
+        k => format!("{}/{h}", dir_of(k)),
+    }
+}
+
 /// Object name of a pack.
 pub fn pack_name(id: &Id) -> String {
-    let h = id.hex();
-    format!("packs/{}/{}", &h[..2], h)
+    object_name(FileKind::Pack, id)
+}
+
+/// One stored file, as listed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stored {
+    /// Its id (for every kind but snapshots, the blake3 of its bytes).
+    pub id: Id,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// The files of one kind, and names in their directory that are not
+/// laybak's (reported by `check`, otherwise ignored).
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Files named by an id.
+    pub files: Vec<Stored>,
+    /// Other names, relative to the directory.
+    pub stray: Vec<String>,
+}
+
+/// A whole pack file as read: its bytes and whether they hash to its id.
+pub struct PackData {
+    /// The bytes.
+    pub data: Vec<u8>,
+    /// Whether blake3 of `data` is the pack's id (when not, single blobs
+    /// inside may still verify: check and repair salvage them).
+    pub intact: bool,
+}
+
+/// A file encoded once: its id is derived from these bytes when it is
+/// made, and these bytes are what [`Repo::put`] writes under that id.
+pub struct Sealed {
+    kind: FileKind,
+    /// blake3 of the bytes (a snapshot keeps this id when its record is
+    /// rewritten later).
+    pub id: Id,
+    data: Vec<u8>,
+}
+
+impl Sealed {
+    /// Seal `data` as a file of `kind`.
+    pub fn new(kind: FileKind, data: Vec<u8>) -> Sealed {
+        Sealed {
+            kind,
+            id: Id::of(&data),
+            data,
+        }
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+/// The lock files of a repository, usable from a refresher thread.
+#[derive(Clone)]
+pub struct LockStore {
+    backend: Arc<dyn Backend>,
+}
+
+impl LockStore {
+    /// Ids of all lock files.
+    ///
+    /// # Errors
+    /// Listing failed.
+    pub fn ids(&self) -> Result<Vec<Id>> {
+        Ok(list_kind(self.backend.as_ref(), FileKind::Lock)?
+            .files
+            .into_iter()
+            .map(|f| f.id)
+            .collect())
+    }
+
+    /// A lock file's bytes, `None` when it is gone.
+    ///
+    /// # Errors
+    /// It exists but cannot be read.
+    pub fn read(&self, id: &Id) -> Result<Option<Vec<u8>>> {
+        match self.backend.get(&object_name(FileKind::Lock, id)) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read lock {}", id.short())),
+        }
+    }
+
+    /// Write (or refresh) a lock file.
+    ///
+    /// # Errors
+    /// The write failed.
+    pub fn write(&self, id: &Id, data: &[u8]) -> Result<()> {
+        Ok(self
+            .backend
+            .put_ephemeral(&object_name(FileKind::Lock, id), data)?)
+    }
+
+    /// Remove a lock file (missing is fine).
+    ///
+    /// # Errors
+    /// The removal failed.
+    pub fn remove(&self, id: &Id) -> Result<()> {
+        Ok(self
+            .backend
+            .delete_ephemeral(&object_name(FileKind::Lock, id))?)
+    }
+}
+
+fn list_kind(backend: &dyn Backend, kind: FileKind) -> Result<Listing> {
+    let mut out = Listing::default();
+    for e in backend.list(dir_of(kind))? {
+        // Packs live one directory deeper, in the one their id names.
+        let id = match kind {
+            FileKind::Pack => e
+                .name
+                .split_once('/')
+                .and_then(|(d, n)| Id::parse(n).filter(|id| id.hex()[..2] == *d)),
+            _ => Id::parse(&e.name),
+        };
+        match id {
+            Some(id) => out.files.push(Stored { id, size: e.size }),
+            None => out.stray.push(e.name),
+        }
+    }
+    Ok(out)
 }
 
 fn hostname() -> String {
@@ -194,10 +349,10 @@ impl Repo {
             zstd_level: 3,
         };
         let backend = LocalBackend::new(path);
-        backend.write("config", &format::encode(FileKind::Config, &config)?)?;
+        backend.put("config", &format::encode(FileKind::Config, &config)?)?;
         Ok(Repo {
             location: path.to_path_buf(),
-            backend: Box::new(backend),
+            backend: Arc::new(backend),
             config,
             index: OnceLock::new(),
             added: Mutex::new(HashMap::new()),
@@ -216,7 +371,7 @@ impl Repo {
                 path.display()
             );
         }
-        let repo = Repo::open_backend(path, Box::new(LocalBackend::new(path)))?;
+        let repo = Repo::open_backend(path, Arc::new(LocalBackend::new(path)))?;
         // Repositories made before 0.2 were world-readable: tighten those we
         // own (best effort: a read-only medium stays as it is).
         use std::os::unix::fs::MetadataExt;
@@ -231,10 +386,10 @@ impl Repo {
     ///
     /// # Errors
     /// As [`Repo::open`].
-    pub fn open_backend(path: &Path, backend: Box<dyn Backend>) -> Result<Repo> {
-        let data = match backend.read("config") {
+    pub fn open_backend(path: &Path, backend: Arc<dyn Backend>) -> Result<Repo> {
+        let data = match backend.get("config") {
             Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            Err(e) if e.is_not_found() => bail!(
                 "{} is not a laybak repository (no config file): check --repo / LAYBAK_REPO",
                 path.display()
             ),
@@ -251,16 +406,40 @@ impl Repo {
         })
     }
 
-    /// The backend (for check and tests).
-    pub fn backend(&self) -> &dyn Backend {
-        self.backend.as_ref()
+    /// The repository's lock files.
+    pub fn locks(&self) -> LockStore {
+        LockStore {
+            backend: self.backend.clone(),
+        }
     }
 
-    fn read_named(&self, kind: FileKind, dir: &str, id: &Id) -> Result<Vec<u8>> {
-        let name = format!("{dir}/{}", id.hex());
+    /// The files of one kind, with their sizes.
+    ///
+    /// # Errors
+    /// Listing failed.
+    pub fn list(&self, kind: FileKind) -> Result<Listing> {
+        list_kind(self.backend.as_ref(), kind)
+            .with_context(|| format!("cannot list {}", self.location.display()))
+    }
+
+    /// Whether file `id` of `kind` exists.
+    ///
+    /// # Errors
+    /// It cannot be told (an unreachable repository is never "absent").
+    pub fn contains(&self, kind: FileKind, id: &Id) -> Result<bool> {
+        self.backend
+            .exists(&object_name(kind, id))
+            .with_context(|| format!("cannot look up {} {}", kind.name(), id.short()))
+    }
+
+    /// Read a whole file and verify that its bytes hash to its id.
+    ///
+    /// # Errors
+    /// Missing, unreadable, or corrupt.
+    pub fn read_file(&self, kind: FileKind, id: &Id) -> Result<Vec<u8>> {
         let data = self
             .backend
-            .read(&name)
+            .get(&object_name(kind, id))
             .with_context(|| format!("cannot read {} {}", kind.name(), id.short()))?;
         if Id::of(&data) != *id {
             bail!(
@@ -272,18 +451,53 @@ impl Repo {
         Ok(data)
     }
 
-    fn write_named(&self, kind: FileKind, dir: &str, data: &[u8]) -> Result<Id> {
-        let id = Id::of(data);
+    /// Write a sealed file under its id.
+    ///
+    /// # Errors
+    /// The write failed.
+    pub fn put(&self, file: &Sealed) -> Result<()> {
         self.backend
-            .write(&format!("{dir}/{}", id.hex()), data)
+            .put(&object_name(file.kind, &file.id), &file.data)
             .with_context(|| {
                 format!(
                     "cannot write {} to {}",
-                    kind.name(),
+                    file.kind.name(),
                     self.location.display()
                 )
-            })?;
-        Ok(id)
+            })
+    }
+
+    /// Write a file named by the blake3 of `data`; returns that id.
+    ///
+    /// # Errors
+    /// The write failed.
+    pub fn write_file(&self, kind: FileKind, data: Vec<u8>) -> Result<Id> {
+        let file = Sealed::new(kind, data);
+        self.put(&file)?;
+        Ok(file.id)
+    }
+
+    /// Delete a file (a missing one is fine).
+    ///
+    /// # Errors
+    /// The deletion failed.
+    pub fn delete_file(&self, kind: FileKind, id: &Id) -> Result<()> {
+        self.backend
+            .delete(&object_name(kind, id))
+            .with_context(|| format!("cannot delete {} {}", kind.name(), id.short()))
+    }
+
+    /// Read a whole pack, saying whether it is intact.
+    ///
+    /// # Errors
+    /// Missing or unreadable.
+    pub fn read_pack(&self, id: &Id) -> Result<PackData> {
+        let data = self
+            .backend
+            .get(&pack_name(id))
+            .with_context(|| format!("cannot read pack {}", id.short()))?;
+        let intact = Id::of(&data) == *id;
+        Ok(PackData { data, intact })
     }
 
     /// All index files, merged: blob id → location.
@@ -295,10 +509,7 @@ impl Repo {
             return Ok(i);
         }
         let mut map = HashMap::new();
-        for name in self.backend.list("index")? {
-            let Some(id) = Id::parse(&name) else {
-                continue; // not a laybak file; `check` reports it
-            };
+        for id in self.index_ids()? {
             for p in self.read_index(&id)? {
                 for b in p.blobs {
                     map.insert(
@@ -346,10 +557,10 @@ impl Repo {
     /// Listing failed.
     pub fn index_ids(&self) -> Result<Vec<Id>> {
         Ok(self
-            .backend
-            .list("index")?
+            .list(FileKind::Index)?
+            .files
             .iter()
-            .filter_map(|n| Id::parse(n))
+            .map(|f| f.id)
             .collect())
     }
 
@@ -358,7 +569,7 @@ impl Repo {
     /// # Errors
     /// Unreadable or corrupt.
     pub fn read_index(&self, id: &Id) -> Result<Vec<IndexPack>> {
-        let data = self.read_named(FileKind::Index, "index", id)?;
+        let data = self.read_file(FileKind::Index, id)?;
         format::decode(FileKind::Index, &data).with_context(|| format!("index {}", id.short()))
     }
 
@@ -368,7 +579,7 @@ impl Repo {
     /// The write failed.
     pub fn write_index(&self, packs: &[IndexPack]) -> Result<Id> {
         let data = format::encode(FileKind::Index, &packs)?;
-        self.write_named(FileKind::Index, "index", &data)
+        self.write_file(FileKind::Index, data)
     }
 
     /// Read and verify one blob.
@@ -391,7 +602,7 @@ impl Repo {
         }
         let raw = self
             .backend
-            .read_range(&pack_name(&loc.pack), loc.blob.offset, loc.blob.len as u64)
+            .get_range(&pack_name(&loc.pack), loc.blob.offset, loc.blob.len as u64)
             .with_context(|| format!("cannot read pack {}", loc.pack.short()))?;
         decode_blob(&loc.blob, raw).with_context(|| format!("in pack {}", loc.pack.short()))
     }
@@ -403,7 +614,7 @@ impl Repo {
     pub fn write_layer(&self, layer: &Layer) -> Result<Id> {
         layer.validate()?;
         let data = format::encode(FileKind::Layer, layer)?;
-        self.write_named(FileKind::Layer, "layers", &data)
+        self.write_file(FileKind::Layer, data)
     }
 
     /// Load and validate a layer manifest.
@@ -411,7 +622,7 @@ impl Repo {
     /// # Errors
     /// Missing, corrupt or structurally invalid.
     pub fn read_layer(&self, id: &Id) -> Result<Layer> {
-        let data = self.read_named(FileKind::Layer, "layers", id)?;
+        let data = self.read_file(FileKind::Layer, id)?;
         let layer: Layer = format::decode(FileKind::Layer, &data)
             .with_context(|| format!("layer {}", id.short()))?;
         layer
@@ -420,20 +631,30 @@ impl Repo {
         Ok(layer)
     }
 
-    /// Store a snapshot record.
+    /// Encode a new snapshot record; its id comes from these bytes.
+    ///
+    /// # Errors
+    /// Serialization failure.
+    pub fn seal_snapshot(snap: &Snapshot) -> Result<Sealed> {
+        Ok(Sealed::new(
+            FileKind::Snapshot,
+            format::encode_sealed(FileKind::Snapshot, snap)?,
+        ))
+    }
+
+    /// Encode and store a new snapshot record; returns its id.
     ///
     /// # Errors
     /// Write failure.
     pub fn write_snapshot(&self, snap: &Snapshot) -> Result<Id> {
-        let data = format::encode_sealed(FileKind::Snapshot, snap)?;
-        let id = Id::of(&data);
-        self.write_snapshot_data(&id, &data)?;
-        Ok(id)
+        let sealed = Repo::seal_snapshot(snap)?;
+        self.put(&sealed)?;
+        Ok(sealed.id)
     }
 
     fn write_snapshot_data(&self, id: &Id, data: &[u8]) -> Result<()> {
         self.backend
-            .write(&format!("snapshots/{}", id.hex()), data)
+            .put(&object_name(FileKind::Snapshot, id), data)
             .with_context(|| {
                 format!(
                     "cannot write snapshot record to {}",
@@ -452,15 +673,6 @@ impl Repo {
         self.write_snapshot_data(id, &data)
     }
 
-    /// The id a new snapshot record will have once written: the blake3 of
-    /// its first version. The id stays when the record is rewritten.
-    ///
-    /// # Errors
-    /// Serialization failure.
-    pub fn snapshot_id(snap: &Snapshot) -> Result<Id> {
-        Ok(Id::of(&format::encode_sealed(FileKind::Snapshot, snap)?))
-    }
-
     /// Load one snapshot record, verifying its embedded blake3.
     ///
     /// # Errors
@@ -468,7 +680,7 @@ impl Repo {
     pub fn read_snapshot(&self, id: &Id) -> Result<Snapshot> {
         let data = self
             .backend
-            .read(&format!("snapshots/{}", id.hex()))
+            .get(&object_name(FileKind::Snapshot, id))
             .with_context(|| format!("cannot read snapshot {}", id.short()))?;
         format::decode_sealed(FileKind::Snapshot, &data)
             .with_context(|| format!("snapshot {}", id.short()))
@@ -480,8 +692,7 @@ impl Repo {
     /// A record is unreadable or corrupt.
     pub fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
         let mut out = Vec::new();
-        for name in self.backend.list("snapshots")? {
-            let Some(id) = Id::parse(&name) else { continue };
+        for id in self.snapshot_ids()? {
             out.push((id, self.read_snapshot(&id)?));
         }
         out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
@@ -548,10 +759,10 @@ impl Repo {
     /// Listing failed.
     pub fn snapshot_ids(&self) -> Result<Vec<Id>> {
         Ok(self
-            .backend
-            .list("snapshots")?
+            .list(FileKind::Snapshot)?
+            .files
             .iter()
-            .filter_map(|n| Id::parse(n))
+            .map(|f| f.id)
             .collect())
     }
 
@@ -659,9 +870,18 @@ impl PackBuf {
     }
 }
 
+/// A finished pack: its bytes, and the id and index entry derived from
+/// them once, when it was sealed.
+pub struct SealedPack {
+    /// The pack file.
+    pub file: Sealed,
+    /// Its index entry.
+    pub index: IndexPack,
+}
+
 /// Finish a pack: append the blob table, its length and the tail magic.
-/// Returns (pack id, bytes, index entry), or `None` for an empty pack.
-fn seal(mut p: PackBuf) -> Option<(Id, Vec<u8>, IndexPack)> {
+/// `None` for an empty pack.
+fn seal(mut p: PackBuf) -> Option<SealedPack> {
     if p.blobs.is_empty() {
         return None;
     }
@@ -670,13 +890,13 @@ fn seal(mut p: PackBuf) -> Option<(Id, Vec<u8>, IndexPack)> {
     p.data
         .extend_from_slice(&(table.len() as u32).to_le_bytes());
     p.data.extend_from_slice(PACK_TAIL);
-    let id = Id::of(&p.data);
-    let ip = IndexPack {
-        id,
-        size: p.data.len() as u64,
+    let file = Sealed::new(FileKind::Pack, p.data);
+    let index = IndexPack {
+        id: file.id,
+        size: file.len(),
         blobs: p.blobs,
     };
-    Some((id, p.data, ip))
+    Some(SealedPack { file, index })
 }
 
 /// Builds packs from already stored (compressed) blobs, for repacking.
@@ -695,7 +915,7 @@ impl PackAssembler {
     }
 
     /// Add a blob's stored bytes; returns a finished pack when one fills.
-    pub fn add_stored(&mut self, b: &PackBlob, raw: &[u8]) -> Option<(Id, Vec<u8>, IndexPack)> {
+    pub fn add_stored(&mut self, b: &PackBlob, raw: &[u8]) -> Option<SealedPack> {
         let offset = self.cur.data.len() as u64;
         self.cur.data.extend_from_slice(raw);
         self.cur.blobs.push(PackBlob { offset, ..*b });
@@ -707,7 +927,7 @@ impl PackAssembler {
     }
 
     /// The last, partly filled pack.
-    pub fn finish(self) -> Option<(Id, Vec<u8>, IndexPack)> {
+    pub fn finish(self) -> Option<SealedPack> {
         seal(self.cur)
     }
 }
@@ -808,15 +1028,14 @@ impl<'r> Packer<'r> {
     }
 
     fn write_pack(&self, p: PackBuf) -> Result<()> {
-        let Some((id, data, ip)) = seal(p) else {
+        let Some(pack) = seal(p) else {
             return Ok(());
         };
         crate::failpoint::hit("pack-write")?;
         self.repo
-            .backend
-            .write(&pack_name(&id), &data)
+            .put(&pack.file)
             .with_context(|| format!("cannot write a pack to {}", self.repo.location.display()))?;
-        lock(&self.done).push(ip);
+        lock(&self.done).push(pack.index);
         Ok(())
     }
 
@@ -862,9 +1081,9 @@ mod tests {
         let repo = Repo::open(&d.path().join("r")).unwrap();
         assert_eq!(repo.read_blob(&Id::of(&a)).unwrap(), a);
         assert_eq!(repo.read_blob(&Id::of(&b)).unwrap(), b);
-        let packs = repo.backend().list("packs").unwrap();
+        let packs = repo.list(FileKind::Pack).unwrap().files;
         assert_eq!(packs.len(), 1);
-        let path = d.path().join("r/packs").join(&packs[0]);
+        let path = d.path().join("r").join(pack_name(&packs[0].id));
         let data = std::fs::read(&path).unwrap();
         assert_eq!(parse_pack_tail(&data).unwrap().len(), 2);
         let mut bad = data.clone();
@@ -876,75 +1095,33 @@ mod tests {
         assert!(parse_pack_tail(&data[..data.len() - 1]).is_err());
     }
 
-    /// A backend that fails, truncates or flips bytes on demand.
-    struct Faulty {
-        inner: LocalBackend,
-        mode: std::sync::Arc<std::sync::Mutex<&'static str>>,
-    }
-
-    impl Backend for Faulty {
-        fn read(&self, name: &str) -> std::io::Result<Vec<u8>> {
-            self.inner.read(name)
-        }
-        fn read_range(&self, name: &str, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
-            let mut d = self.inner.read_range(name, offset, len)?;
-            match *self.mode.lock().unwrap() {
-                "eio" => return Err(std::io::Error::other("injected EIO")),
-                "short" => d.truncate(d.len() / 2),
-                "flip" => d[0] ^= 1,
-                _ => {}
-            }
-            Ok(d)
-        }
-        fn write(&self, name: &str, data: &[u8]) -> std::io::Result<()> {
-            if *self.mode.lock().unwrap() == "enospc" {
-                return Err(std::io::Error::from_raw_os_error(28));
-            }
-            self.inner.write(name, data)
-        }
-        fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
-            self.inner.list(prefix)
-        }
-        fn remove(&self, name: &str) -> std::io::Result<()> {
-            self.inner.remove(name)
-        }
-        fn size(&self, name: &str) -> std::io::Result<u64> {
-            self.inner.size(name)
-        }
-    }
-
     #[test]
     fn backend_faults_give_errors_never_wrong_data() {
+        use crate::backend::testing::{Fault, Faulty};
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("r");
         Repo::init(&path).unwrap();
-        let mode = std::sync::Arc::new(std::sync::Mutex::new("ok"));
-        let faulty = || {
-            Box::new(Faulty {
-                inner: LocalBackend::new(&path),
-                mode: mode.clone(),
-            })
-        };
+        let faulty = Arc::new(Faulty::new(LocalBackend::new(&path)));
         let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
         let id = Id::of(&data);
         // A failing write leaves no pack and reports the error.
-        let repo = Repo::open_backend(&path, faulty()).unwrap();
-        *mode.lock().unwrap() = "enospc";
+        let repo = Repo::open_backend(&path, faulty.clone()).unwrap();
+        faulty.set(Fault::NoSpace);
         let p = Packer::new(&repo);
         p.add(id, &data).unwrap();
         let e = p.finish().unwrap_err();
         assert!(format!("{e:#}").contains("No space left"), "{e:#}");
-        assert!(repo.backend().list("packs").unwrap().is_empty());
-        *mode.lock().unwrap() = "ok";
+        faulty.set(Fault::None);
+        assert!(repo.list(FileKind::Pack).unwrap().files.is_empty());
         let p = Packer::new(&repo);
         p.add(id, &data).unwrap();
         p.finish().unwrap();
-        let repo = Repo::open_backend(&path, faulty()).unwrap();
-        for m in ["eio", "short", "flip"] {
-            *mode.lock().unwrap() = m;
-            assert!(repo.read_blob(&id).is_err(), "{m} returned data");
+        let repo = Repo::open_backend(&path, faulty.clone()).unwrap();
+        for f in [Fault::ReadError, Fault::Short, Fault::Flip] {
+            faulty.set(f);
+            assert!(repo.read_blob(&id).is_err(), "{f:?} returned data");
         }
-        *mode.lock().unwrap() = "ok";
+        faulty.set(Fault::None);
         assert_eq!(repo.read_blob(&id).unwrap(), data);
     }
 

@@ -17,7 +17,7 @@
 
 use crate::error::{Busy, Coded, need_root};
 use crate::fold;
-use crate::format::{Id, Time};
+use crate::format::{FileKind, Id, Time};
 use crate::overlay::{self, Spec};
 use crate::repo::{Packer, Repo, Snapshot};
 use crate::scan::{self, Source};
@@ -902,8 +902,8 @@ pub fn archive_pending(
             continue;
         }
         if let Some((lid, sid)) = vol.st.layers[i].writing.clone()
-            && repo.backend().size(&format!("snapshots/{sid}")).is_ok()
             && let Some(id) = Id::parse(&sid)
+            && repo.contains(FileKind::Snapshot, &id)?
         {
             // A previous run wrote the record and crashed before noting it.
             let snap = repo.read_snapshot(&id)?;
@@ -945,12 +945,12 @@ pub fn archive_pending(
             layers,
             summary,
         };
-        let id = Repo::snapshot_id(&snap)?;
+        let sealed = Repo::seal_snapshot(&snap)?;
+        let id = sealed.id;
         vol.st.layers[i].writing = Some((layer_id.hex(), id.hex()));
         vol.save()?;
         crate::failpoint::hit("snapshot-write")?;
-        let written = repo.write_snapshot(&snap)?;
-        debug_assert_eq!(written, id);
+        repo.put(&sealed)?;
         crate::failpoint::hit("snapshot-written")?;
         vol.st.layers[i].archived = vec![layer_id.hex()];
         vol.st.layers[i].writing = None;
@@ -978,7 +978,7 @@ fn below_layers(vol: &Volume, repo: &Repo, i: usize) -> Result<Vec<Id>> {
     for l in &vol.st.layers[..i] {
         for h in &l.archived {
             let id = Id::parse(h).ok_or_else(|| anyhow!("volume state has a bad layer id {h}"))?;
-            if repo.backend().size(&format!("layers/{h}")).is_err() {
+            if !repo.contains(FileKind::Layer, &id)? {
                 bail!(
                     "the previous snapshot of volume {} is gone from the repository and so is layer {}: this volume's history cannot be continued in this repository; detach and attach it again",
                     vol.st.name,

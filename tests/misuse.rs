@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use laybak::format::{self, FileKind, Id, Time};
+use laybak::format::{self, FileKind, Time};
 use laybak::layer::{Entry, Layer, Meta, Node};
 use laybak::repo::{Repo, Snapshot, Summary};
 use std::collections::BTreeMap;
@@ -410,11 +410,7 @@ fn plant(repo_path: &Path, layers: &[Layer]) -> String {
     let mut ids = Vec::new();
     for l in layers {
         let data = format::encode(FileKind::Layer, l).unwrap();
-        let id = Id::of(&data);
-        repo.backend()
-            .write(&format!("layers/{}", id.hex()), &data)
-            .unwrap();
-        ids.push(id);
+        ids.push(repo.write_file(FileKind::Layer, data).unwrap());
     }
     let snap = Snapshot {
         time: Time::now(),

@@ -1,67 +1,12 @@
-//! Storage behind a small trait, so a local directory today and an object
-//! store later are interchangeable, and tests can wrap it to inject faults.
-//!
-//! Every object is immutable once written and named by the caller; `write`
-//! must be atomic and durable: after it returns the object is complete on
-//! stable storage, and a crash during it leaves either nothing or the whole
-//! object under its name.
+//! A repository in a local directory: one file per object, written to a
+//! temp file, fsynced, renamed into place, and the directory fsynced.
 
+use super::{Backend, Created, Entry, Error, Result, check_name};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-
-/// Object storage used by a repository. Names are `/`-separated relative
-/// paths such as `snapshots/<hex>` or `packs/ab/<hex>`.
-pub trait Backend: Send + Sync {
-    /// Read a whole object.
-    ///
-    /// # Errors
-    /// `NotFound` when absent, any I/O error otherwise.
-    fn read(&self, name: &str) -> io::Result<Vec<u8>>;
-    /// Read `len` bytes at `offset`; short objects are an error.
-    ///
-    /// # Errors
-    /// As [`Backend::read`], plus `UnexpectedEof` on a short object.
-    fn read_range(&self, name: &str, offset: u64, len: u64) -> io::Result<Vec<u8>>;
-    /// Store an object atomically and durably, replacing any previous one.
-    ///
-    /// # Errors
-    /// Any I/O error; on error no partial object is visible under `name`.
-    fn write(&self, name: &str, data: &[u8]) -> io::Result<()>;
-    /// Store a short-lived object (a lock) atomically but without forcing
-    /// it to stable storage: after a power cut it may be gone, which is
-    /// right for a lock whose holder died too.
-    ///
-    /// # Errors
-    /// As [`Backend::write`].
-    fn write_ephemeral(&self, name: &str, data: &[u8]) -> io::Result<()> {
-        self.write(name, data)
-    }
-    /// Delete a short-lived object without syncing the directory.
-    ///
-    /// # Errors
-    /// As [`Backend::remove`].
-    fn remove_ephemeral(&self, name: &str) -> io::Result<()> {
-        self.remove(name)
-    }
-    /// Names of all objects under `prefix` (recursively), relative to it.
-    ///
-    /// # Errors
-    /// I/O errors other than a missing prefix (which lists as empty).
-    fn list(&self, prefix: &str) -> io::Result<Vec<String>>;
-    /// Delete an object; deleting a missing object is not an error.
-    ///
-    /// # Errors
-    /// Any I/O error.
-    fn remove(&self, name: &str) -> io::Result<()>;
-    /// Size of an object.
-    ///
-    /// # Errors
-    /// `NotFound` when absent.
-    fn size(&self, name: &str) -> io::Result<u64>;
-}
 
 /// A repository in a local directory.
 pub struct LocalBackend {
@@ -80,19 +25,31 @@ impl LocalBackend {
         }
     }
 
-    fn path(&self, name: &str) -> io::Result<PathBuf> {
-        if name.is_empty()
-            || name.starts_with('/')
-            || name
-                .split('/')
-                .any(|c| c.is_empty() || c == "." || c == "..")
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("invalid object name {name:?}"),
-            ));
-        }
+    fn path(&self, name: &str) -> Result<PathBuf> {
+        check_name(name)?;
         Ok(self.root.join(name))
+    }
+
+    fn tmp_name(&self, path: &Path) -> PathBuf {
+        path.with_file_name(format!(
+            ".{}.tmp.{}.{}",
+            path.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    fn parent_dirs(&self, path: &Path) -> io::Result<()> {
+        let dir = path.parent().unwrap_or(&self.root);
+        if !dir.exists() {
+            private_dirs(dir)?;
+            if let Some(up) = dir.parent() {
+                sync_dir(up)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -183,11 +140,11 @@ pub fn atomic_write(path: &Path, data: &[u8], tmp_tag: u64) -> io::Result<()> {
 }
 
 impl Backend for LocalBackend {
-    fn read(&self, name: &str) -> io::Result<Vec<u8>> {
-        fs::read(self.path(name)?)
+    fn get(&self, name: &str) -> Result<Vec<u8>> {
+        Ok(fs::read(self.path(name)?)?)
     }
 
-    fn read_range(&self, name: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+    fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         // Objects are immutable, so open handles are reused: a restore
         // reads many blobs from few packs.
         let f = {
@@ -206,58 +163,77 @@ impl Backend for LocalBackend {
         };
         let mut buf = vec![0u8; len as usize];
         f.read_exact_at(&mut buf, offset).map_err(|e| {
-            io::Error::new(
+            Error::io(io::Error::new(
                 e.kind(),
                 format!("{name}: cannot read {len} bytes at {offset}: {e}"),
-            )
+            ))
         })?;
         Ok(buf)
     }
 
-    fn write(&self, name: &str, data: &[u8]) -> io::Result<()> {
+    fn put(&self, name: &str, data: &[u8]) -> Result<()> {
         let path = self.path(name)?;
-        let dir = path.parent().unwrap_or(&self.root);
-        if !dir.exists() {
-            private_dirs(dir)?;
-            if let Some(up) = dir.parent() {
-                sync_dir(up)?;
-            }
-        }
-        atomic_write(&path, data, self.seq.fetch_add(1, Ordering::Relaxed))
+        self.parent_dirs(&path)?;
+        Ok(atomic_write(
+            &path,
+            data,
+            self.seq.fetch_add(1, Ordering::Relaxed),
+        )?)
     }
 
-    fn write_ephemeral(&self, name: &str, data: &[u8]) -> io::Result<()> {
+    fn put_if_absent(&self, name: &str, data: &[u8]) -> Result<Created> {
+        let path = self.path(name)?;
+        self.parent_dirs(&path)?;
+        let tmp = self.tmp_name(&path);
+        let res = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            // A hard link publishes the complete file, or fails if the
+            // name is taken: atomic create.
+            match fs::hard_link(&tmp, &path) {
+                Ok(()) => {
+                    sync_dir(path.parent().unwrap_or(&self.root))?;
+                    Ok(Created::Yes)
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(Created::Existed),
+                Err(e) => Err(e),
+            }
+        })();
+        let _ = fs::remove_file(&tmp);
+        Ok(res?)
+    }
+
+    fn put_ephemeral(&self, name: &str, data: &[u8]) -> Result<()> {
         let path = self.path(name)?;
         if let Some(dir) = path.parent() {
             private_dirs(dir)?;
         }
-        let tmp = path.with_file_name(format!(
-            ".{}.tmp.{}.{}",
-            path.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default(),
-            std::process::id(),
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        ));
+        let tmp = self.tmp_name(&path);
         OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?
             .write_all(data)?;
-        fs::rename(&tmp, &path).inspect_err(|_| {
+        fs::rename(&tmp, &path).map_err(|e| {
             let _ = fs::remove_file(&tmp);
+            Error::io(e)
         })
     }
 
-    fn remove_ephemeral(&self, name: &str) -> io::Result<()> {
+    fn delete_ephemeral(&self, name: &str) -> Result<()> {
         match fs::remove_file(self.path(name)?) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         }
     }
 
-    fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+    fn list(&self, prefix: &str) -> Result<Vec<Entry>> {
         let mut out = Vec::new();
         let base = self.path(prefix)?;
         let mut stack = vec![(base, String::new())];
@@ -265,7 +241,7 @@ impl Backend for LocalBackend {
             let rd = match fs::read_dir(&dir) {
                 Ok(rd) => rd,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
             for ent in rd {
                 let ent = ent?;
@@ -278,32 +254,44 @@ impl Backend for LocalBackend {
                 } else {
                     format!("{rel}/{name}")
                 };
-                if ent.file_type()?.is_dir() {
+                let md = match ent.metadata() {
+                    Ok(md) => md,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                if md.is_dir() {
                     stack.push((ent.path(), relname));
                 } else {
-                    out.push(relname);
+                    out.push(Entry {
+                        name: relname,
+                        size: md.len(),
+                    });
                 }
             }
         }
-        out.sort();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 
-    fn remove(&self, name: &str) -> io::Result<()> {
+    fn exists(&self, name: &str) -> Result<bool> {
+        match fs::symlink_metadata(self.path(name)?) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn delete(&self, name: &str) -> Result<()> {
         let path = self.path(name)?;
         self.handles
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
         match fs::remove_file(&path) {
-            Ok(()) => sync_dir(path.parent().unwrap_or(&self.root)),
+            Ok(()) => Ok(sync_dir(path.parent().unwrap_or(&self.root))?),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
-    }
-
-    fn size(&self, name: &str) -> io::Result<u64> {
-        Ok(fs::metadata(self.path(name)?)?.len())
     }
 }
 
@@ -315,16 +303,27 @@ mod tests {
     fn local_backend_round_trip() {
         let d = tempfile::tempdir().unwrap();
         let b = LocalBackend::new(d.path());
-        b.write("packs/ab/abcd", b"hello world").unwrap();
-        b.write("snapshots/x", b"1").unwrap();
-        assert_eq!(b.read("packs/ab/abcd").unwrap(), b"hello world");
-        assert_eq!(b.read_range("packs/ab/abcd", 6, 5).unwrap(), b"world");
-        assert!(b.read_range("packs/ab/abcd", 6, 6).is_err());
-        assert_eq!(b.list("packs").unwrap(), vec!["ab/abcd".to_string()]);
-        assert_eq!(b.size("snapshots/x").unwrap(), 1);
-        assert!(b.read("../etc/passwd").is_err());
-        b.remove("snapshots/x").unwrap();
-        b.remove("snapshots/x").unwrap();
+        b.put("packs/ab/abcd", b"hello world").unwrap();
+        b.put("snapshots/x", b"1").unwrap();
+        assert_eq!(b.get("packs/ab/abcd").unwrap(), b"hello world");
+        assert_eq!(b.get_range("packs/ab/abcd", 6, 5).unwrap(), b"world");
+        assert!(b.get_range("packs/ab/abcd", 6, 6).is_err());
+        let names: Vec<_> = b
+            .list("packs")
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name, e.size))
+            .collect();
+        assert_eq!(names, vec![("ab/abcd".to_string(), 11)]);
+        assert!(b.exists("snapshots/x").unwrap());
+        assert!(b.get("nothing/here").unwrap_err().is_not_found());
+        assert!(b.get("../etc/passwd").is_err());
+        assert_eq!(b.put_if_absent("locks/a", b"1").unwrap(), Created::Yes);
+        assert_eq!(b.put_if_absent("locks/a", b"2").unwrap(), Created::Existed);
+        assert_eq!(b.get("locks/a").unwrap(), b"1");
+        b.delete("snapshots/x").unwrap();
+        b.delete("snapshots/x").unwrap();
+        assert!(!b.exists("snapshots/x").unwrap());
         assert!(b.list("snapshots").unwrap().is_empty());
         assert!(b.list("nothing").unwrap().is_empty());
     }
