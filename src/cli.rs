@@ -1,7 +1,7 @@
 //! Command-line interface: argument types and thin command handlers that
 //! call into the library and render human or `--json` output.
 
-use crate::error::{Coded, need_root};
+use crate::error::{Error as Failure, Kind, need_root};
 use crate::format::Id;
 use crate::layer::{self, View};
 use crate::materialize::{self, Item, Target};
@@ -386,9 +386,9 @@ fn repo_path(cli: &Cli) -> Result<PathBuf> {
     repos.dedup();
     match repos.as_slice() {
         [one] => Ok((*one).clone()),
-        _ => Err(Coded(
-            2,
-            "no repository given: pass --repo PATH or set LAYBAK_REPO".into(),
+        _ => Err(Failure::new(
+            Kind::Usage,
+            "no repository given: pass --repo PATH or set LAYBAK_REPO",
         )
         .into()),
     }
@@ -436,10 +436,9 @@ pub fn run(cli: Cli) -> Result<()> {
     volume::secure_state(&cli.state_dir)?;
     match &cli.cmd {
         Cmd::Init => {
-            let p = cli
-                .repo
-                .clone()
-                .ok_or_else(|| Coded(2, "init needs --repo PATH (or LAYBAK_REPO)".into()))?;
+            let p = cli.repo.clone().ok_or_else(|| {
+                Failure::new(Kind::Usage, "init needs --repo PATH (or LAYBAK_REPO)")
+            })?;
             let r = Repo::init(&p)?;
             eprintln!(
                 "created repository {} at {}",
@@ -751,9 +750,8 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let policy = keep.policy();
             if policy.is_empty() {
-                return Err(Coded(
-                    2,
-                    "no retention rule given: pass at least one --keep-* option (the newest snapshot of each volume is always kept)".into(),
+                return Err(Failure::new(Kind::Usage,
+                    "no retention rule given: pass at least one --keep-* option (the newest snapshot of each volume is always kept)",
                 )
                 .into());
             }
@@ -904,8 +902,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
             if !r.errors.is_empty() {
-                return Err(Coded(
-                    3,
+                return Err(Failure::new(
+                    Kind::Damaged,
                     format!(
                         "repository has {} errors affecting {} snapshots (see above)",
                         r.errors.len(),

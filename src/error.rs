@@ -1,4 +1,7 @@
-//! Errors that carry a documented exit code. Everything else exits 1.
+//! What kind of failure ended a command, and the exit code each kind has.
+//! Code raises a typed error where it knows the kind; the exit code is
+//! derived from the first typed error in the chain, never from message
+//! text. Everything untyped exits 1.
 //!
 //! | code | meaning |
 //! |-----:|---------|
@@ -9,10 +12,71 @@
 //! | 10 | repository missing or not a laybak repository |
 //! | 11 | busy: the volume is in use, or another laybak holds its lock |
 //! | 12 | needs root |
+//! | 13 | the repository is unreachable right now (retries ran out); nothing was lost, run again later |
 
 use std::fmt;
 
-/// A volume or lock is busy (exit code 11).
+/// Kinds of failure a caller (a script, cron) may want to tell apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Anything else.
+    Failed,
+    /// Bad command line.
+    Usage,
+    /// `check` found damage.
+    Damaged,
+    /// No repository where one was named.
+    NoRepository,
+    /// A volume or lock is busy.
+    Busy,
+    /// The command needs root.
+    NeedRoot,
+    /// The repository's storage did not answer (after retries).
+    Unreachable,
+}
+
+impl Kind {
+    /// The documented exit code.
+    pub fn code(self) -> u8 {
+        match self {
+            Kind::Failed => 1,
+            Kind::Usage => 2,
+            Kind::Damaged => 3,
+            Kind::NoRepository => 10,
+            Kind::Busy => 11,
+            Kind::NeedRoot => 12,
+            Kind::Unreachable => 13,
+        }
+    }
+}
+
+/// An error of a known [`Kind`]; `Display` is the message users see.
+#[derive(Debug)]
+pub struct Error {
+    /// Its kind.
+    pub kind: Kind,
+    /// The one-line message.
+    pub msg: String,
+}
+
+impl Error {
+    /// An error of `kind`.
+    pub fn new(kind: Kind, msg: impl Into<String>) -> Error {
+        Error {
+            kind,
+            msg: msg.into(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+impl std::error::Error for Error {}
+
+/// A volume or lock is busy ([`Kind::Busy`]).
 #[derive(Debug)]
 pub struct Busy(pub String);
 
@@ -23,42 +87,37 @@ impl fmt::Display for Busy {
 }
 impl std::error::Error for Busy {}
 
-/// An error with an explicit exit code.
-#[derive(Debug)]
-pub struct Coded(pub u8, pub String);
-
-impl fmt::Display for Coded {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.1)
+/// The kind of an error chain: the first typed error in it.
+pub fn kind(e: &anyhow::Error) -> Kind {
+    for cause in e.chain() {
+        if cause.downcast_ref::<Busy>().is_some() {
+            return Kind::Busy;
+        }
+        if let Some(c) = cause.downcast_ref::<Error>() {
+            return c.kind;
+        }
+        if let Some(b) = cause.downcast_ref::<crate::backend::Error>()
+            && b.kind() == crate::backend::ErrorKind::Transient
+        {
+            return Kind::Unreachable;
+        }
     }
+    Kind::Failed
 }
-impl std::error::Error for Coded {}
 
 /// The exit code for an error chain.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
-    for cause in e.chain() {
-        if cause.downcast_ref::<Busy>().is_some() {
-            return 11;
-        }
-        if let Some(c) = cause.downcast_ref::<Coded>() {
-            return c.0;
-        }
-    }
-    let s = e.to_string();
-    if s.contains("not a laybak repository") || s.starts_with("no repository at") {
-        return 10;
-    }
-    1
+    kind(e).code()
 }
 
 /// Fail unless running as root.
 ///
 /// # Errors
-/// Not root (exit code 12).
+/// Not root ([`Kind::NeedRoot`]).
 pub fn need_root(what: &str) -> anyhow::Result<()> {
     if !rustix::process::geteuid().is_root() {
-        return Err(Coded(
-            12,
+        return Err(Error::new(
+            Kind::NeedRoot,
             format!("{what} needs root (it mounts filesystems): run it as root"),
         )
         .into());

@@ -287,6 +287,10 @@ fn list_kind(backend: &dyn Backend, kind: FileKind) -> Result<Listing> {
     Ok(out)
 }
 
+fn no_repository(msg: String) -> anyhow::Error {
+    crate::error::Error::new(crate::error::Kind::NoRepository, msg).into()
+}
+
 fn hostname() -> String {
     rustix::system::uname()
         .nodename()
@@ -365,11 +369,11 @@ impl Repo {
     /// Missing, not a laybak repository, newer format, or unreadable.
     pub fn open(path: &Path) -> Result<Repo> {
         if !path.exists() {
-            bail!(
+            return Err(no_repository(format!(
                 "no repository at {}: create one with `laybak init --repo {}`",
                 path.display(),
                 path.display()
-            );
+            )));
         }
         let repo = Repo::open_backend(path, Arc::new(LocalBackend::new(path)))?;
         // Repositories made before 0.2 were world-readable: tighten those we
@@ -389,10 +393,12 @@ impl Repo {
     pub fn open_backend(path: &Path, backend: Arc<dyn Backend>) -> Result<Repo> {
         let data = match backend.get("config") {
             Ok(d) => d,
-            Err(e) if e.is_not_found() => bail!(
-                "{} is not a laybak repository (no config file): check --repo / LAYBAK_REPO",
-                path.display()
-            ),
+            Err(e) if e.is_not_found() => {
+                return Err(no_repository(format!(
+                    "{} is not a laybak repository (no config file): check --repo / LAYBAK_REPO",
+                    path.display()
+                )));
+            }
             Err(e) => return Err(e).context(format!("cannot read {}/config", path.display())),
         };
         let config: Config = format::decode(FileKind::Config, &data)

@@ -15,7 +15,7 @@
 //! STATE/volumes/data.lock         flock held by the running laybak
 //! ```
 
-use crate::error::{Busy, Coded, need_root};
+use crate::error::{Busy, Error as Failure, Kind, need_root};
 use crate::fold;
 use crate::format::{FileKind, Id, Time};
 use crate::overlay::{self, Spec};
@@ -1904,11 +1904,10 @@ pub fn note_squashed(
     Ok(())
 }
 
-/// Fail with exit code 12-style clarity when a command needs a volume that
-/// is down.
+/// The error for a command that needs a volume that is down.
 pub fn not_up_error(vol: &Volume) -> anyhow::Error {
-    Coded(
-        1,
+    Failure::new(
+        Kind::Failed,
         format!(
             "volume {} is down: run `laybak up {}`",
             vol.st.name,
