@@ -9,6 +9,7 @@
 //! ([`layer::restack`] → [`materialize`] / [`overlay`]), and (later)
 //! reclaim. See `docs/DESIGN.md` and `docs/FORMAT.md`.
 
+pub mod archive;
 pub mod backend;
 pub mod blobcache;
 pub mod check;

@@ -337,6 +337,21 @@ impl Repo {
             crate::backend::private_dirs(&path.join(d))?;
         }
         crate::backend::sync_dir(path)?;
+        Repo::create(path, Arc::new(LocalBackend::new(path)))
+    }
+
+    /// Create a repository on any backend that holds no `config` yet.
+    /// `location` is only used in messages.
+    ///
+    /// # Errors
+    /// A repository exists there already, or the config cannot be written.
+    pub fn create(location: &Path, backend: Arc<dyn Backend>) -> Result<Repo> {
+        if backend.exists("config")? {
+            bail!(
+                "{} is already a laybak repository: use it as it is",
+                location.display()
+            );
+        }
         let seed = format!(
             "{:?}{}{}",
             Time::now(),
@@ -352,11 +367,10 @@ impl Repo {
             pack_size: 16 * 1024 * 1024,
             zstd_level: 3,
         };
-        let backend = LocalBackend::new(path);
         backend.put("config", &format::encode(FileKind::Config, &config)?)?;
         Ok(Repo {
-            location: path.to_path_buf(),
-            backend: Arc::new(backend),
+            location: location.to_path_buf(),
+            backend,
             config,
             index: OnceLock::new(),
             added: Mutex::new(HashMap::new()),

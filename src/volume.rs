@@ -19,7 +19,7 @@ use crate::error::{Busy, Error as Failure, Kind, need_root};
 use crate::fold;
 use crate::format::{FileKind, Id, Time};
 use crate::overlay::{self, Spec};
-use crate::repo::{Packer, Repo, Snapshot};
+use crate::repo::{Repo, Snapshot};
 use crate::scan::{self, Source};
 use anyhow::{Context, Result, anyhow, bail};
 use rustix::fd::AsFd;
@@ -871,14 +871,7 @@ fn finish_attach(vol: &mut Volume) -> Result<()> {
     vol.save()
 }
 
-/// Result of archiving one layer.
-#[derive(Debug, Clone)]
-pub struct Archived {
-    /// Snapshot id.
-    pub id: Id,
-    /// Snapshot record.
-    pub snap: Snapshot,
-}
+pub use crate::archive::Archived;
 
 /// Archive every pending sealed layer of `vol` in order, one snapshot each.
 ///
@@ -916,42 +909,34 @@ pub fn archive_pending(
         }
         let dir = vol.layer_dir(vol.st.layers[i].seq);
         let source = if i == 0 { Source::Base } else { Source::Upper };
-        let bar = progress.then(|| crate::progress::bytes_bar("archiving"));
-        let packer = Packer::with_cache(repo, &vol.state_dir);
-        crate::failpoint::hit("scan")?;
-        let (layer, mut summary) = scan::scan(&dir, source, &packer, &repo.config, bar.as_ref())
-            .with_context(|| {
-                format!(
-                    "archiving layer {} of volume {}",
-                    vol.st.layers[i].seq, vol.st.name
-                )
-            })?;
-        let (blobs, bytes) = packer.finish()?;
-        if let Some(b) = bar {
-            b.finish_and_clear();
-        }
-        summary.new_blobs = blobs;
-        summary.new_bytes = bytes;
-        crate::failpoint::hit("manifest-write")?;
-        let layer_id = repo.write_layer(&layer)?;
-        let mut layers = below_layers(vol, repo, i)?;
-        layers.push(layer_id);
-        let snap = Snapshot {
-            time: vol.st.layers[i].sealed,
+        let record = crate::archive::Record {
             volume: vol.st.name.clone(),
-            hostname: Repo::hostname(),
+            time: vol.st.layers[i].sealed,
             tags: vol.st.layers[i].tags.clone(),
             parent: vol.st.last_snapshot.as_deref().and_then(Id::parse),
-            layers,
-            summary,
+            below: below_layers(vol, repo, i)?,
         };
-        let sealed = Repo::seal_snapshot(&snap)?;
-        let id = sealed.id;
-        vol.st.layers[i].writing = Some((layer_id.hex(), id.hex()));
-        vol.save()?;
-        crate::failpoint::hit("snapshot-write")?;
-        repo.put(&sealed)?;
-        crate::failpoint::hit("snapshot-written")?;
+        let state_dir = vol.state_dir.clone();
+        let done = crate::archive::archive_layer(
+            repo,
+            &dir,
+            source,
+            Some(&state_dir),
+            record,
+            progress,
+            |layer, snap| {
+                vol.st.layers[i].writing = Some((layer.hex(), snap.hex()));
+                vol.save()
+            },
+        )
+        .with_context(|| {
+            format!(
+                "archiving layer {} of volume {}",
+                vol.st.layers[i].seq, vol.st.name
+            )
+        })?;
+        let (id, snap) = (done.id, done.snap);
+        let layer_id = *snap.layers.last().expect("the new layer");
         vol.st.layers[i].archived = vec![layer_id.hex()];
         vol.st.layers[i].writing = None;
         vol.st.layers[i].entries = snap.summary.entries;

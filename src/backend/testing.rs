@@ -210,6 +210,7 @@ pub struct CrashAfter<B> {
     k: u64,
     after_effect: bool,
     done: AtomicU64,
+    at: Mutex<Option<String>>,
 }
 
 impl<B: Backend> CrashAfter<B> {
@@ -220,7 +221,13 @@ impl<B: Backend> CrashAfter<B> {
             k,
             after_effect,
             done: AtomicU64::new(0),
+            at: Mutex::new(None),
         }
+    }
+
+    /// The change the crash hit (`"put NAME"`, `"delete NAME"`).
+    pub fn crash_point(&self) -> Option<String> {
+        lock(&self.at).clone()
     }
 
     /// Whether the crash happened.
@@ -250,10 +257,13 @@ impl<B: Backend> CrashAfter<B> {
         f()
     }
 
-    fn change<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    fn change<T>(&self, what: &str, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let n = self.done.fetch_add(1, Ordering::SeqCst);
         if n < self.k {
             return f();
+        }
+        if n == self.k {
+            *lock(&self.at) = Some(format!("{what} {name}"));
         }
         if n == self.k && self.after_effect {
             let _ = f();
@@ -270,13 +280,13 @@ impl<B: Backend> Backend for CrashAfter<B> {
         self.read(|| self.inner.get_range(name, offset, len))
     }
     fn put(&self, name: &str, data: &[u8]) -> Result<()> {
-        self.change(|| self.inner.put(name, data))
+        self.change("put", name, || self.inner.put(name, data))
     }
     fn put_if_absent(&self, name: &str, data: &[u8]) -> Result<Created> {
-        self.change(|| self.inner.put_if_absent(name, data))
+        self.change("put", name, || self.inner.put_if_absent(name, data))
     }
     fn put_ephemeral(&self, name: &str, data: &[u8]) -> Result<()> {
-        self.change(|| self.inner.put_ephemeral(name, data))
+        self.change("put", name, || self.inner.put_ephemeral(name, data))
     }
     fn list(&self, prefix: &str) -> Result<Vec<Entry>> {
         self.read(|| self.inner.list(prefix))
@@ -285,10 +295,10 @@ impl<B: Backend> Backend for CrashAfter<B> {
         self.read(|| self.inner.exists(name))
     }
     fn delete(&self, name: &str) -> Result<()> {
-        self.change(|| self.inner.delete(name))
+        self.change("delete", name, || self.inner.delete(name))
     }
     fn delete_ephemeral(&self, name: &str) -> Result<()> {
-        self.change(|| self.inner.delete_ephemeral(name))
+        self.change("delete", name, || self.inner.delete_ephemeral(name))
     }
     fn atomic_create(&self) -> bool {
         self.inner.atomic_create()

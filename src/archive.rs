@@ -1,0 +1,91 @@
+//! Archiving one sealed layer directory into a repository: scan it, store
+//! new data in packs, write the index, the layer manifest, then the
+//! snapshot record — in that order, each file written whole, so a record
+//! never points at data that is not stored. Volumes call this for each
+//! pending layer; it needs no mount and no root, which is what lets the
+//! crash tests enumerate every storage operation it makes.
+
+use crate::format::{Id, Time};
+use crate::repo::{Packer, Repo, Snapshot};
+use crate::scan::{self, Source};
+use anyhow::{Context, Result};
+use std::path::Path;
+
+/// What the new snapshot record says besides its layer.
+pub struct Record {
+    /// Volume name.
+    pub volume: String,
+    /// When the layer was sealed.
+    pub time: Time,
+    /// User tags.
+    pub tags: Vec<String>,
+    /// The previous snapshot of the volume.
+    pub parent: Option<Id>,
+    /// Repository layers below this one, bottom first.
+    pub below: Vec<Id>,
+}
+
+/// A snapshot that is stored.
+#[derive(Debug, Clone)]
+pub struct Archived {
+    /// Snapshot id.
+    pub id: Id,
+    /// Snapshot record.
+    pub snap: Snapshot,
+}
+
+/// Archive `dir` (a base tree or a sealed upper, as `source` says) as a
+/// new snapshot. `blob_cache` is where the local blob cache lives, if any.
+/// `before_record(layer, snapshot)` runs once the layer manifest is stored
+/// and the snapshot's id is known, before its record is written, so a
+/// caller can note what a crash might leave half done.
+///
+/// # Errors
+/// The scan or a repository write failed; what was stored stays (packs and
+/// manifests without a record are harmless and reused by the next run).
+pub fn archive_layer(
+    repo: &Repo,
+    dir: &Path,
+    source: Source,
+    blob_cache: Option<&Path>,
+    record: Record,
+    progress: bool,
+    before_record: impl FnOnce(&Id, &Id) -> Result<()>,
+) -> Result<Archived> {
+    let bar = progress.then(|| crate::progress::bytes_bar("archiving"));
+    let packer = match blob_cache {
+        Some(d) => Packer::with_cache(repo, d),
+        None => Packer::new(repo),
+    };
+    crate::failpoint::hit("scan")?;
+    let (layer, mut summary) = scan::scan(dir, source, &packer, &repo.config, bar.as_ref())?;
+    let (blobs, bytes) = packer.finish()?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    summary.new_blobs = blobs;
+    summary.new_bytes = bytes;
+    crate::failpoint::hit("manifest-write")?;
+    let layer_id = repo.write_layer(&layer)?;
+    let mut layers = record.below;
+    layers.push(layer_id);
+    let snap = Snapshot {
+        time: record.time,
+        volume: record.volume,
+        hostname: Repo::hostname(),
+        tags: record.tags,
+        parent: record.parent,
+        layers,
+        summary,
+    };
+    let sealed = Repo::seal_snapshot(&snap)?;
+    before_record(&layer_id, &sealed.id)?;
+    crate::failpoint::hit("snapshot-write")?;
+    repo.put(&sealed)
+        .context("the snapshot record was not written")?;
+    crate::failpoint::hit("snapshot-written")?;
+    Ok(Archived {
+        id: sealed.id,
+        snap,
+    })
+}
