@@ -287,6 +287,31 @@ fn list_kind(backend: &dyn Backend, kind: FileKind) -> Result<Listing> {
     Ok(out)
 }
 
+/// How long one storage operation of a remote repository is retried
+/// (`LAYBAK_RETRY_SECS`, default 60 s: longer than the half-minute a
+/// Garage cluster can refuse every request after a node rejoins).
+fn retry_budget() -> std::time::Duration {
+    let secs = std::env::var("LAYBAK_RETRY_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(60);
+    std::time::Duration::from_secs(secs)
+}
+
+/// The backend of a remote location (`s3://BUCKET/PREFIX`); `None` for a
+/// local path.
+fn remote(location: &Path) -> Result<Option<Arc<dyn Backend>>> {
+    let Some(text) = location.to_str().filter(|t| t.starts_with("s3://")) else {
+        return Ok(None);
+    };
+    let cfg = crate::backend::s3::S3Config::from_location(text)?;
+    let s3 = crate::backend::s3::S3Backend::new(&cfg)?;
+    Ok(Some(Arc::new(crate::backend::retry::Retrying::new(
+        s3,
+        retry_budget(),
+    ))))
+}
+
 fn no_repository(msg: String) -> anyhow::Error {
     crate::error::Error::new(crate::error::Kind::NoRepository, msg).into()
 }
@@ -304,6 +329,9 @@ impl Repo {
     /// # Errors
     /// The path holds something already, or cannot be created.
     pub fn init(path: &Path) -> Result<Repo> {
+        if let Some(be) = remote(path)? {
+            return Repo::create(path, be);
+        }
         if path.join("config").exists() {
             bail!(
                 "{} is already a laybak repository: use it as it is",
@@ -382,6 +410,9 @@ impl Repo {
     /// # Errors
     /// Missing, not a laybak repository, newer format, or unreadable.
     pub fn open(path: &Path) -> Result<Repo> {
+        if let Some(be) = remote(path)? {
+            return Repo::open_backend(path, be);
+        }
         if !path.exists() {
             return Err(no_repository(format!(
                 "no repository at {}: create one with `laybak init --repo {}`",

@@ -1,5 +1,5 @@
 //! Where stored bytes live: the [`Backend`] trait, its classified
-//! [`Error`], and its implementations — a local directory ([`local`]), an
+//! [`Error`], and its implementations — a local directory ([`local`]), an S3-compatible object store ([`s3`]), an
 //! S3-compatible object store ([`s3`]), a retrying decorator ([`retry`]) and
 //! the backends tests and fuzzing use ([`testing`]).
 //!
@@ -16,6 +16,7 @@
 
 pub mod local;
 pub mod retry;
+pub mod s3;
 pub mod testing;
 
 pub use local::{LocalBackend, atomic_write, make_private, private_dirs, sync_dir};
