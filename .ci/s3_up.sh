@@ -6,6 +6,9 @@
 #
 #   .ci/s3_up.sh DIR            # Garage (3 nodes) and Ceph RGW
 #   .ci/s3_up.sh DIR garage     # one of them
+#   GARAGE_PORTS=49 GARAGE_NAME=garage-faults .ci/s3_up.sh DIR garage
+#                               # a second cluster (ports 49i0..49i3) for
+#                               # the test that stops its nodes
 #
 # Garage comes from GARAGE (default: DIR/../garage/bin/garage, built by
 # .ci/run and cached); Ceph from Debian's ceph-mon, ceph-osd and radosgw.
@@ -17,7 +20,10 @@ envs=()
 
 garage_up() {
     local G=${GARAGE:-$(dirname "$D")/garage/bin/garage}
-    local B=$D/garage secret
+    local P=${GARAGE_PORTS:-39} NAME=${GARAGE_NAME:-garage}
+    local B=$D/$NAME secret
+    for pid in "$B"/n*/pid; do [ -f "$pid" ] && kill -9 "$(cat "$pid")" 2>/dev/null || true; done
+    sleep 0.2
     rm -rf "$B"; mkdir -p "$B"
     secret=$(openssl rand -hex 32)
     for i in 1 2 3; do
@@ -28,12 +34,12 @@ data_dir = "$n/data"
 db_engine = "sqlite"
 replication_factor = 3
 consistency_mode = "consistent"
-rpc_bind_addr = "127.0.0.1:39${i}1"
-rpc_public_addr = "127.0.0.1:39${i}1"
+rpc_bind_addr = "127.0.0.1:${P}${i}1"
+rpc_public_addr = "127.0.0.1:${P}${i}1"
 rpc_secret = "$secret"
 [s3_api]
 s3_region = "garage"
-api_bind_addr = "127.0.0.1:39${i}0"
+api_bind_addr = "127.0.0.1:${P}${i}0"
 TOML
         # Restartable by the tests: NODE_i_START / NODE_i_PID below.
         cat > "$n/start.sh" <<SH
@@ -44,7 +50,7 @@ SH
         chmod +x "$n/start.sh"; "$n/start.sh"
     done
     for i in 1 2 3; do
-        for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/39${i}1) 2>/dev/null && break; sleep 0.1; done
+        for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/${P}${i}1) 2>/dev/null && break; sleep 0.1; done
     done
     g() { "$G" -c "$B/n1/garage.toml" "$@"; }
     local ids=()
@@ -61,8 +67,8 @@ SH
     ksec=$(sed -n 's/^Secret key: *//p' <<<"$key" | head -1)
     [ -n "$kid" ] && [ -n "$ksec" ] || { echo "garage: no key in: $key" >&2; exit 1; }
     cat > "$B/env" <<ENV
-LAYBAK_TEST_STORE=garage
-AWS_ENDPOINT_URL=http://127.0.0.1:3910
+LAYBAK_TEST_STORE=$NAME
+AWS_ENDPOINT_URL=http://127.0.0.1:${P}10
 AWS_ACCESS_KEY_ID=$kid
 AWS_SECRET_ACCESS_KEY=$ksec
 AWS_REGION=garage
@@ -71,7 +77,7 @@ LAYBAK_TEST_NODES=$B/n1:$B/n2:$B/n3
 ENV
     # The cluster answers once every node has the layout.
     for _ in $(seq 1 100); do
-        curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:3910/ | grep -q 403 && break
+        curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${P}10/" | grep -q 403 && break
         sleep 0.1
     done
     envs+=("$B/env")

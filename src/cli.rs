@@ -1011,24 +1011,42 @@ fn run_forget(
         // Forgotten layers must not stay readable in the local cache.
         crate::mounts::evict(state_dir, repo)?;
     }
-    let pr = match prune {
-        Some(mu) => Some(crate::reclaim::prune(
+    // What forget did is said before prune runs: a prune that then fails
+    // (a busy repository) must not hide the snapshots already removed.
+    let pr = prune.map(|mu| {
+        crate::reclaim::prune(
             repo,
             mu,
             dry_run,
             dry_run.then_some((&plan, layers.as_slice())),
-        )?),
-        None => None,
-    };
+        )
+    });
     if json {
+        let (done, err) = match &pr {
+            Some(Ok(r)) => (Some(r), None),
+            Some(Err(e)) => (None, Some(format!("{e:#}"))),
+            None => (None, None),
+        };
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &json!({"forget": report, "prune": pr, "dry_run": dry_run})
+                &json!({"forget": report, "prune": done, "prune_error": err, "dry_run": dry_run})
             )?
         );
-        return Ok(());
+        return match pr {
+            Some(Err(e)) => Err(e.context("forget finished (see above), prune did not")),
+            _ => Ok(()),
+        };
     }
+    print_forget(&report, dry_run);
+    match pr {
+        Some(Ok(r)) => print_prune(&r, dry_run, false),
+        Some(Err(e)) => Err(e.context("forget finished (see above), prune did not")),
+        None => Ok(()),
+    }
+}
+
+fn print_forget(report: &crate::reclaim::ForgetReport, dry_run: bool) {
     let verb = if dry_run { "would remove" } else { "removed" };
     for id in &report.remove {
         println!("{verb} snapshot {id}");
@@ -1061,10 +1079,6 @@ fn run_forget(
         if dry_run { "to remove" } else { "removed" },
         report.new_layers.len(),
     );
-    if let Some(r) = pr {
-        print_prune(&r, dry_run, false)?;
-    }
-    Ok(())
 }
 
 fn print_prune(r: &crate::reclaim::PruneReport, dry_run: bool, json: bool) -> Result<()> {

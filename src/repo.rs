@@ -299,13 +299,17 @@ fn retry_budget() -> std::time::Duration {
 }
 
 /// The backend of a remote location (`s3://BUCKET/PREFIX`); `None` for a
-/// local path.
-fn remote(location: &Path) -> Result<Option<Arc<dyn Backend>>> {
+/// local path. A new repository (`creating`) goes only into an empty
+/// prefix.
+fn remote(location: &Path, creating: bool) -> Result<Option<Arc<dyn Backend>>> {
     let Some(text) = location.to_str().filter(|t| t.starts_with("s3://")) else {
         return Ok(None);
     };
     let cfg = crate::backend::s3::S3Config::from_location(text)?;
     let s3 = crate::backend::s3::S3Backend::new(&cfg)?;
+    if creating && !s3.exists("config")? && !s3.is_empty()? {
+        bail!("{text} is not empty: give a new or empty prefix for the repository");
+    }
     Ok(Some(Arc::new(crate::backend::retry::Retrying::new(
         s3,
         retry_budget(),
@@ -329,7 +333,7 @@ impl Repo {
     /// # Errors
     /// The path holds something already, or cannot be created.
     pub fn init(path: &Path) -> Result<Repo> {
-        if let Some(be) = remote(path)? {
+        if let Some(be) = remote(path, true)? {
             return Repo::create(path, be);
         }
         if path.join("config").exists() {
@@ -410,7 +414,7 @@ impl Repo {
     /// # Errors
     /// Missing, not a laybak repository, newer format, or unreadable.
     pub fn open(path: &Path) -> Result<Repo> {
-        if let Some(be) = remote(path)? {
+        if let Some(be) = remote(path, false)? {
             return Repo::open_backend(path, be);
         }
         if !path.exists() {

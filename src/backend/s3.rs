@@ -19,9 +19,7 @@
 //! but is never trusted to be atomic: Garage accepts it and overwrites.
 
 use super::{Backend, Created, Entry, Error, ErrorKind, Result, check_name};
-use rusty_s3::actions::{
-    DeleteObject, GetObject, HeadObject, ListObjectsV2, PutObject, S3Action,
-};
+use rusty_s3::actions::{DeleteObject, GetObject, HeadObject, ListObjectsV2, PutObject, S3Action};
 use rusty_s3::{Bucket, Credentials, UrlStyle};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -196,6 +194,7 @@ pub struct S3Backend {
     prefix: String,
     agent: ureq::Agent,
     shown: String,
+    endpoint: String,
 }
 
 /// The `<Code>` and `<Message>` of an S3 error body.
@@ -245,12 +244,14 @@ impl S3Backend {
         } else {
             format!("s3://{}/{}", cfg.bucket, cfg.prefix)
         };
+        let endpoint = cfg.endpoint.as_str().trim_end_matches('/').to_string();
         Ok(S3Backend {
             bucket,
             creds,
             prefix: cfg.prefix.clone(),
             agent,
             shown,
+            endpoint,
         })
     }
 
@@ -263,22 +264,57 @@ impl S3Backend {
         })
     }
 
+    /// Whether nothing at all is stored under the prefix (a new
+    /// repository goes only into an empty one).
+    ///
+    /// # Errors
+    /// The listing failed.
+    pub fn is_empty(&self) -> Result<bool> {
+        let dir = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let mut action = ListObjectsV2::new(&self.bucket, Some(&self.creds));
+        action.with_prefix(dir.as_str());
+        action.with_max_keys(1);
+        let url = action.sign(SIGN_FOR);
+        let mut resp = self
+            .agent
+            .get(url.as_str())
+            .call()
+            .map_err(|e| self.transport("", e))?;
+        if resp.status().as_u16() != 200 {
+            return Err(self.fail("", resp));
+        }
+        let body = self.read_body("", &mut resp)?;
+        let page = ListObjectsV2::parse_response(&String::from_utf8_lossy(&body))
+            .map_err(|e| bad(format!("{}: unreadable listing: {e}", self.shown)))?;
+        Ok(page.contents.is_empty())
+    }
+
     fn transport(&self, name: &str, e: ureq::Error) -> Error {
         use ureq::Error as U;
         let kind = match e {
-            U::Io(_)
-            | U::Timeout(_)
-            | U::HostNotFound
-            | U::ConnectionFailed
-            | U::Protocol(_)
-            | U::BodyExceedsLimit(_) => ErrorKind::Transient,
+            U::Io(_) | U::Timeout(_) | U::HostNotFound | U::ConnectionFailed | U::Protocol(_) => {
+                ErrorKind::Transient
+            }
             _ => ErrorKind::Permanent,
         };
         let why = match e {
-            U::BodyExceedsLimit(_) => "the object is larger than laybak ever writes".to_string(),
+            U::BodyExceedsLimit(_) => {
+                return Error::new(
+                    ErrorKind::Permanent,
+                    format!("{name}: the object is larger than laybak ever writes"),
+                );
+            }
+            U::Io(e) => e.to_string(),
             e => e.to_string(),
         };
-        Error::new(kind, format!("{}/{name}: {why}", self.shown))
+        Error::new(
+            kind,
+            format!("cannot reach the store at {}: {why}", self.endpoint),
+        )
     }
 
     /// Turn a non-success answer into a classified error.
@@ -304,16 +340,20 @@ impl S3Backend {
             (400, "AuthorizationHeaderMalformed") | (400, "InvalidRegion") => {
                 " (set AWS_REGION to the store's region)"
             }
-            (403, _) | (401, _) => " (check the access key, its secret and its rights on the bucket)",
+            (403, _) | (401, _) => {
+                " (check the access key, its secret and its rights on the bucket)"
+            }
             _ => "",
         };
-        Error::new(
-            kind,
-            format!("{}/{name}: HTTP {code}{detail}{hint}", self.shown),
-        )
+        let _ = name; // the repository's context names the object
+        Error::new(kind, format!("HTTP {code}{detail}{hint}"))
     }
 
-    fn read_body(&self, name: &str, resp: &mut ureq::http::Response<ureq::Body>) -> Result<Vec<u8>> {
+    fn read_body(
+        &self,
+        name: &str,
+        resp: &mut ureq::http::Response<ureq::Body>,
+    ) -> Result<Vec<u8>> {
         resp.body_mut()
             .with_config()
             .limit(MAX_GET)
@@ -385,8 +425,7 @@ impl Backend for S3Backend {
         let code = resp.status().as_u16();
         if code == 416 {
             return Err(bad(format!(
-                "{}/{name}: cannot read {len} bytes at {offset}: the object is shorter",
-                self.shown
+                "{name}: cannot read {len} bytes at {offset}: the object is shorter"
             )));
         }
         if code != 206 && code != 200 {
@@ -402,8 +441,7 @@ impl Backend for S3Backend {
         }
         if data.len() as u64 != len {
             return Err(bad(format!(
-                "{}/{name}: cannot read {len} bytes at {offset}: got {}",
-                self.shown,
+                "{name}: cannot read {len} bytes at {offset}: got {}",
                 data.len()
             )));
         }
@@ -447,7 +485,7 @@ impl Backend for S3Backend {
             let page = ListObjectsV2::parse_response(&text).map_err(|e| {
                 Error::new(
                     ErrorKind::Transient,
-                    format!("{}/{prefix}: unreadable listing: {e}", self.shown),
+                    format!("{prefix}: unreadable listing from the store: {e}"),
                 )
             })?;
             for c in page.contents {
@@ -533,7 +571,7 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Transient);
         assert_eq!(
             e.to_string(),
-            "s3://b/p/x: HTTP 503 ServiceUnavailable: Could not reach quorum"
+            "HTTP 503 ServiceUnavailable: Could not reach quorum"
         );
         // Nothing listens on port 1: transient, so it is retried.
         assert_eq!(b.get("config").unwrap_err().kind(), ErrorKind::Transient);

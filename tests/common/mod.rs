@@ -3,6 +3,8 @@
 //! `laybak` binary, and a listing of a directory tree for comparisons.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -29,6 +31,8 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub repo: PathBuf,
     pub state: PathBuf,
+    /// Variables every laybak run gets (an S3 store's endpoint and keys).
+    pub vars: Vec<(String, String)>,
 }
 
 pub struct Run {
@@ -76,7 +80,21 @@ impl Env {
             .unwrap();
         let repo = dir.path().join("repo");
         let state = dir.path().join("state");
-        Env { dir, repo, state }
+        Env {
+            dir,
+            repo,
+            state,
+            vars: Vec::new(),
+        }
+    }
+
+    /// An environment whose repository lives in `store`, under a prefix
+    /// no other test uses.
+    pub fn on(store: &s3::Store, tag: &str) -> Env {
+        let mut e = Env::new();
+        e.repo = PathBuf::from(store.location(&s3::unique(tag)));
+        e.vars = store.vars.clone();
+        e
     }
 
     pub fn path(&self, p: &str) -> PathBuf {
@@ -88,6 +106,9 @@ impl Env {
         c.env_remove("LAYBAK_FAILPOINT")
             .env("LAYBAK_REPO", &self.repo)
             .env("LAYBAK_STATE_DIR", &self.state);
+        for (k, v) in &self.vars {
+            c.env(k, v);
+        }
         c
     }
 
