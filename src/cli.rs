@@ -192,6 +192,10 @@ pub enum Cmd {
         /// Only this volume's snapshots.
         #[arg(long)]
         volume: Option<String>,
+        /// Only snapshots taken on this host (each host's volume is its
+        /// own history either way).
+        #[arg(long)]
+        host: Option<String>,
         /// The rules.
         #[command(flatten)]
         keep: KeepArgs,
@@ -742,6 +746,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Forget {
             volume,
+            host,
             keep,
             dry_run,
             prune,
@@ -757,11 +762,15 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             let repo = open_repo(&cli)?;
             let keep_fn = crate::reclaim::keep_by(policy);
+            let scope = crate::reclaim::Scope {
+                volume: volume.as_deref(),
+                host: host.as_deref(),
+            };
             run_forget(
                 &cli.state_dir,
                 &repo,
                 &keep_fn,
-                volume.as_deref(),
+                scope,
                 *dry_run,
                 prune.then_some(*max_unused),
                 *json,
@@ -783,11 +792,15 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
             let keep_fn = crate::reclaim::keep_from(id);
+            let scope = crate::reclaim::Scope {
+                volume: Some(volume),
+                host: Some(&snap.hostname),
+            };
             run_forget(
                 &cli.state_dir,
                 &repo,
                 &keep_fn,
-                Some(volume),
+                scope,
                 *dry_run,
                 None,
                 *json,
@@ -930,12 +943,12 @@ fn apply_policy(v: &Volume, prune: bool) -> Result<()> {
     let repo = Repo::open(&v.st.repo)?;
     let (report, _, _) = {
         let _l = crate::lock::shared(&repo, "forget", LOCK_WAIT)?;
-        crate::reclaim::forget(
-            &repo,
-            &crate::reclaim::keep_by(policy),
-            Some(&v.st.name),
-            false,
-        )?
+        let host = Repo::hostname();
+        let scope = crate::reclaim::Scope {
+            volume: Some(&v.st.name),
+            host: Some(&host),
+        };
+        crate::reclaim::forget(&repo, &crate::reclaim::keep_by(policy), scope, false)?
     };
     volume::note_squashed(&v.state_dir, &repo, &report.squashed)?;
     if prune {
@@ -993,7 +1006,7 @@ fn run_forget(
     state_dir: &Path,
     repo: &Repo,
     keep_fn: crate::reclaim::KeepFn<'_>,
-    volume: Option<&str>,
+    scope: crate::reclaim::Scope<'_>,
     dry_run: bool,
     prune: Option<f64>,
     json: bool,
@@ -1004,7 +1017,7 @@ fn run_forget(
         } else {
             Some(crate::lock::shared(repo, "forget", LOCK_WAIT)?)
         };
-        crate::reclaim::forget(repo, keep_fn, volume, dry_run)?
+        crate::reclaim::forget(repo, keep_fn, scope, dry_run)?
     };
     if !dry_run {
         volume::note_squashed(state_dir, repo, &report.squashed)?;

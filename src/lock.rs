@@ -200,6 +200,49 @@ pub fn exclusive<'r>(repo: &'r Repo, what: &str) -> Result<Lock<'r>> {
     Ok(lock)
 }
 
+/// Take an exclusive lock, waiting up to `wait` for other holders (running
+/// snapshots) to finish. While it waits, its attempts make new shared
+/// lockers back off for a moment, so a steady stream of short snapshots
+/// cannot starve it.
+///
+/// # Errors
+/// Still not alone after `wait` (exit code 11).
+pub fn exclusive_waiting<'r>(repo: &'r Repo, what: &str, wait: Duration) -> Result<Lock<'r>> {
+    let start = std::time::Instant::now();
+    loop {
+        match exclusive(repo, what) {
+            Err(e)
+                if crate::error::kind(&e) == crate::error::Kind::Busy && start.elapsed() < wait =>
+            {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// A shared lock that no other holder with the same `what` may have at the
+/// same time (prune's planning: two prunes must not plan at once).
+///
+/// # Errors
+/// Another holder of `what`, an exclusive lock past `wait`, or the lock
+/// cannot be written.
+pub fn shared_sole<'r>(repo: &'r Repo, what: &str, wait: Duration) -> Result<Lock<'r>> {
+    let lock = shared(repo, what, wait)?;
+    if let Some(o) = others(&lock.store, &lock.id)?
+        .into_iter()
+        .find(|o| o.what == what)
+    {
+        drop(lock);
+        return Err(crate::error::Busy(format!(
+            "the repository is being pruned by {}; try again when it has finished",
+            o.describe()
+        ))
+        .into());
+    }
+    Ok(lock)
+}
+
 /// A shared lock for commands that only read (restore, mount, check,
 /// diff). A repository this process cannot write to (read-only media,
 /// permissions) is read without a lock: nobody can prune it through us.

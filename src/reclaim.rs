@@ -147,18 +147,38 @@ fn is_prefix(a: &[Id], b: &[Id]) -> bool {
     a.len() <= b.len() && a == &b[..a.len()]
 }
 
-/// Compute a plan: `keep_of(volume, snapshots)` says which to keep. New
-/// squashed layers are returned, not written.
+/// Which snapshots a forget looks at. Retention always applies to each
+/// (host, volume) history on its own: two hosts' volumes of the same name
+/// are two histories.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Scope<'a> {
+    /// Only this volume name.
+    pub volume: Option<&'a str>,
+    /// Only snapshots taken on this host.
+    pub host: Option<&'a str>,
+}
+
+impl Scope<'_> {
+    fn matches(&self, s: &Snapshot) -> bool {
+        self.volume.is_none_or(|v| v == s.volume) && self.host.is_none_or(|h| h == s.hostname)
+    }
+}
+
+/// Compute a plan: `keep_of(snapshots)` says which of one history to
+/// keep. New squashed layers are returned, not written.
 fn make_plan(
     repo: &Repo,
     snaps: &[(Id, Snapshot)],
     keep_of: KeepFn<'_>,
-    volume: Option<&str>,
+    scope: Scope<'_>,
 ) -> Result<(Plan, NewLayers, ForgetReport)> {
-    let mut by_vol: BTreeMap<&str, Vec<(Id, Snapshot)>> = BTreeMap::new();
+    let mut by_vol: BTreeMap<(&str, &str), Vec<(Id, Snapshot)>> = BTreeMap::new();
     for (id, s) in snaps {
-        if volume.is_none_or(|v| v == s.volume) {
-            by_vol.entry(&s.volume).or_default().push((*id, s.clone()));
+        if scope.matches(s) {
+            by_vol
+                .entry((&s.hostname, &s.volume))
+                .or_default()
+                .push((*id, s.clone()));
         }
     }
     let mut plan = Plan::default();
@@ -285,19 +305,24 @@ pub fn finish_plans(repo: &Repo) -> Result<usize> {
 pub fn forget(
     repo: &Repo,
     keep_of: KeepFn<'_>,
-    volume: Option<&str>,
+    scope: Scope<'_>,
     dry_run: bool,
 ) -> Result<(ForgetReport, Plan, NewLayers)> {
     if !dry_run {
         finish_plans(repo)?;
     }
     let snaps = repo.snapshots()?;
-    if let Some(v) = volume
-        && !snaps.iter().any(|(_, s)| s.volume == v)
-    {
-        bail!("no snapshot of volume {v:?} in the repository");
+    if !snaps.iter().any(|(_, s)| scope.matches(s)) {
+        match (scope.volume, scope.host) {
+            (Some(v), Some(h)) => {
+                bail!("no snapshot of volume {v:?} from host {h:?} in the repository")
+            }
+            (Some(v), None) => bail!("no snapshot of volume {v:?} in the repository"),
+            (None, Some(h)) => bail!("no snapshot from host {h:?} in the repository"),
+            (None, None) => {}
+        }
     }
-    let (plan, new_layers, mut report) = make_plan(repo, &snaps, keep_of, volume)?;
+    let (plan, new_layers, mut report) = make_plan(repo, &snaps, keep_of, scope)?;
     let sizes: HashMap<Id, u64> = repo
         .list(FileKind::Snapshot)?
         .files
@@ -383,27 +408,43 @@ pub struct PruneReport {
     pub bytes_freed: u64,
 }
 
-/// Remove what no snapshot references. Packs whose unused share exceeds
-/// `max_unused` (0.0–1.0) are repacked; wholly unused packs are deleted.
-/// With `extra` (a dry-run forget's result) the analysis sees the
-/// repository as that forget would leave it.
-///
-/// # Errors
-/// Busy repository, or I/O failures (rerun to finish).
-pub fn prune(
+/// What a prune will do, computed from one view of the repository.
+struct PrunePlan {
+    /// Nothing to delete (the index files are left alone too).
+    idle: bool,
+    /// Snapshot → layers, as the plan saw them.
+    seen: HashMap<Id, Vec<Id>>,
+    used_layers: BTreeSet<Id>,
+    /// The index files the plan read, and every pack they list.
+    index_files: Vec<repo::Stored>,
+    packs: BTreeMap<Id, IndexPack>,
+    /// Packs the new index lists.
+    kept: HashSet<Id>,
+    new_packs: Vec<repo::SealedPack>,
+    new_index: repo::Sealed,
+    delete_packs: Vec<Id>,
+    unindexed: Vec<Id>,
+    repacked: Vec<Id>,
+    dead_layers: Vec<(Id, u64)>,
+    report: PruneReport,
+}
+
+/// Blobs the file entries of `layer` use.
+fn blobs_of(layer: &Layer, out: &mut HashSet<Id>) {
+    for e in &layer.entries {
+        if let Node::File { extents, .. } = &e.node {
+            out.extend(extents.iter().flat_map(|x| x.chunks.iter().map(|c| c.id)));
+        }
+    }
+}
+
+/// Mark what the snapshots use, classify packs, and build the repacked
+/// packs and the new index in memory. Writes nothing.
+fn plan_prune(
     repo: &Repo,
     max_unused: f64,
-    dry_run: bool,
     extra: Option<(&Plan, &[(Id, Layer)])>,
-) -> Result<PruneReport> {
-    let _lock = if dry_run {
-        None
-    } else {
-        Some(crate::lock::exclusive(repo, "prune")?)
-    };
-    if !dry_run {
-        finish_plans(repo)?;
-    }
+) -> Result<PrunePlan> {
     let mut snaps = repo.snapshots()?;
     let mut extra_layers: HashMap<Id, &Layer> = HashMap::new();
     if let Some((plan, layers)) = extra {
@@ -419,24 +460,16 @@ pub fn prune(
         }
     }
     // Mark.
-    let mut used_layers: BTreeSet<Id> = BTreeSet::new();
-    for (_, s) in &snaps {
-        used_layers.extend(s.layers.iter().copied());
-    }
+    let seen: HashMap<Id, Vec<Id>> = snaps.iter().map(|(i, s)| (*i, s.layers.clone())).collect();
+    let used_layers: BTreeSet<Id> = snaps
+        .iter()
+        .flat_map(|(_, s)| s.layers.iter().copied())
+        .collect();
     let mut used_blobs: HashSet<Id> = HashSet::new();
     for l in &used_layers {
-        let owned;
-        let layer: &Layer = match extra_layers.get(l) {
-            Some(x) => x,
-            None => {
-                owned = repo.read_layer(l)?;
-                &owned
-            }
-        };
-        for e in &layer.entries {
-            if let Node::File { extents, .. } = &e.node {
-                used_blobs.extend(extents.iter().flat_map(|x| x.chunks.iter().map(|c| c.id)));
-            }
+        match extra_layers.get(l) {
+            Some(x) => blobs_of(x, &mut used_blobs),
+            None => blobs_of(&repo.read_layer(l)?, &mut used_blobs),
         }
     }
     // Classify packs.
@@ -444,10 +477,9 @@ pub fn prune(
     let mut removed: u64 = 0;
     let mut added: u64 = 0;
     let index_files = repo.list(FileKind::Index)?.files;
-    let index_ids: Vec<Id> = index_files.iter().map(|f| f.id).collect();
     let mut packs: BTreeMap<Id, IndexPack> = BTreeMap::new();
-    for i in &index_ids {
-        for p in repo.read_index(i)? {
+    for i in &index_files {
+        for p in repo.read_index(&i.id)? {
             packs.insert(p.id, p);
         }
     }
@@ -474,7 +506,6 @@ pub fn prune(
             keep_packs.push(p.clone());
         }
     }
-    let indexed: HashSet<Id> = packs.keys().copied().collect();
     let pack_sizes: HashMap<Id, u64> = repo
         .list(FileKind::Pack)?
         .files
@@ -483,12 +514,9 @@ pub fn prune(
         .collect();
     let unindexed: Vec<Id> = pack_sizes
         .keys()
-        .filter(|id| !indexed.contains(id))
+        .filter(|id| !packs.contains_key(id))
         .copied()
         .collect();
-    report.packs_unindexed = unindexed.len();
-    report.packs_deleted = delete_packs.len();
-    report.packs_repacked = repack.len();
     // Layers no snapshot references.
     let dead_layers: Vec<(Id, u64)> = repo
         .list(FileKind::Layer)?
@@ -497,20 +525,12 @@ pub fn prune(
         .filter(|l| !used_layers.contains(&l.id))
         .map(|l| (l.id, l.size))
         .collect();
-    report.layers_deleted = dead_layers.len();
     let pack_size = |id: &Id| pack_sizes.get(id).copied().unwrap_or(0);
     for id in delete_packs.iter().chain(&unindexed) {
         removed += pack_size(id);
     }
     for (_, size) in &dead_layers {
         removed += size;
-    }
-    let nothing_to_do = repack.is_empty()
-        && delete_packs.is_empty()
-        && unindexed.is_empty()
-        && dead_layers.is_empty();
-    if nothing_to_do {
-        return Ok(report);
     }
     // Repack: copy the stored bytes of used blobs into new packs.
     let mut writer = repo::PackAssembler::new(repo.config.pack_size as usize);
@@ -560,9 +580,6 @@ pub fn prune(
     let unindexed = keep_new(unindexed, &mut removed);
     let delete_packs = keep_new(delete_packs, &mut removed);
     let repacked = keep_new(repack.iter().map(|(p, _)| p.id).collect(), &mut removed);
-    report.packs_unindexed = unindexed.len();
-    report.packs_deleted = delete_packs.len();
-    report.packs_written = new_packs.len();
     for p in &new_packs {
         if !pack_sizes.contains_key(&p.file.id) {
             added += p.file.len();
@@ -571,6 +588,7 @@ pub fn prune(
     // One new index for everything that stays.
     let mut all: Vec<IndexPack> = keep_packs;
     all.extend(new_packs.iter().map(|p| p.index.clone()));
+    let kept: HashSet<Id> = all.iter().map(|p| p.id).collect();
     let new_index = repo::Sealed::new(FileKind::Index, format::encode(FileKind::Index, &all)?);
     added += new_index.len();
     for i in &index_files {
@@ -580,38 +598,195 @@ pub fn prune(
             added -= new_index.len();
         }
     }
-    report.indexes_replaced = index_ids.len();
+    report.packs_unindexed = unindexed.len();
+    report.packs_deleted = delete_packs.len();
+    report.packs_repacked = repack.len();
+    report.packs_written = new_packs.len();
+    report.layers_deleted = dead_layers.len();
+    report.indexes_replaced = index_files.len();
     report.bytes_freed = removed.saturating_sub(added);
+    let idle = repack.is_empty()
+        && delete_packs.is_empty()
+        && unindexed.is_empty()
+        && dead_layers.is_empty();
+    if idle {
+        // Nothing unused: the index files stay as they are.
+        report.indexes_replaced = 0;
+        report.bytes_freed = 0;
+    }
+    Ok(PrunePlan {
+        idle,
+        seen,
+        used_layers,
+        index_files,
+        packs,
+        kept,
+        new_packs,
+        new_index,
+        delete_packs,
+        unindexed,
+        repacked,
+        dead_layers,
+        report,
+    })
+}
+
+impl PrunePlan {
+    /// Under the exclusive lock: take in what changed since the plan was
+    /// made. Packs that an index written since lists, or that hold a blob
+    /// a new or rewritten snapshot uses and no kept pack has, are not
+    /// deleted (the latter are listed again in `readopt`); layers a
+    /// snapshot uses now are not deleted.
+    fn recheck(&mut self, repo: &Repo) -> Result<Vec<IndexPack>> {
+        let snaps = repo.snapshots()?;
+        let mut fresh_layers: BTreeSet<Id> = BTreeSet::new();
+        let mut now_used: BTreeSet<Id> = BTreeSet::new();
+        for (id, s) in &snaps {
+            now_used.extend(s.layers.iter().copied());
+            if self.seen.get(id) != Some(&s.layers) {
+                fresh_layers.extend(s.layers.iter().filter(|l| !self.used_layers.contains(l)));
+            }
+        }
+        self.dead_layers.retain(|(l, _)| !now_used.contains(l));
+        let mut blobs = HashSet::new();
+        for l in &fresh_layers {
+            blobs_of(&repo.read_layer(l)?, &mut blobs);
+        }
+        let mut keep: HashSet<Id> = HashSet::new();
+        // Indexes written since (a snapshot that finished meanwhile).
+        let known: HashSet<Id> = self.index_files.iter().map(|f| f.id).collect();
+        for i in repo.index_ids()? {
+            if !known.contains(&i) && i != self.new_index.id {
+                for p in repo.read_index(&i)? {
+                    keep.insert(p.id);
+                    self.kept.insert(p.id);
+                }
+            }
+        }
+        // Blobs used again: find one copy the new index keeps, or re-adopt
+        // the old pack that has it.
+        let mut have: HashSet<Id> = HashSet::new();
+        for p in self.packs.values().filter(|p| self.kept.contains(&p.id)) {
+            have.extend(p.blobs.iter().map(|b| b.id));
+        }
+        for p in &self.new_packs {
+            have.extend(p.index.blobs.iter().map(|b| b.id));
+        }
+        let mut readopt = Vec::new();
+        for p in self.packs.values() {
+            if self.kept.contains(&p.id) {
+                continue;
+            }
+            if p.blobs
+                .iter()
+                .any(|b| blobs.contains(&b.id) && !have.contains(&b.id))
+            {
+                have.extend(p.blobs.iter().map(|b| b.id));
+                keep.insert(p.id);
+                readopt.push(p.clone());
+            }
+        }
+        for list in [
+            &mut self.delete_packs,
+            &mut self.unindexed,
+            &mut self.repacked,
+        ] {
+            list.retain(|id| !keep.contains(id));
+        }
+        Ok(readopt)
+    }
+}
+
+/// Remove what no snapshot references. Packs whose unused share exceeds
+/// `max_unused` (0.0–1.0) are repacked; wholly unused packs are deleted.
+/// With `extra` (a dry-run forget's result) the analysis sees the
+/// repository as that forget would leave it.
+///
+/// Backups are not held up for the whole run: the plan is made and the
+/// new packs and index are written under a shared lock (snapshots keep
+/// running); only the sweep takes the exclusive lock, waiting up to
+/// `lock_wait` for running snapshots to finish, and first takes in
+/// whatever changed since the plan (see `docs/DESIGN.md`, "Prune next to
+/// running backups").
+///
+/// # Errors
+/// Busy repository, or I/O failures (rerun to finish).
+pub fn prune(
+    repo: &Repo,
+    max_unused: f64,
+    dry_run: bool,
+    extra: Option<(&Plan, &[(Id, Layer)])>,
+) -> Result<PruneReport> {
+    prune_waiting(
+        repo,
+        max_unused,
+        dry_run,
+        extra,
+        std::time::Duration::from_secs(60),
+    )
+}
+
+/// [`prune`] with the time the sweep waits for running snapshots.
+///
+/// # Errors
+/// As [`prune`].
+pub fn prune_waiting(
+    repo: &Repo,
+    max_unused: f64,
+    dry_run: bool,
+    extra: Option<(&Plan, &[(Id, Layer)])>,
+    lock_wait: std::time::Duration,
+) -> Result<PruneReport> {
     if dry_run {
-        return Ok(report);
+        return Ok(plan_prune(repo, max_unused, extra)?.report);
+    }
+    let mut plan = {
+        let _lock = crate::lock::shared_sole(repo, "prune (planning)", lock_wait)?;
+        finish_plans(repo)?;
+        let plan = plan_prune(repo, max_unused, None)?;
+        if plan.idle {
+            return Ok(plan.report);
+        }
+        // Additive: new packs, then an index listing them and every pack
+        // that stays. Nothing is deleted yet.
+        for p in &plan.new_packs {
+            crate::failpoint::hit("prune-pack")?;
+            repo.put(&p.file)?;
+        }
+        crate::failpoint::hit("prune-index")?;
+        repo.put(&plan.new_index)?;
+        plan
+    };
+    let _lock = crate::lock::exclusive_waiting(repo, "prune", lock_wait)?;
+    // A forget that ran meanwhile may have left a plan; finish it first so
+    // its layers count as used.
+    finish_plans(repo)?;
+    let readopt = plan.recheck(repo)?;
+    if !readopt.is_empty() {
+        repo.write_index(&readopt)?;
     }
     // Sweep, in an order that keeps every snapshot restorable at each step:
-    // new packs, new index, old indexes, then unreferenced layers and packs.
-    for p in &new_packs {
-        crate::failpoint::hit("prune-pack")?;
-        repo.put(&p.file)?;
-    }
-    crate::failpoint::hit("prune-index")?;
-    repo.put(&new_index)?;
-    for i in &index_ids {
-        if *i != new_index.id {
+    // old indexes, then unreferenced layers and packs.
+    for i in &plan.index_files {
+        if i.id != plan.new_index.id {
             crate::failpoint::hit("prune-old-index")?;
-            repo.delete_file(FileKind::Index, i)?;
+            repo.delete_file(FileKind::Index, &i.id)?;
         }
     }
-    for (l, _) in &dead_layers {
+    for (l, _) in &plan.dead_layers {
         crate::failpoint::hit("prune-layer")?;
         repo.delete_file(FileKind::Layer, l)?;
     }
-    for id in &repacked {
+    for id in plan
+        .repacked
+        .iter()
+        .chain(&plan.delete_packs)
+        .chain(&plan.unindexed)
+    {
         crate::failpoint::hit("prune-delete-pack")?;
         repo.delete_file(FileKind::Pack, id)?;
     }
-    for id in delete_packs.iter().chain(&unindexed) {
-        crate::failpoint::hit("prune-delete-pack")?;
-        repo.delete_file(FileKind::Pack, id)?;
-    }
-    Ok(report)
+    Ok(plan.report)
 }
 
 /// What `repair index` did.

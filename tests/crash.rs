@@ -267,7 +267,7 @@ fn one_history(seed: u32) {
             name: "forget",
             run: &|repo, _| {
                 // As `forget` does: finish a plan a crashed run left.
-                reclaim::forget(repo, &keep_last, None, false)?;
+                reclaim::forget(repo, &keep_last, reclaim::Scope::default(), false)?;
                 Ok(())
             },
             done: &|r| {
