@@ -762,13 +762,16 @@ pub fn prune_waiting(
     // its layers count as used.
     finish_plans(repo)?;
     let readopt = plan.recheck(repo)?;
-    if !readopt.is_empty() {
-        repo.write_index(&readopt)?;
-    }
+    // The index of re-adopted packs can be byte for byte an old index (a
+    // snapshot's own index of the one pack it wrote): it must then stay.
+    let readopted = match readopt.is_empty() {
+        true => None,
+        false => Some(repo.write_index(&readopt)?),
+    };
     // Sweep, in an order that keeps every snapshot restorable at each step:
     // old indexes, then unreferenced layers and packs.
     for i in &plan.index_files {
-        if i.id != plan.new_index.id {
+        if i.id != plan.new_index.id && Some(i.id) != readopted {
             crate::failpoint::hit("prune-old-index")?;
             repo.delete_file(FileKind::Index, &i.id)?;
         }

@@ -307,3 +307,81 @@ fn one_history(seed: u32) {
     );
     assert!(total >= 20, "only {total} crash points");
 }
+
+/// Plays a snapshot that finishes while prune plans: when prune writes its
+/// new index (the last step before it waits for the exclusive lock), the
+/// snapshot record it did not see appears.
+struct LateRecord {
+    inner: Arc<Memory>,
+    record: std::sync::Mutex<Option<(String, Vec<u8>)>>,
+}
+
+impl Backend for LateRecord {
+    fn get(&self, n: &str) -> laybak::backend::Result<Vec<u8>> {
+        self.inner.get(n)
+    }
+    fn get_range(&self, n: &str, o: u64, l: u64) -> laybak::backend::Result<Vec<u8>> {
+        self.inner.get_range(n, o, l)
+    }
+    fn put(&self, n: &str, d: &[u8]) -> laybak::backend::Result<()> {
+        self.inner.put(n, d)?;
+        if n.starts_with("index/")
+            && let Some((name, data)) = self.record.lock().unwrap().take()
+        {
+            self.inner.put(&name, &data)?;
+        }
+        Ok(())
+    }
+    fn put_if_absent(
+        &self,
+        n: &str,
+        d: &[u8],
+    ) -> laybak::backend::Result<laybak::backend::Created> {
+        self.inner.put_if_absent(n, d)
+    }
+    fn list(&self, p: &str) -> laybak::backend::Result<Vec<laybak::backend::Entry>> {
+        self.inner.list(p)
+    }
+    fn exists(&self, n: &str) -> laybak::backend::Result<bool> {
+        self.inner.exists(n)
+    }
+    fn delete(&self, n: &str) -> laybak::backend::Result<()> {
+        self.inner.delete(n)
+    }
+}
+
+/// Found by the multi-host S3 test: the index prune writes for packs it
+/// re-adopts can be byte for byte the late snapshot's own index, and the
+/// sweep then deleted it with the old ones.
+#[test]
+fn prune_takes_in_a_snapshot_that_finished_while_it_planned() {
+    let d = tempfile::tempdir().unwrap();
+    let (s1, up2, s2, _, _) = trees(7);
+    let (base, u2) = (d.path().join("base"), d.path().join("u2"));
+    write_tree(&base, &s1);
+    write_tree(&u2, &up2);
+    let want: BTreeMap<&str, Tree> = [("s1", s1), ("s2", s2)].into();
+    let mem = Arc::new(Memory::new());
+    let repo = Repo::create(Path::new("memory"), mem.clone()).unwrap();
+    archive(&base, Source::Base, "s1", 1000)(&repo, &Cell::new(None)).unwrap();
+    let second = Cell::new(None);
+    archive(&u2, Source::Upper, "s2", 2000)(&repo, &second).unwrap();
+    // Hold back the second record: its packs, index and layer are stored.
+    let id = second.get().unwrap();
+    let name = format!("snapshots/{}", id.hex());
+    let data = mem.get(&name).unwrap();
+    mem.delete(&name).unwrap();
+    let late = Arc::new(LateRecord {
+        inner: mem.clone(),
+        record: std::sync::Mutex::new(Some((name, data))),
+    });
+    let repo = open(late.clone());
+    reclaim::prune(&repo, 0.0, false, None).unwrap();
+    assert!(
+        late.record.lock().unwrap().is_none(),
+        "the record never came"
+    );
+    let repo = open(mem.clone());
+    assert_eq!(repo.snapshots().unwrap().len(), 2);
+    verify(&repo, &want, "prune next to a late snapshot");
+}

@@ -268,3 +268,172 @@ fn bad_s3_input_fails_in_one_line_and_changes_nothing() {
         );
     }
 }
+
+/// Starts the nodes it stopped again, even when the test fails.
+struct Stopped<'a>(&'a Store, Vec<usize>);
+
+impl Stopped<'_> {
+    fn stop(&mut self, i: usize) {
+        self.0.stop_node(i);
+        self.1.push(i);
+    }
+    fn start_all(&mut self) {
+        for i in self.1.drain(..) {
+            self.0.start_node(i);
+        }
+    }
+}
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        self.start_all();
+    }
+}
+
+#[test]
+fn garage_nodes_going_down_lose_nothing() {
+    if !need_root() {
+        return;
+    }
+    let Some(st) = s3::store("garage-faults") else {
+        return;
+    };
+    let env = Env::on(&st, "faults");
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    write_files(&vol, 0);
+    env.run(&[OsStr::new("attach"), os(&vol)]).ok();
+    let snap = |secs: &str| {
+        env.run_env(
+            &[OsStr::new("snapshot"), os(&vol)],
+            &[("LAYBAK_RETRY_SECS", secs)],
+        )
+    };
+    let mut nodes = Stopped(&st, Vec::new());
+    // One of three down: a quorum of two remains; everything works.
+    nodes.stop(2);
+    let mut trees = vec![listing(&vol)];
+    for round in 1..=3 {
+        write_files(&vol, round);
+        snap("60").ok();
+        trees.push(listing(&vol));
+    }
+    let t = env.path("one-down");
+    restore_to(&env, "latest", &t, &[]).ok();
+    assert_same(
+        "restore with a node down",
+        trees.last().unwrap(),
+        &listing(&t),
+    );
+    // Two down: no quorum. One line, exit 13, the layer stays pending, and
+    // the volume stays mounted and writable.
+    nodes.stop(1);
+    write_files(&vol, 4);
+    let pending = listing(&vol);
+    snap("3").fails(13, "the next `laybak snapshot` archives it");
+    fs::write(vol.join("while-down"), b"still writable").unwrap();
+    let want = listing(&vol);
+    // Back up: the next snapshot rides out the cluster's recovery and
+    // archives the pending layer, then the new one.
+    nodes.start_all();
+    let r = snap("180").ok();
+    assert!(!r.stdout.trim().is_empty());
+    let ids = env.snapshot_ids();
+    assert_eq!(
+        ids.len(),
+        6,
+        "attach, three rounds, the pending layer, the new one"
+    );
+    for (id, tree, what) in [
+        (&ids[4], &pending, "the pending layer"),
+        (&ids[5], &want, "the newest"),
+    ] {
+        let t = env.path(&format!("after-{id}"));
+        restore_to(&env, id, &t, &[]).ok();
+        assert_same(what, tree, &listing(&t));
+    }
+    env.lb(&["check", "--read-data"]).ok();
+}
+
+#[test]
+fn hosts_share_one_repository_while_another_forgets_and_prunes() {
+    if !need_root() {
+        return;
+    }
+    let Some(st) = garage() else { return };
+    let mut a = Env::on(&st, "hosts");
+    a.host = Some("lbt-host-a".into());
+    let other = |name: &str| {
+        let mut e = Env::new();
+        e.repo = a.repo.clone();
+        e.vars = st.vars.clone();
+        e.host = Some(name.into());
+        e
+    };
+    let (b, c) = (other("lbt-host-b"), other("lbt-host-c"));
+    a.init();
+    const ROUNDS: u32 = 5;
+    // The same volume name on both hosts: two histories.
+    let hosts = [&a, &b];
+    for e in hosts {
+        let vol = e.path("data");
+        fs::create_dir(&vol).unwrap();
+        write_files(&vol, 0);
+        e.run(&[OsStr::new("attach"), os(&vol)]).ok();
+    }
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (results, prunes) = std::thread::scope(|s| {
+        let workers: Vec<_> = hosts
+            .iter()
+            .enumerate()
+            .map(|(h, e)| {
+                let e = *e;
+                s.spawn(move || {
+                    let vol = e.path("data");
+                    let mut out = Vec::new();
+                    for round in 1..=ROUNDS {
+                        write_files(&vol, round * 10 + h as u32);
+                        let r = e.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
+                        out.push((r.stdout.trim().to_string(), listing(&vol)));
+                    }
+                    out
+                })
+            })
+            .collect();
+        let pruner = s.spawn(|| {
+            let mut n = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                c.lb(&["forget", "--keep-last", "2", "--prune"]).ok();
+                n += 1;
+            }
+            n
+        });
+        let results: Vec<_> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        (results, pruner.join().unwrap())
+    });
+    assert!(prunes >= 1, "forget --prune never ran");
+    c.lb(&["check", "--read-data"]).ok();
+    c.lb(&["forget", "--keep-last", "2", "--prune"]).ok();
+    c.lb(&["check", "--read-data"]).ok();
+    let snaps = c.snapshots_json();
+    for (h, name) in ["lbt-host-a", "lbt-host-b"].iter().enumerate() {
+        let mine: Vec<&str> = snaps
+            .iter()
+            .filter(|s| s["hostname"] == *name)
+            .map(|s| s["id"].as_str().unwrap())
+            .collect();
+        let want: Vec<&str> = results[h][ROUNDS as usize - 2..]
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .collect();
+        assert_eq!(mine, want, "{name} keeps its own newest two");
+        for (id, tree) in &results[h][ROUNDS as usize - 2..] {
+            let t = c.path(&format!("r-{id}"));
+            restore_to(&c, id, &t, &[]).ok();
+            assert_same(&format!("{name} {id}"), tree, &listing(&t));
+        }
+    }
+    eprintln!("{prunes} forget --prune runs next to the snapshots");
+}

@@ -33,6 +33,9 @@ pub struct Env {
     pub state: PathBuf,
     /// Variables every laybak run gets (an S3 store's endpoint and keys).
     pub vars: Vec<(String, String)>,
+    /// Run laybak under this host name (in a UTS namespace of its own), as
+    /// another machine sharing the repository would.
+    pub host: Option<String>,
 }
 
 pub struct Run {
@@ -85,6 +88,7 @@ impl Env {
             repo,
             state,
             vars: Vec::new(),
+            host: None,
         }
     }
 
@@ -102,7 +106,22 @@ impl Env {
     }
 
     pub fn cmd(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_laybak"));
+        let bin = env!("CARGO_BIN_EXE_laybak");
+        let mut c = match &self.host {
+            None => Command::new(bin),
+            Some(h) => {
+                let mut c = Command::new("unshare");
+                c.args([
+                    "--uts",
+                    "sh",
+                    "-c",
+                    "hostname \"$0\" && exec \"$@\"",
+                    h,
+                    bin,
+                ]);
+                c
+            }
+        };
         c.env_remove("LAYBAK_FAILPOINT")
             .env("LAYBAK_REPO", &self.repo)
             .env("LAYBAK_STATE_DIR", &self.state);
