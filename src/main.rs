@@ -42,7 +42,11 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    match laybak::cli::run(cli) {
+    let res = laybak::cli::run(cli);
+    if std::env::var_os("LAYBAK_DEBUG").is_some() && laybak::backend::s3::requests() > 0 {
+        eprintln!("laybak: {} S3 requests", laybak::backend::s3::requests());
+    }
+    match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, whatever names the message quotes.

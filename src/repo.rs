@@ -125,6 +125,37 @@ pub struct Repo {
     pub config: Config,
     index: OnceLock<HashMap<Id, BlobLoc>>,
     added: Mutex<HashMap<Id, BlobLoc>>,
+    packs: PackCache,
+}
+
+/// Whole packs recently read from a backend where every request costs a
+/// round trip (S3): a restore reads blobs in pack order, so one GET per
+/// pack replaces one per blob. A pack being fetched is waited for, not
+/// fetched twice. At most [`PackCache::KEEP`] packs are held.
+#[derive(Default)]
+struct PackCache {
+    recent: Mutex<std::collections::VecDeque<(Id, Arc<OnceLock<Option<Arc<Vec<u8>>>>>)>>,
+}
+
+impl PackCache {
+    /// Packs held (16 MiB each by default: about 100 MiB at most).
+    const KEEP: usize = 6;
+
+    fn slot(&self, id: &Id) -> Arc<OnceLock<Option<Arc<Vec<u8>>>>> {
+        let mut r = lock(&self.recent);
+        if let Some(i) = r.iter().position(|(p, _)| p == id) {
+            let e = r.remove(i).expect("position found");
+            let slot = e.1.clone();
+            r.push_back(e);
+            return slot;
+        }
+        if r.len() >= Self::KEEP {
+            r.pop_front();
+        }
+        let slot = Arc::new(OnceLock::new());
+        r.push_back((*id, slot.clone()));
+        slot
+    }
 }
 
 /// The directory of each kind of file: with [`object_name`], the one place
@@ -406,6 +437,7 @@ impl Repo {
             config,
             index: OnceLock::new(),
             added: Mutex::new(HashMap::new()),
+            packs: PackCache::default(),
         })
     }
 
@@ -458,6 +490,7 @@ impl Repo {
             config,
             index: OnceLock::new(),
             added: Mutex::new(HashMap::new()),
+            packs: PackCache::default(),
         })
     }
 
@@ -655,9 +688,23 @@ impl Repo {
                 loc.blob.len
             );
         }
+        let (start, len) = (loc.blob.offset, loc.blob.len as u64);
+        if self.backend.round_trips() {
+            let slot = self.packs.slot(&loc.pack);
+            let whole =
+                slot.get_or_init(|| self.backend.get(&pack_name(&loc.pack)).ok().map(Arc::new));
+            if let Some(raw) = whole
+                .as_ref()
+                .and_then(|d| d.get(start as usize..(start + len) as usize))
+            {
+                return decode_blob(&loc.blob, raw.to_vec())
+                    .with_context(|| format!("in pack {}", loc.pack.short()));
+            }
+            // Not readable whole: the ranged read below says why.
+        }
         let raw = self
             .backend
-            .get_range(&pack_name(&loc.pack), loc.blob.offset, loc.blob.len as u64)
+            .get_range(&pack_name(&loc.pack), start, len)
             .with_context(|| format!("cannot read pack {}", loc.pack.short()))?;
         decode_blob(&loc.blob, raw).with_context(|| format!("in pack {}", loc.pack.short()))
     }

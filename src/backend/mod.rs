@@ -190,6 +190,11 @@ pub trait Backend: Send + Sync {
     fn atomic_create(&self) -> bool {
         true
     }
+    /// Whether every request costs a network round trip, so readers should
+    /// fetch whole packs rather than one range per blob.
+    fn round_trips(&self) -> bool {
+        false
+    }
 }
 
 /// Reject names that could leave the repository or that no object store
@@ -242,5 +247,8 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     }
     fn atomic_create(&self) -> bool {
         (**self).atomic_create()
+    }
+    fn round_trips(&self) -> bool {
+        (**self).round_trips()
     }
 }

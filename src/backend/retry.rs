@@ -96,6 +96,9 @@ impl<B: Backend> Backend for Retrying<B> {
     fn atomic_create(&self) -> bool {
         self.inner.atomic_create()
     }
+    fn round_trips(&self) -> bool {
+        self.inner.round_trips()
+    }
 }
 
 #[cfg(test)]

@@ -197,6 +197,15 @@ pub struct S3Backend {
     endpoint: String,
 }
 
+/// Requests sent by this process to any S3 store (`LAYBAK_DEBUG` prints it
+/// at exit).
+static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many requests this process sent to S3 stores.
+pub fn requests() -> u64 {
+    REQUESTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The `<Code>` and `<Message>` of an S3 error body.
 fn error_parts(body: &str) -> (String, String) {
     let tag = |t: &str| {
@@ -255,6 +264,10 @@ impl S3Backend {
         })
     }
 
+    fn count(&self) {
+        REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn key(&self, name: &str) -> Result<String> {
         check_name(name)?;
         Ok(if self.prefix.is_empty() {
@@ -279,6 +292,7 @@ impl S3Backend {
         action.with_prefix(dir.as_str());
         action.with_max_keys(1);
         let url = action.sign(SIGN_FOR);
+        self.count();
         let mut resp = self
             .agent
             .get(url.as_str())
@@ -379,6 +393,7 @@ impl S3Backend {
             action.headers_mut().insert("if-none-match", "*");
         }
         let url = action.sign(SIGN_FOR);
+        self.count();
         let mut req = self.agent.put(url.as_str());
         if if_absent {
             req = req.header("if-none-match", "*");
@@ -396,6 +411,7 @@ impl Backend for S3Backend {
     fn get(&self, name: &str) -> Result<Vec<u8>> {
         let key = self.key(name)?;
         let url = GetObject::new(&self.bucket, Some(&self.creds), &key).sign(SIGN_FOR);
+        self.count();
         let mut resp = self
             .agent
             .get(url.as_str())
@@ -416,6 +432,7 @@ impl Backend for S3Backend {
         let mut action = GetObject::new(&self.bucket, Some(&self.creds), &key);
         action.headers_mut().insert("range", range.clone());
         let url = action.sign(SIGN_FOR);
+        self.count();
         let mut resp = self
             .agent
             .get(url.as_str())
@@ -472,6 +489,7 @@ impl Backend for S3Backend {
                 action.with_continuation_token(t.as_str());
             }
             let url = action.sign(SIGN_FOR);
+            self.count();
             let mut resp = self
                 .agent
                 .get(url.as_str())
@@ -508,6 +526,7 @@ impl Backend for S3Backend {
     fn exists(&self, name: &str) -> Result<bool> {
         let key = self.key(name)?;
         let url = HeadObject::new(&self.bucket, Some(&self.creds), &key).sign(SIGN_FOR);
+        self.count();
         let resp = self
             .agent
             .head(url.as_str())
@@ -525,6 +544,7 @@ impl Backend for S3Backend {
     fn delete(&self, name: &str) -> Result<()> {
         let key = self.key(name)?;
         let url = DeleteObject::new(&self.bucket, Some(&self.creds), &key).sign(SIGN_FOR);
+        self.count();
         let resp = self
             .agent
             .delete(url.as_str())
@@ -540,6 +560,10 @@ impl Backend for S3Backend {
         // Some stores accept If-None-Match and overwrite anyway; laybak's
         // locks and prune do not depend on it.
         false
+    }
+
+    fn round_trips(&self) -> bool {
+        true
     }
 }
 

@@ -198,6 +198,9 @@ impl<B: Backend> Backend for Faulty<B> {
     fn atomic_create(&self) -> bool {
         self.inner.atomic_create()
     }
+    fn round_trips(&self) -> bool {
+        self.inner.round_trips()
+    }
 }
 
 /// Simulates a process that dies at a chosen moment: the first `k`
@@ -302,6 +305,9 @@ impl<B: Backend> Backend for CrashAfter<B> {
     }
     fn atomic_create(&self) -> bool {
         self.inner.atomic_create()
+    }
+    fn round_trips(&self) -> bool {
+        self.inner.round_trips()
     }
 }
 
