@@ -134,14 +134,17 @@ pub struct Repo {
 /// fetched twice. At most [`PackCache::KEEP`] packs are held.
 #[derive(Default)]
 struct PackCache {
-    recent: Mutex<std::collections::VecDeque<(Id, Arc<OnceLock<Option<Arc<Vec<u8>>>>>)>>,
+    recent: Mutex<std::collections::VecDeque<(Id, PackSlot)>>,
 }
+
+/// A pack's bytes once fetched (`None`: it could not be read whole).
+type PackSlot = Arc<OnceLock<Option<Arc<Vec<u8>>>>>;
 
 impl PackCache {
     /// Packs held (16 MiB each by default: about 100 MiB at most).
     const KEEP: usize = 6;
 
-    fn slot(&self, id: &Id) -> Arc<OnceLock<Option<Arc<Vec<u8>>>>> {
+    fn slot(&self, id: &Id) -> PackSlot {
         let mut r = lock(&self.recent);
         if let Some(i) = r.iter().position(|(p, _)| p == id) {
             let e = r.remove(i).expect("position found");
