@@ -5,7 +5,7 @@
 //! pending layer; it needs no mount and no root, which is what lets the
 //! crash tests enumerate every storage operation it makes.
 
-use crate::format::{Id, Time};
+use crate::format::{LayerId, SnapshotId, Time};
 use crate::repo::{Packer, Repo, Snapshot};
 use crate::scan::{self, Source};
 use anyhow::{Context, Result};
@@ -20,16 +20,16 @@ pub struct Record {
     /// User tags.
     pub tags: Vec<String>,
     /// The previous snapshot of the volume.
-    pub parent: Option<Id>,
+    pub parent: Option<SnapshotId>,
     /// Repository layers below this one, bottom first.
-    pub below: Vec<Id>,
+    pub below: Vec<LayerId>,
 }
 
 /// A snapshot that is stored.
 #[derive(Debug, Clone)]
 pub struct Archived {
     /// Snapshot id.
-    pub id: Id,
+    pub id: SnapshotId,
     /// Snapshot record.
     pub snap: Snapshot,
 }
@@ -50,7 +50,7 @@ pub fn archive_layer(
     blob_cache: Option<&Path>,
     record: Record,
     progress: bool,
-    before_record: impl FnOnce(&Id, &Id) -> Result<()>,
+    before_record: impl FnOnce(&LayerId, &SnapshotId) -> Result<()>,
 ) -> Result<Archived> {
     let bar = progress.then(|| crate::progress::bytes_bar("archiving"));
     let packer = match blob_cache {
@@ -79,13 +79,11 @@ pub fn archive_layer(
         summary,
     };
     let sealed = Repo::seal_snapshot(&snap)?;
-    before_record(&layer_id, &sealed.id)?;
+    let id = SnapshotId(sealed.id);
+    before_record(&layer_id, &id)?;
     crate::failpoint::hit("snapshot-write")?;
     repo.put(&sealed)
         .context("the snapshot record was not written")?;
     crate::failpoint::hit("snapshot-written")?;
-    Ok(Archived {
-        id: sealed.id,
-        snap,
-    })
+    Ok(Archived { id, snap })
 }

@@ -12,7 +12,7 @@
 //! snapshot's cost therefore follows the change, not the repository. It is a
 //! cache: deleting it is safe.
 
-use crate::format::Id;
+use crate::format::{BlobId, Id, IndexId};
 use crate::repo::Repo;
 use anyhow::{Context, Result, bail};
 use std::collections::BTreeSet;
@@ -166,7 +166,7 @@ impl BlobCache {
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let ids_path = dir.join("ids");
         let covers_path = dir.join("covers");
-        let listed: BTreeSet<Id> = repo.index_ids()?.into_iter().collect();
+        let listed: BTreeSet<Id> = repo.index_ids()?.into_iter().map(|i| i.0).collect();
         let covers: Option<BTreeSet<Id>> = fs::read_to_string(&covers_path)
             .ok()
             .filter(|_| ids_path.exists())
@@ -174,8 +174,8 @@ impl BlobCache {
         let collect = |which: &mut dyn Iterator<Item = &Id>| -> Result<Vec<Id>> {
             let mut v = Vec::new();
             for i in which {
-                for p in repo.read_index(i)? {
-                    v.extend(p.blobs.iter().map(|b| b.id));
+                for p in repo.read_index(&IndexId(*i))? {
+                    v.extend(p.blobs.iter().map(|b| b.id.0));
                 }
             }
             v.sort();
@@ -231,7 +231,8 @@ impl BlobCache {
     ///
     /// # Errors
     /// Reading the cache file failed.
-    pub fn contains(&self, id: &Id) -> Result<bool> {
+    pub fn contains(&self, id: &BlobId) -> Result<bool> {
+        let id = &id.0;
         if self.recent.binary_search(id).is_ok() {
             return Ok(true);
         }
@@ -264,29 +265,53 @@ mod tests {
         let blobs: Vec<Vec<u8>> = (0..300u32).map(|i| i.to_le_bytes().repeat(10)).collect();
         let p = Packer::new(&repo);
         for b in &blobs[..100] {
-            p.add(Id::of(b), b).unwrap();
+            p.add(BlobId(Id::of(b)), b).unwrap();
         }
         p.finish().unwrap();
         let repo = Repo::open(&d.path().join("r")).unwrap();
         let c = BlobCache::open(&state, &repo).unwrap();
-        assert!(blobs[..100].iter().all(|b| c.contains(&Id::of(b)).unwrap()));
-        assert!(!blobs[100..].iter().any(|b| c.contains(&Id::of(b)).unwrap()));
+        assert!(
+            blobs[..100]
+                .iter()
+                .all(|b| c.contains(&BlobId(Id::of(b))).unwrap())
+        );
+        assert!(
+            !blobs[100..]
+                .iter()
+                .any(|b| c.contains(&BlobId(Id::of(b))).unwrap())
+        );
         // More index files: merged forward.
         let p = Packer::new(&repo);
         for b in &blobs[100..200] {
-            p.add(Id::of(b), b).unwrap();
+            p.add(BlobId(Id::of(b)), b).unwrap();
         }
         p.finish().unwrap();
         let repo = Repo::open(&d.path().join("r")).unwrap();
         let c = BlobCache::open(&state, &repo).unwrap();
         assert!(!c.recent.is_empty(), "new index files are held in memory");
-        assert!(blobs[..200].iter().all(|b| c.contains(&Id::of(b)).unwrap()));
-        assert!(!blobs[200..].iter().any(|b| c.contains(&Id::of(b)).unwrap()));
+        assert!(
+            blobs[..200]
+                .iter()
+                .all(|b| c.contains(&BlobId(Id::of(b))).unwrap())
+        );
+        assert!(
+            !blobs[200..]
+                .iter()
+                .any(|b| c.contains(&BlobId(Id::of(b))).unwrap())
+        );
         // ... and merged into the file once they are many.
         let c = BlobCache::open_merging_at(&state, &repo, 10).unwrap();
         assert!(c.recent.is_empty());
-        assert!(blobs[..200].iter().all(|b| c.contains(&Id::of(b)).unwrap()));
-        assert!(!blobs[200..].iter().any(|b| c.contains(&Id::of(b)).unwrap()));
+        assert!(
+            blobs[..200]
+                .iter()
+                .all(|b| c.contains(&BlobId(Id::of(b))).unwrap())
+        );
+        assert!(
+            !blobs[200..]
+                .iter()
+                .any(|b| c.contains(&BlobId(Id::of(b))).unwrap())
+        );
         // A torn cache file is rebuilt.
         let ids = state
             .join("cache")
@@ -300,16 +325,19 @@ mod tests {
             .set_len(len - 7)
             .unwrap();
         let c = BlobCache::open(&state, &repo).unwrap();
-        assert!(blobs[..200].iter().all(|b| c.contains(&Id::of(b)).unwrap()));
+        assert!(
+            blobs[..200]
+                .iter()
+                .all(|b| c.contains(&BlobId(Id::of(b))).unwrap())
+        );
         // An index file disappears (as after prune): rebuilt, never stale.
         let first = repo.index_ids().unwrap()[0];
-        repo.delete_file(crate::format::FileKind::Index, &first)
-            .unwrap();
+        repo.delete_file(&first).unwrap();
         let repo = Repo::open(&d.path().join("r")).unwrap();
         let c = BlobCache::open(&state, &repo).unwrap();
         let present = blobs[..200]
             .iter()
-            .filter(|b| c.contains(&Id::of(b)).unwrap())
+            .filter(|b| c.contains(&BlobId(Id::of(b))).unwrap())
             .count();
         assert_eq!(present, 100);
     }

@@ -1,6 +1,6 @@
 //! Repository verification: structure always, every byte with `--read-data`.
 
-use crate::format::{FileKind, Id};
+use crate::format::{BlobId, LayerId, PackId, SnapshotId};
 use crate::layer::Node;
 use crate::repo::{self, Repo};
 use anyhow::Result;
@@ -34,8 +34,8 @@ pub struct Report {
 pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
     let mut r = Report::default();
     // Indexes.
-    let mut blobs: HashMap<Id, repo::BlobLoc> = HashMap::new();
-    let mut packs: HashMap<Id, u64> = HashMap::new();
+    let mut blobs: HashMap<BlobId, repo::BlobLoc> = HashMap::new();
+    let mut packs: HashMap<PackId, u64> = HashMap::new();
     for id in repo.index_ids()? {
         match repo.read_index(&id) {
             Ok(ps) => {
@@ -56,13 +56,17 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
         }
     }
     r.packs = packs.len();
-    let pack_files = repo.list(FileKind::Pack)?;
-    let listed: HashMap<Id, u64> = pack_files.files.iter().map(|f| (f.id, f.size)).collect();
+    let pack_files = repo.list(crate::format::FileKind::Pack)?;
+    let listed: HashMap<PackId, u64> = pack_files
+        .files
+        .iter()
+        .map(|f| (PackId(f.id), f.size))
+        .collect();
     for name in &pack_files.stray {
         r.notes.push(format!("stray file packs/{name}"));
     }
-    let mut bad_packs: HashSet<Id> = HashSet::new();
-    let mut bad_blobs: HashSet<Id> = HashSet::new();
+    let mut bad_packs: HashSet<PackId> = HashSet::new();
+    let mut bad_blobs: HashSet<BlobId> = HashSet::new();
     for (id, size) in &packs {
         let Some(&s) = listed.get(id) else {
             r.errors.push(format!("pack {} is missing", id.short()));
@@ -91,11 +95,11 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
         if let Some(b) = &bar {
             b.set_length(packs.values().sum());
         }
-        let mut by_pack: HashMap<Id, Vec<repo::PackBlob>> = HashMap::new();
+        let mut by_pack: HashMap<PackId, Vec<repo::PackBlob>> = HashMap::new();
         for l in blobs.values() {
             by_pack.entry(l.pack).or_default().push(l.blob);
         }
-        let todo: Vec<Id> = packs
+        let todo: Vec<PackId> = packs
             .keys()
             .filter(|id| !bad_packs.contains(id))
             .copied()
@@ -149,13 +153,13 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
         }
     }
     // Snapshots and layers.
-    let mut layer_ok: HashMap<Id, bool> = HashMap::new();
+    let mut layer_ok: HashMap<LayerId, bool> = HashMap::new();
     let mut damaged = BTreeSet::new();
-    let snapshot_files = repo.list(FileKind::Snapshot)?;
+    let snapshot_files = repo.list(crate::format::FileKind::Snapshot)?;
     for name in &snapshot_files.stray {
         r.notes.push(format!("stray file snapshots/{name}"));
     }
-    for sid in snapshot_files.files.iter().map(|f| f.id) {
+    for sid in snapshot_files.files.iter().map(|f| SnapshotId(f.id)) {
         r.snapshots += 1;
         let snap = match repo.read_snapshot(&sid) {
             Ok(s) => s,

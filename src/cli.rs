@@ -2,7 +2,7 @@
 //! call into the library and render human or `--json` output.
 
 use crate::error::{Error as Failure, Kind, need_root};
-use crate::format::Id;
+use crate::format::SnapshotId;
 use crate::layer::{self, View};
 use crate::materialize::{self, Item, Target};
 use crate::repo::{Repo, Snapshot};
@@ -407,7 +407,7 @@ fn tty() -> bool {
 }
 
 /// JSON form of a snapshot.
-pub fn snap_json(id: &Id, s: &Snapshot) -> serde_json::Value {
+pub fn snap_json(id: &SnapshotId, s: &Snapshot) -> serde_json::Value {
     json!({
         "id": id.hex(),
         "short_id": id.short(),

@@ -50,9 +50,143 @@ impl FileKind {
     }
 }
 
-/// A blake3 digest naming a blob, pack, layer or snapshot.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// A blake3 digest. Stored files say which kind of file an id names with
+/// the typed ids below ([`BlobId`], [`PackId`], ...); a bare `Id` is for
+/// code that handles every kind alike (listings, hashing).
+///
+/// Encoded as its 32 bytes in the binary format and as 64 hex digits in
+/// human-readable ones (the JSON of volume state and `--json` output).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Id(pub [u8; 32]);
+
+impl Serialize for Id {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&self.hex())
+        } else {
+            // Exactly what `#[derive(Serialize)]` on the newtype wrote.
+            s.serialize_newtype_struct("Id", &self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Id, D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            Id::parse(&s)
+                .ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not a 64-digit hex id")))
+        } else {
+            #[derive(Deserialize)]
+            #[serde(rename = "Id")]
+            struct Raw([u8; 32]);
+            Ok(Id(Raw::deserialize(d)?.0))
+        }
+    }
+}
+
+/// Ids of one kind of thing: a newtype over [`Id`] with the same encoding,
+/// so a layer id cannot be passed where a snapshot id is meant.
+macro_rules! typed_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub Id);
+
+        impl $name {
+            /// Lower-case hex, 64 characters.
+            pub fn hex(&self) -> String {
+                self.0.hex()
+            }
+            /// The first 8 hex characters, for human output.
+            pub fn short(&self) -> String {
+                self.0.short()
+            }
+            /// Parse a full 64-character hex id.
+            pub fn parse(s: &str) -> Option<$name> {
+                Id::parse(s).map($name)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}", self.short())
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.hex())
+            }
+        }
+
+    };
+}
+
+/// An id that names a stored file of one kind: what the repository needs
+/// to build its object name.
+pub trait FileId: Copy {
+    /// The kind of file it names.
+    const KIND: FileKind;
+    /// The digest.
+    fn id(&self) -> &Id;
+    /// The typed id of a digest listed under this kind.
+    fn from_id(id: Id) -> Self;
+}
+
+macro_rules! file_id {
+    ($name:ident, $kind:ident) => {
+        impl FileId for $name {
+            const KIND: FileKind = FileKind::$kind;
+            fn id(&self) -> &Id {
+                &self.0
+            }
+            fn from_id(id: Id) -> $name {
+                $name(id)
+            }
+        }
+    };
+}
+
+typed_id!(
+    /// A blob: blake3 of its plaintext bytes.
+    BlobId
+);
+typed_id!(
+    /// A pack file: blake3 of its bytes.
+    PackId
+);
+typed_id!(
+    /// An index file: blake3 of its bytes.
+    IndexId
+);
+typed_id!(
+    /// A layer manifest: blake3 of its bytes.
+    LayerId
+);
+typed_id!(
+    /// A snapshot: blake3 of its record's first version.
+    SnapshotId
+);
+typed_id!(
+    /// A forget plan: blake3 of its bytes.
+    PlanId
+);
+typed_id!(
+    /// A repository lock (blake3 of who took it when).
+    LockId
+);
+typed_id!(
+    /// A repository (blake3 of its creation time, pid and host).
+    RepoId
+);
+file_id!(PackId, Pack);
+file_id!(IndexId, Index);
+file_id!(LayerId, Layer);
+file_id!(SnapshotId, Snapshot);
+file_id!(PlanId, Plan);
+file_id!(LockId, Lock);
 
 impl Id {
     /// blake3 of `data`.

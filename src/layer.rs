@@ -6,7 +6,7 @@
 //! kernel would show; it is a pure function and the single place where
 //! overlay semantics live for restore, diff and mount-from-repository.
 
-use crate::format::Id;
+use crate::format::BlobId;
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -36,7 +36,7 @@ pub struct Meta {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chunk {
     /// blake3 of the uncompressed chunk.
-    pub id: Id,
+    pub id: BlobId,
     /// Uncompressed length.
     pub len: u32,
 }
@@ -463,7 +463,7 @@ pub(crate) mod tests {
                 extents: vec![Extent {
                     offset: 0,
                     chunks: vec![Chunk {
-                        id: Id([tag; 32]),
+                        id: BlobId(crate::format::Id([tag; 32])),
                         len: 1,
                     }],
                 }],

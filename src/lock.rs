@@ -7,7 +7,7 @@
 //! theirs while they run, every [`REFRESH_EVERY`]); stale locks are removed
 //! by whoever finds them.
 
-use crate::format::{self, FileKind, Id, Time};
+use crate::format::{self, FileKind, Id, LockId, Time};
 use crate::repo::{LockStore, Repo};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -45,7 +45,7 @@ impl LockInfo {
 pub struct Lock<'r> {
     _repo: std::marker::PhantomData<&'r Repo>,
     store: LockStore,
-    id: Id,
+    id: LockId,
     stop: Arc<AtomicBool>,
     /// Held by the refresher while it rewrites the file, so a drop cannot
     /// race a refresh into resurrecting the lock.
@@ -74,7 +74,7 @@ fn is_stale(l: &LockInfo, host: &str, now: Time) -> bool {
 /// Other live locks in the repository (stale ones are removed). A lock
 /// that exists but cannot be read fails the caller: it is never taken for
 /// absent.
-fn others(store: &LockStore, mine: &Id) -> Result<Vec<LockInfo>> {
+fn others(store: &LockStore, mine: &LockId) -> Result<Vec<LockInfo>> {
     let host = Repo::hostname();
     let now = Time::now();
     let mut out = Vec::new();
@@ -117,7 +117,9 @@ fn take<'r>(repo: &'r Repo, exclusive: bool, what: &str) -> Result<Lock<'r>> {
     let data = format::encode(FileKind::Lock, &info)?;
     // Unique per taker (never overwritten by another), so locking is
     // correct on stores whose create-if-absent is not atomic.
-    let id = Id::of(format!("{:?}{}{}", info.time, info.pid, info.host).as_bytes());
+    let id = LockId(Id::of(
+        format!("{:?}{}{}", info.time, info.pid, info.host).as_bytes(),
+    ));
     let store = repo.locks();
     store
         .write(&id, &data)

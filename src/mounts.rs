@@ -15,7 +15,7 @@
 //! live records: a fold never rewrites a layer a live mount uses, and
 //! detach refuses while one exists.
 
-use crate::format::Id;
+use crate::format::{Id, LayerId, SnapshotId};
 use crate::layer::Layer;
 use crate::overlay::{self, Target};
 use crate::repo::{Repo, Snapshot};
@@ -108,7 +108,7 @@ pub fn using_volume(state_dir: &Path, name: &str) -> Result<Vec<MountRecord>> {
 pub fn mount_snapshot(
     state_dir: &Path,
     repo: &Repo,
-    id: &Id,
+    id: &SnapshotId,
     snap: &Snapshot,
     target: &Path,
 ) -> Result<()> {
@@ -252,7 +252,7 @@ pub fn cached_layer(
     state_dir: &Path,
     repo: &Repo,
     name: &str,
-    id: &Id,
+    id: &LayerId,
     layer: &Layer,
 ) -> Result<PathBuf> {
     let cache = state_dir.join("cache");
@@ -382,7 +382,7 @@ pub fn evict(state_dir: &Path, repo: &Repo) -> Result<usize> {
     }
     let wanted: HashSet<String> = snaps
         .iter()
-        .flat_map(|(_, s)| s.layers.iter().map(Id::hex))
+        .flat_map(|(_, s)| s.layers.iter().map(LayerId::hex))
         .collect();
     let in_use: HashSet<String> = live(state_dir)?.into_iter().flat_map(|r| r.cache).collect();
     let mut n = 0;

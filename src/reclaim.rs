@@ -8,7 +8,9 @@
 //! next `forget` or `prune`. `prune` deletes what no snapshot references,
 //! under an exclusive repository lock (see `lock`).
 
-use crate::format::{self, FileKind, Id, Time};
+use crate::format::{
+    self, BlobId, FileKind, Id, IndexId, LayerId, PackId, PlanId, SnapshotId, Time,
+};
 use crate::layer::{self, Layer, Node};
 use crate::repo::{self, IndexPack, PackBlob, Repo, Snapshot};
 use anyhow::{Context, Result, anyhow, bail};
@@ -109,41 +111,54 @@ pub fn keep(policy: &Policy, snaps: &[(Time, Vec<String>)]) -> BTreeSet<usize> {
 }
 
 /// Decides which snapshots of one volume (oldest first) to keep.
-pub type KeepFn<'a> = &'a dyn Fn(&[(Id, Snapshot)]) -> BTreeSet<usize>;
+pub type KeepFn<'a> = &'a dyn Fn(&[(SnapshotId, Snapshot)]) -> BTreeSet<usize>;
 
 /// Squashed layers made by a forget, with their ids.
-pub type NewLayers = Vec<(Id, Layer)>;
+pub type NewLayers = Vec<(LayerId, Layer)>;
 
 /// A journaled forget: kept snapshots to rewrite and snapshots to delete.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Plan {
     /// (snapshot, its new layer list).
-    pub rewrite: Vec<(Id, Vec<Id>)>,
+    pub rewrite: Vec<(SnapshotId, Vec<LayerId>)>,
     /// Snapshot records to delete.
-    pub delete: Vec<Id>,
+    pub delete: Vec<SnapshotId>,
 }
 
 /// What `forget` decided, for printing.
 #[derive(Debug, Default, Serialize)]
 pub struct ForgetReport {
-    /// Kept snapshots (hex ids).
-    pub keep: Vec<String>,
-    /// Forgotten snapshots (hex ids).
-    pub remove: Vec<String>,
-    /// New squashed layers (hex ids).
-    pub new_layers: Vec<String>,
-    /// Snapshot records whose layer lists change (hex ids).
-    pub rewritten: Vec<String>,
-    /// (volume, new layer, the layers it replaces), for hosts that keep
-    /// those layers locally.
-    pub squashed: Vec<(String, String, Vec<String>)>,
+    /// Kept snapshots.
+    pub keep: Vec<SnapshotId>,
+    /// Forgotten snapshots.
+    pub remove: Vec<SnapshotId>,
+    /// New squashed layers.
+    pub new_layers: Vec<LayerId>,
+    /// Snapshot records whose layer lists change.
+    pub rewritten: Vec<SnapshotId>,
+    /// New layers and the layers they replace, for hosts that keep those
+    /// layers locally.
+    pub squashed: Vec<Squashed>,
     /// Net bytes forget itself frees: deleted and shrunk snapshot records
     /// minus new squashed layers (negative when it adds more). The data
     /// is freed by `prune`.
     pub bytes_freed: i64,
 }
 
-fn is_prefix(a: &[Id], b: &[Id]) -> bool {
+/// A layer forget made by squashing others.
+#[derive(Clone, Debug, Serialize)]
+pub struct Squashed {
+    /// Host of the history.
+    pub host: String,
+    /// Volume of the history.
+    pub volume: String,
+    /// The new layer.
+    pub layer: LayerId,
+    /// The layers it replaces, bottom first.
+    pub from: Vec<LayerId>,
+}
+
+fn is_prefix(a: &[LayerId], b: &[LayerId]) -> bool {
     a.len() <= b.len() && a == &b[..a.len()]
 }
 
@@ -168,11 +183,11 @@ impl Scope<'_> {
 /// keep. New squashed layers are returned, not written.
 fn make_plan(
     repo: &Repo,
-    snaps: &[(Id, Snapshot)],
+    snaps: &[(SnapshotId, Snapshot)],
     keep_of: KeepFn<'_>,
     scope: Scope<'_>,
 ) -> Result<(Plan, NewLayers, ForgetReport)> {
-    let mut by_vol: BTreeMap<(&str, &str), Vec<(Id, Snapshot)>> = BTreeMap::new();
+    let mut by_vol: BTreeMap<(&str, &str), Vec<(SnapshotId, Snapshot)>> = BTreeMap::new();
     for (id, s) in snaps {
         if scope.matches(s) {
             by_vol
@@ -182,16 +197,16 @@ fn make_plan(
         }
     }
     let mut plan = Plan::default();
-    let mut new_layers: Vec<(Id, Layer)> = Vec::new();
+    let mut new_layers: Vec<(LayerId, Layer)> = Vec::new();
     let mut report = ForgetReport::default();
     for list in by_vol.values() {
         let kept = keep_of(list);
         for (i, (id, _)) in list.iter().enumerate() {
             if kept.contains(&i) {
-                report.keep.push(id.hex());
+                report.keep.push(*id);
             } else {
                 plan.delete.push(*id);
-                report.remove.push(id.hex());
+                report.remove.push(*id);
             }
         }
         if kept.len() == list.len() {
@@ -199,8 +214,8 @@ fn make_plan(
         }
         // Kept snapshots oldest first; each one's layers beyond the
         // previous kept one's are squashed into one layer.
-        let mut prev_old: Vec<Id> = Vec::new();
-        let mut prev_new: Vec<Id> = Vec::new();
+        let mut prev_old: Vec<LayerId> = Vec::new();
+        let mut prev_new: Vec<LayerId> = Vec::new();
         for (i, (id, s)) in list.iter().enumerate() {
             if !kept.contains(&i) {
                 continue;
@@ -221,15 +236,16 @@ fn make_plan(
                         .collect::<Result<_>>()?;
                     let sq = layer::squash(&layers, bottom);
                     let data = format::encode(FileKind::Layer, &sq)?;
-                    let lid = Id::of(&data);
+                    let lid = LayerId(Id::of(&data));
                     if !new_layers.iter().any(|(x, _)| *x == lid) {
                         new_layers.push((lid, sq));
-                        report.new_layers.push(lid.hex());
-                        report.squashed.push((
-                            s.volume.clone(),
-                            lid.hex(),
-                            many.iter().map(Id::hex).collect(),
-                        ));
+                        report.new_layers.push(lid);
+                        report.squashed.push(Squashed {
+                            host: s.hostname.clone(),
+                            volume: s.volume.clone(),
+                            layer: lid,
+                            from: many.to_vec(),
+                        });
                     }
                     Some(lid)
                 }
@@ -238,7 +254,7 @@ fn make_plan(
             new.extend(top);
             if new != s.layers {
                 plan.rewrite.push((*id, new.clone()));
-                report.rewritten.push(id.hex());
+                report.rewritten.push(*id);
             }
             prev_old = s.layers.clone();
             prev_new = new;
@@ -248,10 +264,10 @@ fn make_plan(
 }
 
 /// Apply (or finish) a written plan. Idempotent.
-fn apply_plan(repo: &Repo, plan_id: &Id, plan: &Plan) -> Result<()> {
+fn apply_plan(repo: &Repo, plan_id: &PlanId, plan: &Plan) -> Result<()> {
     for (id, layers) in &plan.rewrite {
         crate::failpoint::hit("forget-rewrite")?;
-        if !repo.contains(FileKind::Snapshot, id)? {
+        if !repo.contains(id)? {
             continue; // forgotten meanwhile
         }
         // A damaged record stops the plan (kept for a rerun) rather than
@@ -264,9 +280,9 @@ fn apply_plan(repo: &Repo, plan_id: &Id, plan: &Plan) -> Result<()> {
     }
     for id in &plan.delete {
         crate::failpoint::hit("forget-delete")?;
-        repo.delete_file(FileKind::Snapshot, id)?;
+        repo.delete_file(id)?;
     }
-    repo.delete_file(FileKind::Plan, plan_id)?;
+    repo.delete_file(plan_id)?;
     Ok(())
 }
 
@@ -275,14 +291,9 @@ fn apply_plan(repo: &Repo, plan_id: &Id, plan: &Plan) -> Result<()> {
 /// # Errors
 /// A plan cannot be read or applied.
 pub fn finish_plans(repo: &Repo) -> Result<usize> {
-    let ids: Vec<Id> = repo
-        .list(FileKind::Plan)?
-        .files
-        .iter()
-        .map(|f| f.id)
-        .collect();
+    let ids: Vec<PlanId> = repo.ids::<PlanId>()?.into_iter().map(|(i, _)| i).collect();
     for id in &ids {
-        let data = repo.read_file(FileKind::Plan, id).with_context(|| {
+        let data = repo.read_file(id).with_context(|| {
             format!(
                 "forget plan {} cannot be used: remove plans/{} after checking the repository",
                 id.short(),
@@ -323,19 +334,10 @@ pub fn forget(
         }
     }
     let (plan, new_layers, mut report) = make_plan(repo, &snaps, keep_of, scope)?;
-    let sizes: HashMap<Id, u64> = repo
-        .list(FileKind::Snapshot)?
-        .files
-        .iter()
-        .map(|f| (f.id, f.size))
-        .collect();
-    let size = |id: &Id| sizes.get(id).copied().unwrap_or(0) as i64;
-    let layer_files: HashSet<Id> = repo
-        .list(FileKind::Layer)?
-        .files
-        .iter()
-        .map(|f| f.id)
-        .collect();
+    let sizes: HashMap<SnapshotId, u64> = repo.ids::<SnapshotId>()?.into_iter().collect();
+    let size = |id: &SnapshotId| sizes.get(id).copied().unwrap_or(0) as i64;
+    let layer_files: HashSet<LayerId> =
+        repo.ids::<LayerId>()?.into_iter().map(|(l, _)| l).collect();
     let mut freed: i64 = 0;
     for id in &plan.delete {
         freed += size(id);
@@ -363,14 +365,14 @@ pub fn forget(
     }
     let data = format::encode(FileKind::Plan, &plan)?;
     crate::failpoint::hit("forget-plan")?;
-    let plan_id = repo.write_file(FileKind::Plan, data)?;
+    let plan_id = PlanId(repo.write_file(FileKind::Plan, data)?);
     apply_plan(repo, &plan_id, &plan)?;
     Ok((report, plan, new_layers))
 }
 
 /// The keep function for `squash --until SNAP`: SNAP and everything after.
-pub fn keep_from(until: Id) -> impl Fn(&[(Id, Snapshot)]) -> BTreeSet<usize> {
-    move |list: &[(Id, Snapshot)]| {
+pub fn keep_from(until: SnapshotId) -> impl Fn(&[(SnapshotId, Snapshot)]) -> BTreeSet<usize> {
+    move |list: &[(SnapshotId, Snapshot)]| {
         let t = list.iter().find(|(i, _)| *i == until).map(|(_, s)| s.time);
         (0..list.len())
             .filter(|&i| t.is_none_or(|t| list[i].1.time >= t))
@@ -379,8 +381,8 @@ pub fn keep_from(until: Id) -> impl Fn(&[(Id, Snapshot)]) -> BTreeSet<usize> {
 }
 
 /// The keep function for a policy.
-pub fn keep_by(policy: Policy) -> impl Fn(&[(Id, Snapshot)]) -> BTreeSet<usize> {
-    move |list: &[(Id, Snapshot)]| {
+pub fn keep_by(policy: Policy) -> impl Fn(&[(SnapshotId, Snapshot)]) -> BTreeSet<usize> {
+    move |list: &[(SnapshotId, Snapshot)]| {
         let v: Vec<(Time, Vec<String>)> =
             list.iter().map(|(_, s)| (s.time, s.tags.clone())).collect();
         keep(&policy, &v)
@@ -413,24 +415,24 @@ struct PrunePlan {
     /// Nothing to delete (the index files are left alone too).
     idle: bool,
     /// Snapshot → layers, as the plan saw them.
-    seen: HashMap<Id, Vec<Id>>,
-    used_layers: BTreeSet<Id>,
+    seen: HashMap<SnapshotId, Vec<LayerId>>,
+    used_layers: BTreeSet<LayerId>,
     /// The index files the plan read, and every pack they list.
     index_files: Vec<repo::Stored>,
-    packs: BTreeMap<Id, IndexPack>,
+    packs: BTreeMap<PackId, IndexPack>,
     /// Packs the new index lists.
-    kept: HashSet<Id>,
+    kept: HashSet<PackId>,
     new_packs: Vec<repo::SealedPack>,
     new_index: repo::Sealed,
-    delete_packs: Vec<Id>,
-    unindexed: Vec<Id>,
-    repacked: Vec<Id>,
-    dead_layers: Vec<(Id, u64)>,
+    delete_packs: Vec<PackId>,
+    unindexed: Vec<PackId>,
+    repacked: Vec<PackId>,
+    dead_layers: Vec<(LayerId, u64)>,
     report: PruneReport,
 }
 
 /// Blobs the file entries of `layer` use.
-fn blobs_of(layer: &Layer, out: &mut HashSet<Id>) {
+fn blobs_of(layer: &Layer, out: &mut HashSet<BlobId>) {
     for e in &layer.entries {
         if let Node::File { extents, .. } = &e.node {
             out.extend(extents.iter().flat_map(|x| x.chunks.iter().map(|c| c.id)));
@@ -443,12 +445,12 @@ fn blobs_of(layer: &Layer, out: &mut HashSet<Id>) {
 fn plan_prune(
     repo: &Repo,
     max_unused: f64,
-    extra: Option<(&Plan, &[(Id, Layer)])>,
+    extra: Option<(&Plan, &[(LayerId, Layer)])>,
 ) -> Result<PrunePlan> {
     let mut snaps = repo.snapshots()?;
-    let mut extra_layers: HashMap<Id, &Layer> = HashMap::new();
+    let mut extra_layers: HashMap<LayerId, &Layer> = HashMap::new();
     if let Some((plan, layers)) = extra {
-        let del: HashSet<Id> = plan.delete.iter().copied().collect();
+        let del: HashSet<SnapshotId> = plan.delete.iter().copied().collect();
         snaps.retain(|(i, _)| !del.contains(i));
         for (id, l) in &plan.rewrite {
             if let Some(s) = snaps.iter_mut().find(|(i, _)| i == id) {
@@ -460,12 +462,13 @@ fn plan_prune(
         }
     }
     // Mark.
-    let seen: HashMap<Id, Vec<Id>> = snaps.iter().map(|(i, s)| (*i, s.layers.clone())).collect();
-    let used_layers: BTreeSet<Id> = snaps
+    let seen: HashMap<SnapshotId, Vec<LayerId>> =
+        snaps.iter().map(|(i, s)| (*i, s.layers.clone())).collect();
+    let used_layers: BTreeSet<LayerId> = snaps
         .iter()
         .flat_map(|(_, s)| s.layers.iter().copied())
         .collect();
-    let mut used_blobs: HashSet<Id> = HashSet::new();
+    let mut used_blobs: HashSet<BlobId> = HashSet::new();
     for l in &used_layers {
         match extra_layers.get(l) {
             Some(x) => blobs_of(x, &mut used_blobs),
@@ -477,16 +480,16 @@ fn plan_prune(
     let mut removed: u64 = 0;
     let mut added: u64 = 0;
     let index_files = repo.list(FileKind::Index)?.files;
-    let mut packs: BTreeMap<Id, IndexPack> = BTreeMap::new();
+    let mut packs: BTreeMap<PackId, IndexPack> = BTreeMap::new();
     for i in &index_files {
-        for p in repo.read_index(&i.id)? {
+        for p in repo.read_index(&IndexId(i.id))? {
             packs.insert(p.id, p);
         }
     }
     let mut keep_packs: Vec<IndexPack> = Vec::new();
     let mut repack: Vec<(IndexPack, Vec<PackBlob>)> = Vec::new();
-    let mut delete_packs: Vec<Id> = Vec::new();
-    let mut seen_blobs: HashSet<Id> = HashSet::new();
+    let mut delete_packs: Vec<PackId> = Vec::new();
+    let mut seen_blobs: HashSet<BlobId> = HashSet::new();
     for p in packs.values() {
         let mut used = Vec::new();
         let mut unused_bytes = 0u64;
@@ -506,26 +509,19 @@ fn plan_prune(
             keep_packs.push(p.clone());
         }
     }
-    let pack_sizes: HashMap<Id, u64> = repo
-        .list(FileKind::Pack)?
-        .files
-        .iter()
-        .map(|f| (f.id, f.size))
-        .collect();
-    let unindexed: Vec<Id> = pack_sizes
+    let pack_sizes: HashMap<PackId, u64> = repo.ids::<PackId>()?.into_iter().collect();
+    let unindexed: Vec<PackId> = pack_sizes
         .keys()
         .filter(|id| !packs.contains_key(id))
         .copied()
         .collect();
     // Layers no snapshot references.
-    let dead_layers: Vec<(Id, u64)> = repo
-        .list(FileKind::Layer)?
-        .files
-        .iter()
-        .filter(|l| !used_layers.contains(&l.id))
-        .map(|l| (l.id, l.size))
+    let dead_layers: Vec<(LayerId, u64)> = repo
+        .ids::<LayerId>()?
+        .into_iter()
+        .filter(|(l, _)| !used_layers.contains(l))
         .collect();
-    let pack_size = |id: &Id| pack_sizes.get(id).copied().unwrap_or(0);
+    let pack_size = |id: &PackId| pack_sizes.get(id).copied().unwrap_or(0);
     for id in delete_packs.iter().chain(&unindexed) {
         removed += pack_size(id);
     }
@@ -565,8 +561,8 @@ fn plan_prune(
     // indexed but with every blob claimed by the old pack it was made
     // from (so "to delete"), or "to repack". Never delete a pack the new
     // index lists, whichever list it came from.
-    let new_ids: HashSet<Id> = new_packs.iter().map(|p| p.file.id).collect();
-    let keep_new = |ids: Vec<Id>, removed: &mut u64| -> Vec<Id> {
+    let new_ids: HashSet<PackId> = new_packs.iter().map(|p| p.index.id).collect();
+    let keep_new = |ids: Vec<PackId>, removed: &mut u64| -> Vec<PackId> {
         ids.into_iter()
             .filter(|id| {
                 let listed = new_ids.contains(id);
@@ -581,14 +577,14 @@ fn plan_prune(
     let delete_packs = keep_new(delete_packs, &mut removed);
     let repacked = keep_new(repack.iter().map(|(p, _)| p.id).collect(), &mut removed);
     for p in &new_packs {
-        if !pack_sizes.contains_key(&p.file.id) {
+        if !pack_sizes.contains_key(&p.index.id) {
             added += p.file.len();
         }
     }
     // One new index for everything that stays.
     let mut all: Vec<IndexPack> = keep_packs;
     all.extend(new_packs.iter().map(|p| p.index.clone()));
-    let kept: HashSet<Id> = all.iter().map(|p| p.id).collect();
+    let kept: HashSet<PackId> = all.iter().map(|p| p.id).collect();
     let new_index = repo::Sealed::new(FileKind::Index, format::encode(FileKind::Index, &all)?);
     added += new_index.len();
     for i in &index_files {
@@ -639,8 +635,8 @@ impl PrunePlan {
     /// snapshot uses now are not deleted.
     fn recheck(&mut self, repo: &Repo) -> Result<Vec<IndexPack>> {
         let snaps = repo.snapshots()?;
-        let mut fresh_layers: BTreeSet<Id> = BTreeSet::new();
-        let mut now_used: BTreeSet<Id> = BTreeSet::new();
+        let mut fresh_layers: BTreeSet<LayerId> = BTreeSet::new();
+        let mut now_used: BTreeSet<LayerId> = BTreeSet::new();
         for (id, s) in &snaps {
             now_used.extend(s.layers.iter().copied());
             if self.seen.get(id) != Some(&s.layers) {
@@ -652,11 +648,11 @@ impl PrunePlan {
         for l in &fresh_layers {
             blobs_of(&repo.read_layer(l)?, &mut blobs);
         }
-        let mut keep: HashSet<Id> = HashSet::new();
+        let mut keep: HashSet<PackId> = HashSet::new();
         // Indexes written since (a snapshot that finished meanwhile).
-        let known: HashSet<Id> = self.index_files.iter().map(|f| f.id).collect();
+        let known: HashSet<IndexId> = self.index_files.iter().map(|f| IndexId(f.id)).collect();
         for i in repo.index_ids()? {
-            if !known.contains(&i) && i != self.new_index.id {
+            if !known.contains(&i) && i.0 != self.new_index.id {
                 for p in repo.read_index(&i)? {
                     keep.insert(p.id);
                     self.kept.insert(p.id);
@@ -665,7 +661,7 @@ impl PrunePlan {
         }
         // Blobs used again: find one copy the new index keeps, or re-adopt
         // the old pack that has it.
-        let mut have: HashSet<Id> = HashSet::new();
+        let mut have: HashSet<BlobId> = HashSet::new();
         for p in self.packs.values().filter(|p| self.kept.contains(&p.id)) {
             have.extend(p.blobs.iter().map(|b| b.id));
         }
@@ -715,7 +711,7 @@ pub fn prune(
     repo: &Repo,
     max_unused: f64,
     dry_run: bool,
-    extra: Option<(&Plan, &[(Id, Layer)])>,
+    extra: Option<(&Plan, &[(LayerId, Layer)])>,
 ) -> Result<PruneReport> {
     prune_waiting(
         repo,
@@ -734,7 +730,7 @@ pub fn prune_waiting(
     repo: &Repo,
     max_unused: f64,
     dry_run: bool,
-    extra: Option<(&Plan, &[(Id, Layer)])>,
+    extra: Option<(&Plan, &[(LayerId, Layer)])>,
     lock_wait: std::time::Duration,
 ) -> Result<PruneReport> {
     if dry_run {
@@ -771,14 +767,14 @@ pub fn prune_waiting(
     // Sweep, in an order that keeps every snapshot restorable at each step:
     // old indexes, then unreferenced layers and packs.
     for i in &plan.index_files {
-        if i.id != plan.new_index.id && Some(i.id) != readopted {
+        if i.id != plan.new_index.id && Some(IndexId(i.id)) != readopted {
             crate::failpoint::hit("prune-old-index")?;
-            repo.delete_file(FileKind::Index, &i.id)?;
+            repo.delete_file(&IndexId(i.id))?;
         }
     }
     for (l, _) in &plan.dead_layers {
         crate::failpoint::hit("prune-layer")?;
-        repo.delete_file(FileKind::Layer, l)?;
+        repo.delete_file(l)?;
     }
     for id in plan
         .repacked
@@ -787,7 +783,7 @@ pub fn prune_waiting(
         .chain(&plan.unindexed)
     {
         crate::failpoint::hit("prune-delete-pack")?;
-        repo.delete_file(FileKind::Pack, id)?;
+        repo.delete_file(id)?;
     }
     Ok(plan.report)
 }
@@ -818,7 +814,7 @@ pub fn repair_index(repo: &Repo) -> Result<RepairReport> {
     let _lock = crate::lock::exclusive(repo, "repair index")?;
     let mut report = RepairReport::default();
     let mut all: Vec<IndexPack> = Vec::new();
-    for id in repo.list(FileKind::Pack)?.files.iter().map(|f| f.id) {
+    for (id, _) in repo.ids::<PackId>()? {
         report.packs += 1;
         let pack = repo.read_pack(&id)?;
         let data = pack.data;
@@ -858,7 +854,7 @@ pub fn repair_index(repo: &Repo) -> Result<RepairReport> {
     let new = repo.write_index(&all)?;
     for i in old {
         if i != new {
-            repo.delete_file(FileKind::Index, &i)?;
+            repo.delete_file(&i)?;
         }
     }
     Ok(report)

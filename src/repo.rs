@@ -8,7 +8,9 @@
 //! own blake3 id when read.
 
 use crate::backend::{Backend, LocalBackend};
-use crate::format::{self, FileKind, Id, Time};
+use crate::format::{
+    self, BlobId, FileId, FileKind, Id, IndexId, LayerId, LockId, PackId, RepoId, SnapshotId, Time,
+};
 use crate::layer::Layer;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
@@ -27,7 +29,7 @@ pub const PACK_TAIL: &[u8; 8] = b"LBPKTAIL";
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Config {
     /// Repository id: blake3 of creation time, pid and host name.
-    pub id: Id,
+    pub id: RepoId,
     /// When the repository was created.
     pub created: Time,
     /// FastCDC minimum chunk size.
@@ -46,7 +48,7 @@ pub struct Config {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PackBlob {
     /// blake3 of the uncompressed blob.
-    pub id: Id,
+    pub id: BlobId,
     /// Offset of the stored bytes from the start of the pack file.
     pub offset: u64,
     /// Stored (possibly compressed) length.
@@ -61,7 +63,7 @@ pub struct PackBlob {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct IndexPack {
     /// Pack id (blake3 of the pack file).
-    pub id: Id,
+    pub id: PackId,
     /// Pack file size.
     pub size: u64,
     /// Its blobs.
@@ -97,21 +99,24 @@ pub struct Snapshot {
     /// User tags.
     pub tags: Vec<String>,
     /// The previous snapshot of the volume.
-    pub parent: Option<Id>,
+    pub parent: Option<SnapshotId>,
     /// Layer manifest ids, bottom first.
-    pub layers: Vec<Id>,
+    pub layers: Vec<LayerId>,
     /// Size figures.
     pub summary: Summary,
 }
 
 /// Readable snapshots (oldest first) and unreadable ones with the error.
-pub type SnapshotList = (Vec<(Id, Snapshot)>, Vec<(Id, anyhow::Error)>);
+pub type SnapshotList = (
+    Vec<(SnapshotId, Snapshot)>,
+    Vec<(SnapshotId, anyhow::Error)>,
+);
 
 /// Location of a blob.
 #[derive(Clone, Copy, Debug)]
 pub struct BlobLoc {
     /// Pack id.
-    pub pack: Id,
+    pub pack: PackId,
     /// Entry in the pack.
     pub blob: PackBlob,
 }
@@ -123,8 +128,8 @@ pub struct Repo {
     backend: Arc<dyn Backend>,
     /// Parameters from `config`.
     pub config: Config,
-    index: OnceLock<HashMap<Id, BlobLoc>>,
-    added: Mutex<HashMap<Id, BlobLoc>>,
+    index: OnceLock<HashMap<BlobId, BlobLoc>>,
+    added: Mutex<HashMap<BlobId, BlobLoc>>,
     packs: PackCache,
 }
 
@@ -134,7 +139,7 @@ pub struct Repo {
 /// fetched twice. At most [`PackCache::KEEP`] packs are held.
 #[derive(Default)]
 struct PackCache {
-    recent: Mutex<std::collections::VecDeque<(Id, PackSlot)>>,
+    recent: Mutex<std::collections::VecDeque<(PackId, PackSlot)>>,
 }
 
 /// A pack's bytes once fetched (`None`: it could not be read whole).
@@ -144,7 +149,7 @@ impl PackCache {
     /// Packs held (16 MiB each by default: about 100 MiB at most).
     const KEEP: usize = 6;
 
-    fn slot(&self, id: &Id) -> PackSlot {
+    fn slot(&self, id: &PackId) -> PackSlot {
         let mut r = lock(&self.recent);
         if let Some(i) = r.iter().position(|(p, _)| p == id) {
             let e = r.remove(i).expect("position found");
@@ -186,9 +191,14 @@ pub fn object_name(kind: FileKind, id: &Id) -> String {
     }
 }
 
+/// Object name of a stored file.
+pub fn name_of<T: FileId>(id: &T) -> String {
+    object_name(T::KIND, id.id())
+}
+
 /// Object name of a pack.
-pub fn pack_name(id: &Id) -> String {
-    object_name(FileKind::Pack, id)
+pub fn pack_name(id: &PackId) -> String {
+    name_of(id)
 }
 
 /// One stored file, as listed.
@@ -261,11 +271,11 @@ impl LockStore {
     ///
     /// # Errors
     /// Listing failed.
-    pub fn ids(&self) -> Result<Vec<Id>> {
+    pub fn ids(&self) -> Result<Vec<LockId>> {
         Ok(list_kind(self.backend.as_ref(), FileKind::Lock)?
             .files
             .into_iter()
-            .map(|f| f.id)
+            .map(|f| LockId(f.id))
             .collect())
     }
 
@@ -273,8 +283,8 @@ impl LockStore {
     ///
     /// # Errors
     /// It exists but cannot be read.
-    pub fn read(&self, id: &Id) -> Result<Option<Vec<u8>>> {
-        match self.backend.get(&object_name(FileKind::Lock, id)) {
+    pub fn read(&self, id: &LockId) -> Result<Option<Vec<u8>>> {
+        match self.backend.get(&name_of(id)) {
             Ok(d) => Ok(Some(d)),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot read lock {}", id.short())),
@@ -285,20 +295,16 @@ impl LockStore {
     ///
     /// # Errors
     /// The write failed.
-    pub fn write(&self, id: &Id, data: &[u8]) -> Result<()> {
-        Ok(self
-            .backend
-            .put_ephemeral(&object_name(FileKind::Lock, id), data)?)
+    pub fn write(&self, id: &LockId, data: &[u8]) -> Result<()> {
+        Ok(self.backend.put_ephemeral(&name_of(id), data)?)
     }
 
     /// Remove a lock file (missing is fine).
     ///
     /// # Errors
     /// The removal failed.
-    pub fn remove(&self, id: &Id) -> Result<()> {
-        Ok(self
-            .backend
-            .delete_ephemeral(&object_name(FileKind::Lock, id))?)
+    pub fn remove(&self, id: &LockId) -> Result<()> {
+        Ok(self.backend.delete_ephemeral(&name_of(id))?)
     }
 }
 
@@ -425,7 +431,7 @@ impl Repo {
             hostname()
         );
         let config = Config {
-            id: Id::of(seed.as_bytes()),
+            id: RepoId(Id::of(seed.as_bytes())),
             created: Time::now(),
             chunk_min: 256 * 1024,
             chunk_avg: 1024 * 1024,
@@ -517,26 +523,40 @@ impl Repo {
     ///
     /// # Errors
     /// It cannot be told (an unreachable repository is never "absent").
-    pub fn contains(&self, kind: FileKind, id: &Id) -> Result<bool> {
+    pub fn contains<T: FileId>(&self, id: &T) -> Result<bool> {
         self.backend
-            .exists(&object_name(kind, id))
-            .with_context(|| format!("cannot look up {} {}", kind.name(), id.short()))
+            .exists(&name_of(id))
+            .with_context(|| format!("cannot look up {} {}", T::KIND.name(), id.id().short()))
+    }
+
+    /// The ids and sizes of all files of one kind.
+    ///
+    /// # Errors
+    /// Listing failed.
+    pub fn ids<T: FileId>(&self) -> Result<Vec<(T, u64)>> {
+        Ok(self
+            .list(T::KIND)?
+            .files
+            .into_iter()
+            .map(|f| (T::from_id(f.id), f.size))
+            .collect())
     }
 
     /// Read a whole file and verify that its bytes hash to its id.
     ///
     /// # Errors
     /// Missing, unreadable, or corrupt.
-    pub fn read_file(&self, kind: FileKind, id: &Id) -> Result<Vec<u8>> {
+    pub fn read_file<T: FileId>(&self, id: &T) -> Result<Vec<u8>> {
+        let kind = T::KIND;
         let data = self
             .backend
-            .get(&object_name(kind, id))
-            .with_context(|| format!("cannot read {} {}", kind.name(), id.short()))?;
-        if Id::of(&data) != *id {
+            .get(&name_of(id))
+            .with_context(|| format!("cannot read {} {}", kind.name(), id.id().short()))?;
+        if Id::of(&data) != *id.id() {
             bail!(
                 "{} {} is corrupt (blake3 mismatch): run `laybak check`",
                 kind.name(),
-                id.short()
+                id.id().short()
             );
         }
         Ok(data)
@@ -572,22 +592,22 @@ impl Repo {
     ///
     /// # Errors
     /// The deletion failed.
-    pub fn delete_file(&self, kind: FileKind, id: &Id) -> Result<()> {
+    pub fn delete_file<T: FileId>(&self, id: &T) -> Result<()> {
         self.backend
-            .delete(&object_name(kind, id))
-            .with_context(|| format!("cannot delete {} {}", kind.name(), id.short()))
+            .delete(&name_of(id))
+            .with_context(|| format!("cannot delete {} {}", T::KIND.name(), id.id().short()))
     }
 
     /// Read a whole pack, saying whether it is intact.
     ///
     /// # Errors
     /// Missing or unreadable.
-    pub fn read_pack(&self, id: &Id) -> Result<PackData> {
+    pub fn read_pack(&self, id: &PackId) -> Result<PackData> {
         let data = self
             .backend
             .get(&pack_name(id))
             .with_context(|| format!("cannot read pack {}", id.short()))?;
-        let intact = Id::of(&data) == *id;
+        let intact = Id::of(&data) == id.0;
         Ok(PackData { data, intact })
     }
 
@@ -595,7 +615,7 @@ impl Repo {
     ///
     /// # Errors
     /// An index file is unreadable or corrupt.
-    pub fn index(&self) -> Result<&HashMap<Id, BlobLoc>> {
+    pub fn index(&self) -> Result<&HashMap<BlobId, BlobLoc>> {
         if let Some(i) = self.index.get() {
             return Ok(i);
         }
@@ -620,7 +640,7 @@ impl Repo {
     ///
     /// # Errors
     /// The index cannot be loaded.
-    pub fn locate(&self, id: &Id) -> Result<Option<BlobLoc>> {
+    pub fn locate(&self, id: &BlobId) -> Result<Option<BlobLoc>> {
         if let Some(l) = self.index()?.get(id) {
             return Ok(Some(*l));
         }
@@ -646,21 +666,16 @@ impl Repo {
     ///
     /// # Errors
     /// Listing failed.
-    pub fn index_ids(&self) -> Result<Vec<Id>> {
-        Ok(self
-            .list(FileKind::Index)?
-            .files
-            .iter()
-            .map(|f| f.id)
-            .collect())
+    pub fn index_ids(&self) -> Result<Vec<IndexId>> {
+        Ok(self.ids::<IndexId>()?.into_iter().map(|(i, _)| i).collect())
     }
 
     /// One index file.
     ///
     /// # Errors
     /// Unreadable or corrupt.
-    pub fn read_index(&self, id: &Id) -> Result<Vec<IndexPack>> {
-        let data = self.read_file(FileKind::Index, id)?;
+    pub fn read_index(&self, id: &IndexId) -> Result<Vec<IndexPack>> {
+        let data = self.read_file(id)?;
         format::decode(FileKind::Index, &data).with_context(|| format!("index {}", id.short()))
     }
 
@@ -668,16 +683,16 @@ impl Repo {
     ///
     /// # Errors
     /// The write failed.
-    pub fn write_index(&self, packs: &[IndexPack]) -> Result<Id> {
+    pub fn write_index(&self, packs: &[IndexPack]) -> Result<IndexId> {
         let data = format::encode(FileKind::Index, &packs)?;
-        self.write_file(FileKind::Index, data)
+        Ok(IndexId(self.write_file(FileKind::Index, data)?))
     }
 
     /// Read and verify one blob.
     ///
     /// # Errors
     /// Unknown blob, unreadable pack, or content that does not hash to `id`.
-    pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
+    pub fn read_blob(&self, id: &BlobId) -> Result<Vec<u8>> {
         let loc = self.locate(id)?.ok_or_else(|| {
             anyhow!(
                 "blob {} is missing from the index: run `laybak check`",
@@ -716,18 +731,18 @@ impl Repo {
     ///
     /// # Errors
     /// Invalid layer or write failure.
-    pub fn write_layer(&self, layer: &Layer) -> Result<Id> {
+    pub fn write_layer(&self, layer: &Layer) -> Result<LayerId> {
         layer.validate()?;
         let data = format::encode(FileKind::Layer, layer)?;
-        self.write_file(FileKind::Layer, data)
+        Ok(LayerId(self.write_file(FileKind::Layer, data)?))
     }
 
     /// Load and validate a layer manifest.
     ///
     /// # Errors
     /// Missing, corrupt or structurally invalid.
-    pub fn read_layer(&self, id: &Id) -> Result<Layer> {
-        let data = self.read_file(FileKind::Layer, id)?;
+    pub fn read_layer(&self, id: &LayerId) -> Result<Layer> {
+        let data = self.read_file(id)?;
         let layer: Layer = format::decode(FileKind::Layer, &data)
             .with_context(|| format!("layer {}", id.short()))?;
         layer
@@ -751,21 +766,19 @@ impl Repo {
     ///
     /// # Errors
     /// Write failure.
-    pub fn write_snapshot(&self, snap: &Snapshot) -> Result<Id> {
+    pub fn write_snapshot(&self, snap: &Snapshot) -> Result<SnapshotId> {
         let sealed = Repo::seal_snapshot(snap)?;
         self.put(&sealed)?;
-        Ok(sealed.id)
+        Ok(SnapshotId(sealed.id))
     }
 
-    fn write_snapshot_data(&self, id: &Id, data: &[u8]) -> Result<()> {
-        self.backend
-            .put(&object_name(FileKind::Snapshot, id), data)
-            .with_context(|| {
-                format!(
-                    "cannot write snapshot record to {}",
-                    self.location.display()
-                )
-            })
+    fn write_snapshot_data(&self, id: &SnapshotId, data: &[u8]) -> Result<()> {
+        self.backend.put(&name_of(id), data).with_context(|| {
+            format!(
+                "cannot write snapshot record to {}",
+                self.location.display()
+            )
+        })
     }
 
     /// Replace the record of an existing snapshot (same id), e.g. after its
@@ -773,7 +786,7 @@ impl Repo {
     ///
     /// # Errors
     /// Write failure.
-    pub fn rewrite_snapshot(&self, id: &Id, snap: &Snapshot) -> Result<()> {
+    pub fn rewrite_snapshot(&self, id: &SnapshotId, snap: &Snapshot) -> Result<()> {
         let data = format::encode_sealed(FileKind::Snapshot, snap)?;
         self.write_snapshot_data(id, &data)
     }
@@ -782,10 +795,10 @@ impl Repo {
     ///
     /// # Errors
     /// Missing or corrupt.
-    pub fn read_snapshot(&self, id: &Id) -> Result<Snapshot> {
+    pub fn read_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
         let data = self
             .backend
-            .get(&object_name(FileKind::Snapshot, id))
+            .get(&name_of(id))
             .with_context(|| format!("cannot read snapshot {}", id.short()))?;
         format::decode_sealed(FileKind::Snapshot, &data)
             .with_context(|| format!("snapshot {}", id.short()))
@@ -795,7 +808,7 @@ impl Repo {
     ///
     /// # Errors
     /// A record is unreadable or corrupt.
-    pub fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
+    pub fn snapshots(&self) -> Result<Vec<(SnapshotId, Snapshot)>> {
         let mut out = Vec::new();
         for id in self.snapshot_ids()? {
             out.push((id, self.read_snapshot(&id)?));
@@ -808,7 +821,7 @@ impl Repo {
     ///
     /// # Errors
     /// Unknown or ambiguous.
-    pub fn resolve(&self, spec: &str, volume: Option<&str>) -> Result<(Id, Snapshot)> {
+    pub fn resolve(&self, spec: &str, volume: Option<&str>) -> Result<(SnapshotId, Snapshot)> {
         if spec == "latest" {
             // One damaged record must not make every other snapshot
             // unreachable: skip it, say so.
@@ -843,7 +856,7 @@ impl Repo {
                 "{spec:?} is not a snapshot id: give an id or prefix from `laybak snapshots`, or `latest`"
             );
         }
-        let m: Vec<Id> = self
+        let m: Vec<SnapshotId> = self
             .snapshot_ids()?
             .into_iter()
             .filter(|id| id.hex().starts_with(&spec_l))
@@ -862,12 +875,11 @@ impl Repo {
     ///
     /// # Errors
     /// Listing failed.
-    pub fn snapshot_ids(&self) -> Result<Vec<Id>> {
+    pub fn snapshot_ids(&self) -> Result<Vec<SnapshotId>> {
         Ok(self
-            .list(FileKind::Snapshot)?
-            .files
-            .iter()
-            .map(|f| f.id)
+            .ids::<SnapshotId>()?
+            .into_iter()
+            .map(|(i, _)| i)
             .collect())
     }
 
@@ -922,7 +934,7 @@ pub fn decode_blob(b: &PackBlob, raw: Vec<u8>) -> Result<Vec<u8>> {
     } else {
         raw
     };
-    if data.len() != b.raw_len as usize || Id::of(&data) != b.id {
+    if data.len() != b.raw_len as usize || Id::of(&data) != b.id.0 {
         bail!("blob {} is corrupt (blake3 mismatch)", b.id.short());
     }
     Ok(data)
@@ -997,7 +1009,7 @@ fn seal(mut p: PackBuf) -> Option<SealedPack> {
     p.data.extend_from_slice(PACK_TAIL);
     let file = Sealed::new(FileKind::Pack, p.data);
     let index = IndexPack {
-        id: file.id,
+        id: PackId(file.id),
         size: file.len(),
         blobs: p.blobs,
     };
@@ -1046,7 +1058,7 @@ pub struct Packer<'r> {
     /// without new data never touches it.
     cache_dir: Option<PathBuf>,
     cache: OnceLock<Option<crate::blobcache::BlobCache>>,
-    seen: Mutex<HashSet<Id>>,
+    seen: Mutex<HashSet<BlobId>>,
     cur: Mutex<PackBuf>,
     done: Mutex<Vec<IndexPack>>,
     stats: Mutex<(u64, u64)>,
@@ -1082,7 +1094,7 @@ impl<'r> Packer<'r> {
     ///
     /// # Errors
     /// Index loading or pack writing failed.
-    pub fn add(&self, id: Id, data: &[u8]) -> Result<()> {
+    pub fn add(&self, id: BlobId, data: &[u8]) -> Result<()> {
         let cache = self.cache.get_or_init(|| {
             self.cache_dir
                 .as_ref()
@@ -1178,25 +1190,28 @@ mod tests {
         let p = Packer::new(&repo);
         let a = vec![7u8; 100_000];
         let b: Vec<u8> = (0..5000u32).flat_map(|i| i.to_le_bytes()).collect();
-        p.add(Id::of(&a), &a).unwrap();
-        p.add(Id::of(&b), &b).unwrap();
-        p.add(Id::of(&a), &a).unwrap();
+        p.add(BlobId(Id::of(&a)), &a).unwrap();
+        p.add(BlobId(Id::of(&b)), &b).unwrap();
+        p.add(BlobId(Id::of(&a)), &a).unwrap();
         let (n, _) = p.finish().unwrap();
         assert_eq!(n, 2);
         let repo = Repo::open(&d.path().join("r")).unwrap();
-        assert_eq!(repo.read_blob(&Id::of(&a)).unwrap(), a);
-        assert_eq!(repo.read_blob(&Id::of(&b)).unwrap(), b);
+        assert_eq!(repo.read_blob(&BlobId(Id::of(&a))).unwrap(), a);
+        assert_eq!(repo.read_blob(&BlobId(Id::of(&b))).unwrap(), b);
         let packs = repo.list(FileKind::Pack).unwrap().files;
         assert_eq!(packs.len(), 1);
-        let path = d.path().join("r").join(pack_name(&packs[0].id));
+        let path = d
+            .path()
+            .join("r")
+            .join(object_name(FileKind::Pack, &packs[0].id));
         let data = std::fs::read(&path).unwrap();
         assert_eq!(parse_pack_tail(&data).unwrap().len(), 2);
         let mut bad = data.clone();
-        let loc = repo.index().unwrap()[&Id::of(&b)];
+        let loc = repo.index().unwrap()[&BlobId(Id::of(&b))];
         bad[loc.blob.offset as usize + 3] ^= 1;
         std::fs::write(&path, &bad).unwrap();
         let repo = Repo::open(&d.path().join("r")).unwrap();
-        assert!(repo.read_blob(&Id::of(&b)).is_err());
+        assert!(repo.read_blob(&BlobId(Id::of(&b))).is_err());
         assert!(parse_pack_tail(&data[..data.len() - 1]).is_err());
     }
 
@@ -1208,7 +1223,7 @@ mod tests {
         Repo::init(&path).unwrap();
         let faulty = Arc::new(Faulty::new(LocalBackend::new(&path)));
         let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
-        let id = Id::of(&data);
+        let id = BlobId(Id::of(&data));
         // A failing write leaves no pack and reports the error.
         let repo = Repo::open_backend(&path, faulty.clone()).unwrap();
         faulty.set(Fault::NoSpace);

@@ -13,7 +13,7 @@
 //! only if it is still the regular file the walk recorded, and error
 //! messages show a path lossily, escaped and cut to a bounded length.
 
-use crate::format::Id;
+use crate::format::{BlobId, Id};
 use crate::fsx;
 use crate::layer::{Chunk, Entry, Extent, Layer, Meta, Node, Xattrs, show};
 use crate::repo::{Packer, Summary};
@@ -498,7 +498,7 @@ const BATCH_CHUNKS: usize = 8;
 fn store_all(cuts: &[(usize, usize)], data: &[u8], packer: &Packer<'_>) -> Result<Vec<Chunk>> {
     let one = |&(off, len): &(usize, usize)| -> Result<Chunk> {
         let piece = &data[off..off + len];
-        let id = Id::of(piece);
+        let id = BlobId(Id::of(piece));
         packer.add(id, piece)?;
         Ok(Chunk {
             id,
@@ -546,7 +546,7 @@ fn chunk_file(
             let ids: Vec<Chunk> = batch
                 .par_iter()
                 .map(|d| {
-                    let id = Id::of(d);
+                    let id = BlobId(Id::of(d));
                     packer.add(id, d).map(|()| Chunk {
                         id,
                         len: d.len() as u32,

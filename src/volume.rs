@@ -17,7 +17,7 @@
 
 use crate::error::{Busy, Error as Failure, Kind, need_root};
 use crate::fold;
-use crate::format::{FileKind, Id, Time};
+use crate::format::{LayerId, SnapshotId, Time};
 use crate::overlay::{self, Spec};
 use crate::repo::{Repo, Snapshot};
 use crate::scan::{self, Source};
@@ -59,12 +59,12 @@ pub struct LocalLayer {
     pub tags: Vec<String>,
     /// Repository layer ids this directory holds, bottom first (more than
     /// one after a fold); empty while it waits to be archived.
-    pub archived: Vec<String>,
+    pub archived: Vec<LayerId>,
     /// (layer id, snapshot id) of a snapshot record being written, so a
     /// run that crashed after writing it adopts it instead of writing a
     /// second record for the same layer.
     #[serde(default)]
-    pub writing: Option<(String, String)>,
+    pub writing: Option<(LayerId, SnapshotId)>,
     /// Entries in the directory (from its archive; summed by merges), to
     /// pick the cheapest layers to merge.
     #[serde(default)]
@@ -93,7 +93,7 @@ pub struct VolumeState {
     /// Next seq to allocate.
     pub next_seq: u64,
     /// Last snapshot written for this volume.
-    pub last_snapshot: Option<String>,
+    pub last_snapshot: Option<SnapshotId>,
     /// A fold of layer `.0` into `.1` is in progress.
     pub folding: Option<(u64, u64)>,
     /// Whether the volume should be mounted (`down` clears it).
@@ -114,7 +114,7 @@ pub struct VolumeState {
     /// locally: squashed id → the ids it replaced (which may themselves be
     /// squashed ids). Lets historical mounts use local layer directories.
     #[serde(default)]
-    pub aliases: std::collections::BTreeMap<String, Vec<String>>,
+    pub aliases: std::collections::BTreeMap<LayerId, Vec<LayerId>>,
     /// Retention policy applied by `snapshot --forget`.
     #[serde(default)]
     pub policy: Option<crate::reclaim::Policy>,
@@ -894,15 +894,14 @@ pub fn archive_pending(
         if !vol.st.layers[i].archived.is_empty() {
             continue;
         }
-        if let Some((lid, sid)) = vol.st.layers[i].writing.clone()
-            && let Some(id) = Id::parse(&sid)
-            && repo.contains(FileKind::Snapshot, &id)?
+        if let Some((lid, id)) = vol.st.layers[i].writing
+            && repo.contains(&id)?
         {
             // A previous run wrote the record and crashed before noting it.
             let snap = repo.read_snapshot(&id)?;
             vol.st.layers[i].archived = vec![lid];
             vol.st.layers[i].writing = None;
-            vol.st.last_snapshot = Some(sid);
+            vol.st.last_snapshot = Some(id);
             vol.save()?;
             out.push(Archived { id, snap });
             continue;
@@ -913,7 +912,7 @@ pub fn archive_pending(
             volume: vol.st.name.clone(),
             time: vol.st.layers[i].sealed,
             tags: vol.st.layers[i].tags.clone(),
-            parent: vol.st.last_snapshot.as_deref().and_then(Id::parse),
+            parent: vol.st.last_snapshot,
             below: below_layers(vol, repo, i)?,
         };
         let state_dir = vol.state_dir.clone();
@@ -925,7 +924,7 @@ pub fn archive_pending(
             record,
             progress,
             |layer, snap| {
-                vol.st.layers[i].writing = Some((layer.hex(), snap.hex()));
+                vol.st.layers[i].writing = Some((*layer, *snap));
                 vol.save()
             },
         )
@@ -937,10 +936,10 @@ pub fn archive_pending(
         })?;
         let (id, snap) = (done.id, done.snap);
         let layer_id = *snap.layers.last().expect("the new layer");
-        vol.st.layers[i].archived = vec![layer_id.hex()];
+        vol.st.layers[i].archived = vec![layer_id];
         vol.st.layers[i].writing = None;
         vol.st.layers[i].entries = snap.summary.entries;
-        vol.st.last_snapshot = Some(id.hex());
+        vol.st.last_snapshot = Some(id);
         vol.save()?;
         out.push(Archived { id, snap });
     }
@@ -950,20 +949,20 @@ pub fn archive_pending(
 /// The repository layers under local layer `i`: the previous snapshot's
 /// layers as the repository has them now (`forget` may have squashed them),
 /// or, for the first snapshot, the local record.
-fn below_layers(vol: &Volume, repo: &Repo, i: usize) -> Result<Vec<Id>> {
+fn below_layers(vol: &Volume, repo: &Repo, i: usize) -> Result<Vec<LayerId>> {
     if i == 0 {
         return Ok(Vec::new());
     }
-    if let Some(parent) = vol.st.last_snapshot.as_deref().and_then(Id::parse)
-        && let Ok(s) = repo.read_snapshot(&parent)
+    // A record that cannot be read is an error, never "forgotten".
+    if let Some(parent) = vol.st.last_snapshot
+        && repo.contains(&parent)?
     {
-        return Ok(s.layers);
+        return Ok(repo.read_snapshot(&parent)?.layers);
     }
     let mut layers = Vec::new();
     for l in &vol.st.layers[..i] {
-        for h in &l.archived {
-            let id = Id::parse(h).ok_or_else(|| anyhow!("volume state has a bad layer id {h}"))?;
-            if !repo.contains(FileKind::Layer, &id)? {
+        for &id in &l.archived {
+            if !repo.contains(&id)? {
                 bail!(
                     "the previous snapshot of volume {} is gone from the repository and so is layer {}: this volume's history cannot be continued in this repository; detach and attach it again",
                     vol.st.name,
@@ -1805,8 +1804,8 @@ pub fn local_layers_for(vols: &[Volume], snap: &Snapshot) -> LocalChain {
     // squashed ids are expanded into the layers they replaced.
     for l in &snap.layers {
         let mut want = Vec::new();
-        expand(&vol.st.aliases, &l.hex(), &mut want, 0);
-        let mut got: Vec<String> = Vec::new();
+        expand(&vol.st.aliases, l, &mut want, 0);
+        let mut got: Vec<LayerId> = Vec::new();
         let start = k;
         while got.len() < want.len()
             && k < vol.st.layers.len()
@@ -1826,9 +1825,9 @@ pub fn local_layers_for(vols: &[Volume], snap: &Snapshot) -> LocalChain {
 }
 
 fn expand(
-    aliases: &std::collections::BTreeMap<String, Vec<String>>,
-    id: &str,
-    out: &mut Vec<String>,
+    aliases: &std::collections::BTreeMap<LayerId, Vec<LayerId>>,
+    id: &LayerId,
+    out: &mut Vec<LayerId>,
     depth: usize,
 ) {
     match aliases.get(id) {
@@ -1837,7 +1836,7 @@ fn expand(
                 expand(aliases, s, out, depth + 1);
             }
         }
-        _ => out.push(id.to_string()),
+        _ => out.push(*id),
     }
 }
 
@@ -1851,33 +1850,36 @@ fn expand(
 pub fn note_squashed(
     state_dir: &Path,
     repo: &Repo,
-    squashed: &[(String, String, Vec<String>)],
+    squashed: &[crate::reclaim::Squashed],
 ) -> Result<()> {
     if squashed.is_empty() {
         return Ok(());
     }
     let snaps = repo.snapshots_tolerant()?.0;
     for mut vol in all(state_dir)? {
+        // Only this host's history of the volume (another host's volume
+        // may have the same name).
+        let host = Repo::hostname();
         let mine: Vec<_> = squashed
             .iter()
-            .filter(|(v, _, _)| *v == vol.st.name)
+            .filter(|q| q.volume == vol.st.name && q.host == host)
             .collect();
         if mine.is_empty() {
             continue;
         }
         let Ok(_lock) = vol.try_lock() else { continue };
-        for (_, new, src) in mine {
-            vol.st.aliases.insert(new.clone(), src.clone());
+        for q in mine {
+            vol.st.aliases.insert(q.layer, q.from.clone());
         }
         // Keep only aliases reachable from this volume's snapshots.
-        let mut reach: HashSet<String> = HashSet::new();
-        let mut todo: Vec<String> = snaps
+        let mut reach: HashSet<LayerId> = HashSet::new();
+        let mut todo: Vec<LayerId> = snaps
             .iter()
-            .filter(|(_, s)| s.volume == vol.st.name)
-            .flat_map(|(_, s)| s.layers.iter().map(Id::hex))
+            .filter(|(_, s)| s.volume == vol.st.name && s.hostname == host)
+            .flat_map(|(_, s)| s.layers.iter().copied())
             .collect();
         while let Some(id) = todo.pop() {
-            if reach.insert(id.clone())
+            if reach.insert(id)
                 && let Some(src) = vol.st.aliases.get(&id)
             {
                 todo.extend(src.iter().cloned());

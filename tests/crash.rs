@@ -9,7 +9,7 @@
 use laybak::archive::{Record, archive_layer};
 use laybak::backend::Backend;
 use laybak::backend::testing::{CrashAfter, Memory};
-use laybak::format::{FileKind, Id, Time};
+use laybak::format::{FileKind, SnapshotId, Time};
 use laybak::layer::{self, Node};
 use laybak::reclaim::{self, Policy};
 use laybak::repo::Repo;
@@ -108,7 +108,7 @@ fn verify(repo: &Repo, want: &BTreeMap<&str, Tree>, ctx: &str) {
 
 /// One run of a flow; the cell carries what a crashed run noted (the
 /// snapshot it was about to record), as a volume's state does.
-type RunFn<'a> = &'a dyn Fn(&Repo, &Cell<Option<Id>>) -> anyhow::Result<()>;
+type RunFn<'a> = &'a dyn Fn(&Repo, &Cell<Option<SnapshotId>>) -> anyhow::Result<()>;
 
 struct Flow<'a> {
     name: &'a str,
@@ -170,12 +170,12 @@ fn archive<'a>(
     source: Source,
     tag: &'a str,
     secs: i64,
-) -> impl Fn(&Repo, &Cell<Option<Id>>) -> anyhow::Result<()> + 'a {
+) -> impl Fn(&Repo, &Cell<Option<SnapshotId>>) -> anyhow::Result<()> + 'a {
     move |repo, pending| {
         // As a volume does: a record noted before a crash and found stored
         // is the snapshot; nothing is archived twice.
         if let Some(id) = pending.get()
-            && repo.contains(FileKind::Snapshot, &id)?
+            && repo.contains(&id)?
         {
             return Ok(());
         }

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use laybak::format::Id;
+use laybak::format::LayerId;
 use laybak::layer::Node;
 use laybak::repo::Repo;
 use std::collections::BTreeMap;
@@ -145,7 +145,7 @@ fn corruption_of_each_kind_of_file_is_named_and_contained() {
         .find(|s| s.1 == "va" && s.2.len() == 2)
         .unwrap()
         .clone();
-    let a_top = Id::parse(a_layers.last().unwrap()).unwrap();
+    let a_top = LayerId::parse(a_layers.last().unwrap()).unwrap();
     let layer = repo.read_layer(&a_top).unwrap();
     let chunk = layer
         .entries

@@ -410,7 +410,9 @@ fn plant(repo_path: &Path, layers: &[Layer]) -> String {
     let mut ids = Vec::new();
     for l in layers {
         let data = format::encode(FileKind::Layer, l).unwrap();
-        ids.push(repo.write_file(FileKind::Layer, data).unwrap());
+        ids.push(laybak::format::LayerId(
+            repo.write_file(FileKind::Layer, data).unwrap(),
+        ));
     }
     let snap = Snapshot {
         time: Time::now(),
