@@ -16,16 +16,14 @@
 //! changes anything outside the two layers.
 
 use crate::fsx::{self, dev_ino, is_dir, is_whiteout};
-use crate::scan::OVL_PREFIX;
+use crate::ovl::OPAQUE;
 use anyhow::{Context, Result, bail};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
-const OPAQUE: &[u8] = b"trusted.overlay.opaque";
-
 /// Not overlay's own bookkeeping: the xattrs a fold carries over.
 pub fn is_user_xattr(k: &[u8]) -> bool {
-    !k.starts_with(OVL_PREFIX)
+    crate::ovl::is_plain_user(k)
 }
 
 fn open(p: &Path) -> Result<OwnedFd> {
@@ -47,9 +45,10 @@ fn open_checked(dir: BorrowedFd<'_>, name: &[u8], want: (u64, u64)) -> Result<Ow
 }
 
 fn is_opaque(dir: BorrowedFd<'_>) -> Result<bool> {
-    Ok(fsx::xattrs_fd(dir)?
-        .iter()
-        .any(|(k, v)| k.as_slice() == OPAQUE && v.as_slice() == b"y"))
+    let x = fsx::xattrs_fd(dir)?;
+    Ok(crate::ovl::is_opaque(
+        x.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
+    ))
 }
 
 /// Copy owner, mode, times and user xattrs of directory `from` onto `to`
@@ -145,9 +144,7 @@ pub fn strip_overlay_artifacts(dir: &Path) -> Result<()> {
     strip_fd(d.as_fd()).with_context(|| format!("cleaning {}", dir.display()))
 }
 
-fn is_bookkeeping(k: &[u8]) -> bool {
-    k.starts_with(OVL_PREFIX) && !k.starts_with(b"trusted.overlay.overlay.")
-}
+use crate::ovl::is_bookkeeping;
 
 fn strip_fd(dir: BorrowedFd<'_>) -> Result<()> {
     let show = crate::layer::show;
@@ -189,7 +186,7 @@ fn strip_fd(dir: BorrowedFd<'_>) -> Result<()> {
 /// `trusted.overlay.overlay.*`, and the opaque marker; overlay's other
 /// bookkeeping (origin, impure) describes the old upper, not the new layer.
 fn keep_in_layer(k: &[u8]) -> bool {
-    !k.starts_with(OVL_PREFIX) || k == OPAQUE || k.starts_with(b"trusted.overlay.overlay.")
+    crate::ovl::kept_in_merge(k)
 }
 
 /// Owner, mode, kept xattrs and times of open directory `from` onto `to`
@@ -235,7 +232,12 @@ fn clone_tree(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<()> {
 }
 
 fn set_opaque(dir: BorrowedFd<'_>) -> Result<()> {
-    rustix::fs::fsetxattr(dir, fsx::os(OPAQUE), b"y", rustix::fs::XattrFlags::empty())?;
+    rustix::fs::fsetxattr(
+        dir,
+        fsx::os(OPAQUE),
+        crate::ovl::OPAQUE_YES,
+        rustix::fs::XattrFlags::empty(),
+    )?;
     Ok(())
 }
 

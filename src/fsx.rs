@@ -39,11 +39,7 @@ pub fn is_dir(st: &Stat) -> bool {
     rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
 }
 
-/// Whether a stat result is an overlay whiteout (character device 0/0).
-pub fn is_whiteout(st: &Stat) -> bool {
-    rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::CharacterDevice
-        && st.st_rdev == 0
-}
+pub use crate::ovl::is_whiteout;
 
 fn err(e: rustix::io::Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())

@@ -25,6 +25,7 @@ pub mod lock;
 pub mod materialize;
 pub mod mounts;
 pub mod overlay;
+pub mod ovl;
 pub mod progress;
 pub mod reclaim;
 pub mod repo;

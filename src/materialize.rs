@@ -143,15 +143,10 @@ fn set_xattrs_path(path: &Path, xattrs: &[(Vec<u8>, Vec<u8>)], as_root: bool) ->
 /// the kernel keeps it in an upperdir) is written back unescaped; in a
 /// lowerdir the escaped form is what overlay expects.
 fn user_xattrs(x: &[(Vec<u8>, Vec<u8>)], target: Target) -> Vec<(Vec<u8>, Vec<u8>)> {
-    const ESC: &[u8] = b"trusted.overlay.overlay.";
     x.iter()
-        .map(|(k, v)| match k.strip_prefix(ESC) {
-            Some(rest) if target == Target::Plain => {
-                let mut n = b"trusted.overlay.".to_vec();
-                n.extend_from_slice(rest);
-                (n, v.clone())
-            }
-            _ => (k.clone(), v.clone()),
+        .map(|(k, v)| match target {
+            Target::Plain => (crate::ovl::unescape(k), v.clone()),
+            Target::Lowerdir => (k.clone(), v.clone()),
         })
         .collect()
 }
@@ -242,7 +237,7 @@ fn apply_meta_fd(
         .with_context(|| format!("cannot chown {}", show(&e.path)))?;
     }
     if target == Target::Lowerdir && matches!(e.node, Node::Dir { opaque: true }) {
-        xattrs.push((b"trusted.overlay.opaque".to_vec(), b"y".to_vec()));
+        xattrs.push((crate::ovl::OPAQUE.to_vec(), crate::ovl::OPAQUE_YES.to_vec()));
     }
     for (k, v) in &xattrs {
         if let Err(err) = rustix::fs::fsetxattr(fd, os(k), v, rustix::fs::XattrFlags::empty()) {

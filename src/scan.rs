@@ -29,8 +29,8 @@ use std::path::Path;
 /// Extents up to this size are read whole and chunked in memory.
 const IN_MEMORY_EXTENT: u64 = 16 << 20;
 
-/// Namespace of overlay's private xattrs (laybak mounts in trusted mode).
-pub const OVL_PREFIX: &[u8] = b"trusted.overlay.";
+/// Namespace of overlay's private xattrs (see [`crate::ovl`]).
+pub const OVL_PREFIX: &[u8] = crate::ovl::PREFIX;
 
 /// Directory descriptors the walk keeps open at most (the deepest
 /// directories of its current path that still have subdirectories to
@@ -135,10 +135,10 @@ fn interpret_xattrs(path: &[u8], xattrs: Xattrs, source: Source) -> Result<(bool
     let mut opaque = false;
     let mut keep = Vec::new();
     for (name, value) in xattrs {
-        let Some(key) = name.strip_prefix(OVL_PREFIX) else {
+        if crate::ovl::is_plain_user(&name) {
             keep.push((name, value));
             continue;
-        };
+        }
         if source == Source::Base {
             bail!(
                 "{} carries the overlay attribute {}, which would change how the volume mounts; remove it (setfattr -x) before attaching",
@@ -146,36 +146,11 @@ fn interpret_xattrs(path: &[u8], xattrs: Xattrs, source: Source) -> Result<(bool
                 String::from_utf8_lossy(&name)
             );
         }
-        match key {
-            b"opaque" if value == b"y" => opaque = true,
-            b"opaque" => bail!(
-                "{} has trusted.overlay.opaque={:?}, which the kernel never writes into an upperdir: this layer was made by another tool; laybak will not archive it",
-                shown(path),
-                String::from_utf8_lossy(&value)
-            ),
-            b"origin" | b"impure" | b"uuid" | b"protattr" => {}
-            b"redirect" => bail!(
-                "{} is a renamed directory (trusted.overlay.redirect): the volume was mounted with redirect_dir enabled, which laybak does not support; mount it only with `laybak up`",
-                shown(path)
-            ),
-            b"metacopy" => bail!(
-                "{} is a metadata-only copy-up (trusted.overlay.metacopy): the volume was mounted with metacopy=on; remount it with `laybak up` (metacopy=off)",
-                shown(path)
-            ),
-            b"nlink" => bail!(
-                "{} has trusted.overlay.nlink: the volume was mounted with index=on; remount it with `laybak up` (index=off)",
-                shown(path)
-            ),
-            b"whiteout" => bail!(
-                "{} is an xattr whiteout, which the kernel never writes into an upperdir: this layer was made by another tool",
-                shown(path)
-            ),
-            k if k.starts_with(b"overlay.") => keep.push((name, value)),
-            _ => bail!(
-                "{} carries an unknown overlay attribute {}: this kernel writes something laybak does not understand; refusing to store a wrong layer",
-                shown(path),
-                String::from_utf8_lossy(&name)
-            ),
+        match crate::ovl::interpret(&name, &value) {
+            crate::ovl::Attr::Opaque => opaque = true,
+            crate::ovl::Attr::Bookkeeping => {}
+            crate::ovl::Attr::User => keep.push((name, value)),
+            crate::ovl::Attr::Refused(why) => bail!("{} {why}", shown(path)),
         }
     }
     Ok((opaque, keep))
@@ -346,7 +321,7 @@ fn list(
             .with_context(|| format!("cannot stat {}", shown(&path)))?
             .ok_or_else(|| changed(&path, "it is gone"))?;
         let ft = FileType::from_raw_mode(st.st_mode);
-        if fsx::is_whiteout(&st) {
+        if crate::ovl::is_whiteout(&st) {
             if source == Source::Base {
                 bail!(
                     "{} is a character device 0/0, which overlayfs would treat as a deletion marker; move it out of the directory before attaching",

@@ -1733,11 +1733,8 @@ fn exists_below(vol: &Volume, path: &[u8]) -> bool {
             let Ok(sub) = open_subdir(&dir, c) else {
                 continue 'layers;
             };
-            if xattrs_fd(&sub)
-                .unwrap_or_default()
-                .iter()
-                .any(|(k, v)| k.as_slice() == b"trusted.overlay.opaque" && v.as_slice() == b"y")
-            {
+            let xattrs = xattrs_fd(&sub).unwrap_or_default();
+            if crate::ovl::is_opaque(xattrs.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))) {
                 // Opaque: nothing further down is visible; look only here.
                 return lookup_in(sub, &comps[i + 1..]).is_some_and(|m| !is_whiteout(&m));
             }
