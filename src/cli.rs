@@ -439,495 +439,594 @@ fn validate_tags(tags: &[String]) -> Result<()> {
 pub fn run(cli: Cli) -> Result<()> {
     volume::secure_state(&cli.state_dir)?;
     match &cli.cmd {
-        Cmd::Init => {
-            let p = cli.repo.clone().ok_or_else(|| {
-                Failure::new(Kind::Usage, "init needs --repo PATH (or LAYBAK_REPO)")
-            })?;
-            let r = Repo::init(&p)?;
-            eprintln!(
-                "created repository {} at {}",
-                r.config.id.short(),
-                p.display()
-            );
-            Ok(())
-        }
-        Cmd::Attach {
-            path,
-            name,
-            max_layers,
+        Cmd::Init => cmd_init(&cli),
+        Cmd::Attach { .. } => cmd_attach(&cli),
+        Cmd::Snapshot { .. } => cmd_snapshot(&cli),
+        Cmd::Snapshots { .. } => cmd_snapshots(&cli),
+        Cmd::Volumes { .. } => cmd_volumes(&cli),
+        Cmd::Status { .. } => cmd_status(&cli),
+        Cmd::Diff { .. } => cmd_diff(&cli),
+        Cmd::Restore { .. } => cmd_restore(&cli),
+        Cmd::Mount { .. } => cmd_mount(&cli),
+        Cmd::Umount { .. } => cmd_umount(&cli),
+        Cmd::Down { .. } => cmd_down(&cli),
+        Cmd::Up { .. } => cmd_up(&cli),
+        Cmd::Detach { .. } => cmd_detach(&cli),
+        Cmd::Forget { .. } => cmd_forget(&cli),
+        Cmd::Squash { .. } => cmd_squash(&cli),
+        Cmd::Prune { .. } => cmd_prune(&cli),
+        Cmd::Policy { .. } => cmd_policy(&cli),
+        Cmd::Repair { .. } => cmd_repair(&cli),
+        Cmd::Check { .. } => cmd_check(&cli),
+    }
+}
+
+fn cmd_init(cli: &Cli) -> Result<()> {
+    let p = cli
+        .repo
+        .clone()
+        .ok_or_else(|| Failure::new(Kind::Usage, "init needs --repo PATH (or LAYBAK_REPO)"))?;
+    let r = Repo::init(&p)?;
+    eprintln!(
+        "created repository {} at {}",
+        r.config.id.short(),
+        p.display()
+    );
+    Ok(())
+}
+
+fn cmd_attach(cli: &Cli) -> Result<()> {
+    let Cmd::Attach {
+        path,
+        name,
+        max_layers,
+        tags,
+        json,
+    } = &cli.cmd
+    else {
+        bail!("internal error: not the attach command");
+    };
+    validate_tags(tags)?;
+    need_root("attach")?;
+    let repo = open_repo(cli)?;
+    let mut vol = volume::attach(
+        &cli.state_dir,
+        &repo,
+        path,
+        AttachOpts {
+            name: name.clone(),
+            max_layers: *max_layers,
+            tags: tags.clone(),
+        },
+    )?;
+    let done = volume::archive_pending(&mut vol, &repo, tty(), LOCK_WAIT).with_context(|| {
+        format!(
+            "{} is attached and mounted, but its contents could not be archived yet (they are safe in the local layer store; the next `laybak snapshot` archives them)",
+            vol.st.path.display()
+        )
+    })?;
+    // Build the local blob cache now, while the import is costing
+    // memory per file anyway, not in the first hourly snapshot.
+    let _ = crate::blobcache::BlobCache::open(&cli.state_dir, &repo);
+    print_snaps(&done, *json, false)
+}
+
+fn cmd_snapshot(cli: &Cli) -> Result<()> {
+    let Cmd::Snapshot {
+        path,
+        all,
+        tags,
+        wait,
+        lock_wait,
+        forget,
+        prune,
+        json,
+    } = &cli.cmd
+    else {
+        bail!("internal error: not the snapshot command");
+    };
+    validate_tags(tags)?;
+    need_root("snapshot")?;
+    let vols = if *all {
+        volume::all(&cli.state_dir)?
+    } else {
+        vec![volume::find(
+            &cli.state_dir,
+            path.as_deref().unwrap_or(Path::new(".")),
+        )?]
+    };
+    if vols.is_empty() {
+        bail!(
+            "no volumes in {}: attach one first",
+            cli.state_dir.display()
+        );
+    }
+    let mut results = Vec::new();
+    let mut failures = Vec::new();
+    for mut v in vols {
+        match snapshot_one(
+            &mut v,
             tags,
-            json,
-        } => {
-            validate_tags(tags)?;
-            need_root("attach")?;
-            let repo = open_repo(&cli)?;
-            let mut vol = volume::attach(
-                &cli.state_dir,
-                &repo,
-                path,
-                AttachOpts {
-                    name: name.clone(),
-                    max_layers: *max_layers,
-                    tags: tags.clone(),
-                },
-            )?;
-            let done = volume::archive_pending(&mut vol, &repo, tty(), LOCK_WAIT).with_context(|| {
-                format!(
-                    "{} is attached and mounted, but its contents could not be archived yet (they are safe in the local layer store; the next `laybak snapshot` archives them)",
-                    vol.st.path.display()
-                )
-            })?;
-            // Build the local blob cache now, while the import is costing
-            // memory per file anyway, not in the first hourly snapshot.
-            let _ = crate::blobcache::BlobCache::open(&cli.state_dir, &repo);
-            print_snaps(&done, *json, false)
-        }
-        Cmd::Snapshot {
-            path,
-            all,
-            tags,
-            wait,
-            lock_wait,
-            forget,
-            prune,
-            json,
-        } => {
-            validate_tags(tags)?;
-            need_root("snapshot")?;
-            let vols = if *all {
-                volume::all(&cli.state_dir)?
-            } else {
-                vec![volume::find(
-                    &cli.state_dir,
-                    path.as_deref().unwrap_or(Path::new(".")),
-                )?]
-            };
-            if vols.is_empty() {
-                bail!(
-                    "no volumes in {}: attach one first",
-                    cli.state_dir.display()
-                );
+            Duration::from_secs(*wait),
+            Duration::from_secs(*lock_wait),
+        )
+        .and_then(|a| {
+            if *forget {
+                apply_policy(&v, *prune)?;
             }
-            let mut results = Vec::new();
-            let mut failures = Vec::new();
-            for mut v in vols {
-                match snapshot_one(
-                    &mut v,
-                    tags,
-                    Duration::from_secs(*wait),
-                    Duration::from_secs(*lock_wait),
-                )
-                .and_then(|a| {
-                    if *forget {
-                        apply_policy(&v, *prune)?;
-                    }
-                    Ok(a)
-                }) {
-                    Ok(a) => results.push(a),
-                    Err(e) if *all => failures.push((v.st.name.clone(), e)),
-                    Err(e) => return Err(e),
-                }
-            }
-            print_snaps(&results, *json, *all)?;
-            if let Some((name, e)) = failures.into_iter().next() {
-                return Err(e.context(format!("volume {name}")));
-            }
-            Ok(())
-        }
-        Cmd::Snapshots { volume, json } => {
-            let repo = open_repo(&cli)?;
-            let (all, bad) = repo.snapshots_tolerant()?;
-            for (id, e) in &bad {
-                eprintln!(
-                    "laybak: warning: snapshot {} is unreadable ({e:#}); run `laybak check`",
-                    id.short()
-                );
-            }
-            let snaps: Vec<_> = all
-                .into_iter()
-                .filter(|(_, s)| volume.as_ref().is_none_or(|v| &s.volume == v))
-                .collect();
-            if *json {
-                let v: Vec<_> = snaps.iter().map(|(i, s)| snap_json(i, s)).collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!(
-                    "{:<10} {:<31} {:<12} {:>7} {:>12}  tags",
-                    "id", "time", "volume", "layers", "added"
-                );
-                for (id, s) in &snaps {
-                    println!(
-                        "{:<10} {:<31} {:<12} {:>7} {:>12}  {}",
-                        id.short(),
-                        s.time.rfc3339(),
-                        s.volume,
-                        s.layers.len(),
-                        s.summary.new_bytes,
-                        s.tags.join(",")
-                    );
-                }
-            }
-            Ok(())
-        }
-        Cmd::Volumes { json } => {
-            let vols = volume::all(&cli.state_dir)?;
-            if *json {
-                let v: Vec<_> = vols
-                    .iter()
-                    .map(|v| {
-                        json!({"name": v.st.name, "path": v.st.path, "repo": v.st.repo,
-                        "layers": v.st.layers.len(),
-                        "pending": v.st.layers.iter().filter(|l| l.archived.is_empty()).count(),
-                        "mounted": v.is_mounted().unwrap_or(false)})
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                for v in vols {
-                    println!(
-                        "{}\t{}\t{} layers\t{}",
-                        v.st.name,
-                        v.st.path.display(),
-                        v.st.layers.len(),
-                        if v.is_mounted().unwrap_or(false) {
-                            "up"
-                        } else {
-                            "down"
-                        }
-                    );
-                }
-            }
-            Ok(())
-        }
-        Cmd::Status { path, json } => {
-            let vol = volume::find(&cli.state_dir, path)?;
-            let changes = volume::status(&vol)?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&changes)?);
-            } else {
-                for c in changes {
-                    let l = match c.change {
-                        "added" => '+',
-                        "deleted" => '-',
-                        "replaced" => 'R',
-                        _ => 'M',
-                    };
-                    println!("{l} {}", layer::escape(&c.path));
-                }
-            }
-            Ok(())
-        }
-        Cmd::Diff { a, b, volume, json } => {
-            let repo = open_repo(&cli)?;
-            let _l = crate::lock::for_reading(&repo, "diff", LOCK_WAIT)?;
-            let (_, sa) = repo.resolve(a, volume.as_deref())?;
-            let (_, sb) = repo.resolve(b, volume.as_deref())?;
-            let la = repo.layers_of(&sa)?;
-            let lb = repo.layers_of(&sb)?;
-            let d = diff_views(&layer::restack(&la), &layer::restack(&lb));
-            if *json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &json!({"added": d.0, "deleted": d.1, "modified": d.2})
-                    )?
-                );
-            } else {
-                for p in &d.0 {
-                    println!("+ {}", layer::escape(p));
-                }
-                for p in &d.1 {
-                    println!("- {}", layer::escape(p));
-                }
-                for p in &d.2 {
-                    println!("M {}", layer::escape(p));
-                }
-            }
-            Ok(())
-        }
-        Cmd::Restore {
-            snapshot,
-            target,
-            paths,
-            volume,
-            no_devices,
-            no_setuid,
-        } => {
-            let repo = open_repo(&cli)?;
-            let _l = crate::lock::for_reading(&repo, "restore", LOCK_WAIT)?;
-            let (_, snap) = repo.resolve(snapshot, volume.as_deref())?;
-            let layers = repo.layers_of(&snap)?;
-            let view = layer::restack(&layers);
-            let items = select(&view, paths)?;
-            let dest = materialize::prepare_target(target)?;
-            // A target a user owns is one that user can reach: no devices,
-            // no setuid files, no capabilities from the repository there.
-            let safety = materialize::Safety {
-                no_devices: *no_devices || dest.foreign,
-                no_setuid: *no_setuid || dest.foreign,
-            };
-            let bar = tty().then(|| crate::progress::bytes_bar("restoring"));
-            let res =
-                materialize::write_tree(&repo, &dest, &items, Target::Plain, safety, bar.as_ref());
-            if let Some(b) = bar {
-                b.finish_and_clear();
-            }
-            let stats = res.inspect_err(|_| dest.give_back())?;
-            if dest.foreign {
-                eprintln!(
-                    "laybak: note: {} belonged to another user, so device nodes, setuid/setgid bits and file capabilities were not restored{}",
-                    target.display(),
-                    if stats.skipped_devices > 0 {
-                        format!(" ({} device nodes left out)", stats.skipped_devices)
-                    } else {
-                        String::new()
-                    }
-                );
-            } else if stats.skipped_devices > 0 {
-                eprintln!(
-                    "laybak: note: {} device nodes left out (--no-devices)",
-                    stats.skipped_devices
-                );
-            }
-            Ok(())
-        }
-        Cmd::Mount {
-            snapshot,
-            target,
-            volume,
-            cache_max,
-        } => {
-            need_root("mount")?;
-            let repo = open_repo(&cli)?;
-            let _l = crate::lock::for_reading(&repo, "mount", LOCK_WAIT)?;
-            let (id, snap) = repo.resolve(snapshot, volume.as_deref())?;
-            crate::mounts::mount_snapshot(&cli.state_dir, &repo, &id, &snap, target)?;
-            crate::mounts::evict_to_size(&cli.state_dir, *cache_max)
-        }
-        Cmd::Umount { target } => {
-            need_root("umount")?;
-            crate::mounts::umount(&cli.state_dir, target)
-        }
-        Cmd::Down { path, wait } => {
-            need_root("down")?;
-            let mut vol = volume::find(&cli.state_dir, path)?;
-            volume::down(&mut vol, Duration::from_secs(*wait))
-        }
-        Cmd::Up { path, all } => {
-            need_root("up")?;
-            let vols = if *all {
-                volume::all(&cli.state_dir)?
-            } else {
-                vec![volume::find(
-                    &cli.state_dir,
-                    path.as_deref().unwrap_or(Path::new(".")),
-                )?]
-            };
-            let mut first_err = None;
-            for mut v in vols {
-                if let Err(e) = volume::up(&mut v) {
-                    eprintln!("laybak: volume {}: {e:#}", v.st.name);
-                    first_err.get_or_insert(e);
-                }
-            }
-            first_err.map_or(Ok(()), Err)
-        }
-        Cmd::Detach { path, wait } => {
-            need_root("detach")?;
-            let mut vol = volume::find(&cli.state_dir, path)?;
-            let pending = volume::detach(&mut vol, Duration::from_secs(*wait))?;
-            if pending > 0 {
-                eprintln!(
-                    "laybak: note: {pending} layer(s) of {} were never archived; their changes are in the directory but in no snapshot",
-                    vol.st.name
-                );
-            }
-            Ok(())
-        }
-        Cmd::Forget {
-            volume,
-            host,
-            keep,
-            dry_run,
-            prune,
-            max_unused,
-            json,
-        } => {
-            let policy = keep.policy();
-            if policy.is_empty() {
-                return Err(Failure::new(Kind::Usage,
-                    "no retention rule given: pass at least one --keep-* option (the newest snapshot of each volume is always kept)",
-                )
-                .into());
-            }
-            let repo = open_repo(&cli)?;
-            let keep_fn = crate::reclaim::keep_by(policy);
-            let scope = crate::reclaim::Scope {
-                volume: volume.as_deref(),
-                host: host.as_deref(),
-            };
-            run_forget(
-                &cli.state_dir,
-                &repo,
-                &keep_fn,
-                scope,
-                *dry_run,
-                prune.then_some(*max_unused),
-                *json,
-            )
-        }
-        Cmd::Squash {
-            volume,
-            until,
-            dry_run,
-            json,
-        } => {
-            let repo = open_repo(&cli)?;
-            let (id, snap) = repo.resolve(until, Some(volume))?;
-            if &snap.volume != volume {
-                bail!(
-                    "snapshot {} belongs to volume {}, not {volume}",
-                    id.short(),
-                    snap.volume
-                );
-            }
-            let keep_fn = crate::reclaim::keep_from(id);
-            let scope = crate::reclaim::Scope {
-                volume: Some(volume),
-                host: Some(&snap.hostname),
-            };
-            run_forget(
-                &cli.state_dir,
-                &repo,
-                &keep_fn,
-                scope,
-                *dry_run,
-                None,
-                *json,
-            )
-        }
-        Cmd::Prune {
-            dry_run,
-            max_unused,
-            json,
-        } => {
-            let repo = open_repo(&cli)?;
-            let r = crate::reclaim::prune(&repo, *max_unused, *dry_run, None)?;
-            print_prune(&r, *dry_run, *json)
-        }
-        Cmd::Policy {
-            path,
-            keep,
-            clear,
-            rotation,
-            before,
-            after,
-            hook_timeout,
-            max_layers,
-        } => {
-            let mut vol = volume::find(&cli.state_dir, path)?;
-            let _lock = vol.lock()?;
-            if let Some(m) = max_layers {
-                vol.st.max_layers = (*m).clamp(2, 400);
-                vol.save()?;
-            }
-            if let Some(r) = rotation {
-                vol.st.strict_rotation = matches!(r, Rotation::Strict);
-                vol.save()?;
-            }
-            if before.is_some() || after.is_some() || hook_timeout.is_some() {
-                let mut h = vol.st.hooks.clone().unwrap_or(crate::hooks::Hooks {
-                    timeout_secs: crate::hooks::DEFAULT_TIMEOUT_SECS,
-                    ..Default::default()
-                });
-                let set = |v: &Option<String>, old: Option<String>| match v {
-                    Some(c) if c.is_empty() => None,
-                    Some(c) => Some(c.clone()),
-                    None => old,
-                };
-                h.before = set(before, h.before.take());
-                h.after = set(after, h.after.take());
-                if let Some(t) = hook_timeout {
-                    h.timeout_secs = *t;
-                }
-                vol.st.hooks = (h.before.is_some() || h.after.is_some()).then_some(h);
-                vol.save()?;
-            }
-            let p = keep.policy();
-            if *clear {
-                vol.st.policy = None;
-                vol.save()?;
-            } else if !p.is_empty() {
-                vol.st.policy = Some(p);
-                vol.save()?;
-            }
-            println!("{}", serde_json::to_string_pretty(&vol.st.policy)?);
-            Ok(())
-        }
-        Cmd::Repair {
-            what: RepairWhat::Index,
-        } => {
-            let repo = open_repo(&cli)?;
-            let r = crate::reclaim::repair_index(&repo)?;
-            for p in &r.unreadable_packs {
-                eprintln!("laybak: unreadable pack {p}");
-            }
-            println!(
-                "indexed {} blobs from {} packs; {} damaged blobs and {} unreadable packs left out",
-                r.blobs,
-                r.packs,
-                r.bad_blobs,
-                r.unreadable_packs.len()
-            );
-            Ok(())
-        }
-        Cmd::Check { read_data, json } => {
-            let repo = open_repo(&cli)?;
-            let _l = crate::lock::for_reading(&repo, "check", LOCK_WAIT)?;
-            let r = crate::check::check(&repo, *read_data, tty())?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                for n in &r.notes {
-                    eprintln!("note: {n}");
-                }
-                for e in &r.errors {
-                    eprintln!("error: {e}");
-                }
-                for s in &r.damaged_snapshots {
-                    eprintln!("damaged snapshot: {s}");
-                }
-                println!(
-                    "checked {} snapshots, {} layers, {} packs{}: {}",
-                    r.snapshots,
-                    r.layers,
-                    r.packs,
-                    if *read_data {
-                        format!(", {} bytes read", r.bytes_read)
-                    } else {
-                        String::new()
-                    },
-                    if r.errors.is_empty() {
-                        "no errors".to_string()
-                    } else {
-                        format!("{} errors", r.errors.len())
-                    }
-                );
-            }
-            if !r.errors.is_empty() {
-                return Err(Failure::new(
-                    Kind::Damaged,
-                    format!(
-                        "repository has {} errors affecting {} snapshots (see above)",
-                        r.errors.len(),
-                        r.damaged_snapshots.len()
-                    ),
-                )
-                .into());
-            }
-            Ok(())
+            Ok(a)
+        }) {
+            Ok(a) => results.push(a),
+            Err(e) if *all => failures.push((v.st.name.clone(), e)),
+            Err(e) => return Err(e),
         }
     }
+    print_snaps(&results, *json, *all)?;
+    if let Some((name, e)) = failures.into_iter().next() {
+        return Err(e.context(format!("volume {name}")));
+    }
+    Ok(())
+}
+
+fn cmd_snapshots(cli: &Cli) -> Result<()> {
+    let Cmd::Snapshots { volume, json } = &cli.cmd else {
+        bail!("internal error: not the snapshots command");
+    };
+    let repo = open_repo(cli)?;
+    let (all, bad) = repo.snapshots_tolerant()?;
+    for (id, e) in &bad {
+        eprintln!(
+            "laybak: warning: snapshot {} is unreadable ({e:#}); run `laybak check`",
+            id.short()
+        );
+    }
+    let snaps: Vec<_> = all
+        .into_iter()
+        .filter(|(_, s)| volume.as_ref().is_none_or(|v| &s.volume == v))
+        .collect();
+    if *json {
+        let v: Vec<_> = snaps.iter().map(|(i, s)| snap_json(i, s)).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{:<10} {:<31} {:<12} {:>7} {:>12}  tags",
+            "id", "time", "volume", "layers", "added"
+        );
+        for (id, s) in &snaps {
+            println!(
+                "{:<10} {:<31} {:<12} {:>7} {:>12}  {}",
+                id.short(),
+                s.time.rfc3339(),
+                s.volume,
+                s.layers.len(),
+                s.summary.new_bytes,
+                s.tags.join(",")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn cmd_volumes(cli: &Cli) -> Result<()> {
+    let Cmd::Volumes { json } = &cli.cmd else {
+        bail!("internal error: not the volumes command");
+    };
+    let vols = volume::all(&cli.state_dir)?;
+    if *json {
+        let v: Vec<_> = vols
+            .iter()
+            .map(|v| {
+                json!({"name": v.st.name, "path": v.st.path, "repo": v.st.repo,
+                "layers": v.st.layers.len(),
+                "pending": v.st.layers.iter().filter(|l| l.archived.is_empty()).count(),
+                "mounted": v.is_mounted().unwrap_or(false)})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for v in vols {
+            println!(
+                "{}\t{}\t{} layers\t{}",
+                v.st.name,
+                v.st.path.display(),
+                v.st.layers.len(),
+                if v.is_mounted().unwrap_or(false) {
+                    "up"
+                } else {
+                    "down"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+fn cmd_status(cli: &Cli) -> Result<()> {
+    let Cmd::Status { path, json } = &cli.cmd else {
+        bail!("internal error: not the status command");
+    };
+    let vol = volume::find(&cli.state_dir, path)?;
+    let changes = volume::status(&vol)?;
+    if *json {
+        println!("{}", serde_json::to_string_pretty(&changes)?);
+    } else {
+        for c in changes {
+            let l = match c.change {
+                "added" => '+',
+                "deleted" => '-',
+                "replaced" => 'R',
+                _ => 'M',
+            };
+            println!("{l} {}", layer::escape(&c.path));
+        }
+    }
+    Ok(())
+}
+
+fn cmd_diff(cli: &Cli) -> Result<()> {
+    let Cmd::Diff { a, b, volume, json } = &cli.cmd else {
+        bail!("internal error: not the diff command");
+    };
+    let repo = open_repo(cli)?;
+    let _l = crate::lock::for_reading(&repo, "diff", LOCK_WAIT)?;
+    let (_, sa) = repo.resolve(a, volume.as_deref())?;
+    let (_, sb) = repo.resolve(b, volume.as_deref())?;
+    let la = repo.layers_of(&sa)?;
+    let lb = repo.layers_of(&sb)?;
+    let d = diff_views(&layer::restack(&la), &layer::restack(&lb));
+    if *json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"added": d.0, "deleted": d.1, "modified": d.2}))?
+        );
+    } else {
+        for p in &d.0 {
+            println!("+ {}", layer::escape(p));
+        }
+        for p in &d.1 {
+            println!("- {}", layer::escape(p));
+        }
+        for p in &d.2 {
+            println!("M {}", layer::escape(p));
+        }
+    }
+    Ok(())
+}
+
+fn cmd_restore(cli: &Cli) -> Result<()> {
+    let Cmd::Restore {
+        snapshot,
+        target,
+        paths,
+        volume,
+        no_devices,
+        no_setuid,
+    } = &cli.cmd
+    else {
+        bail!("internal error: not the restore command");
+    };
+    let repo = open_repo(cli)?;
+    let _l = crate::lock::for_reading(&repo, "restore", LOCK_WAIT)?;
+    let (_, snap) = repo.resolve(snapshot, volume.as_deref())?;
+    let layers = repo.layers_of(&snap)?;
+    let view = layer::restack(&layers);
+    let items = select(&view, paths)?;
+    let dest = materialize::prepare_target(target)?;
+    // A target a user owns is one that user can reach: no devices,
+    // no setuid files, no capabilities from the repository there.
+    let safety = materialize::Safety {
+        no_devices: *no_devices || dest.foreign,
+        no_setuid: *no_setuid || dest.foreign,
+    };
+    let bar = tty().then(|| crate::progress::bytes_bar("restoring"));
+    let res = materialize::write_tree(&repo, &dest, &items, Target::Plain, safety, bar.as_ref());
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let stats = res.inspect_err(|_| dest.give_back())?;
+    if dest.foreign {
+        eprintln!(
+            "laybak: note: {} belonged to another user, so device nodes, setuid/setgid bits and file capabilities were not restored{}",
+            target.display(),
+            if stats.skipped_devices > 0 {
+                format!(" ({} device nodes left out)", stats.skipped_devices)
+            } else {
+                String::new()
+            }
+        );
+    } else if stats.skipped_devices > 0 {
+        eprintln!(
+            "laybak: note: {} device nodes left out (--no-devices)",
+            stats.skipped_devices
+        );
+    }
+    Ok(())
+}
+
+fn cmd_mount(cli: &Cli) -> Result<()> {
+    let Cmd::Mount {
+        snapshot,
+        target,
+        volume,
+        cache_max,
+    } = &cli.cmd
+    else {
+        bail!("internal error: not the mount command");
+    };
+    need_root("mount")?;
+    let repo = open_repo(cli)?;
+    let _l = crate::lock::for_reading(&repo, "mount", LOCK_WAIT)?;
+    let (id, snap) = repo.resolve(snapshot, volume.as_deref())?;
+    crate::mounts::mount_snapshot(&cli.state_dir, &repo, &id, &snap, target)?;
+    crate::mounts::evict_to_size(&cli.state_dir, *cache_max)
+}
+
+fn cmd_umount(cli: &Cli) -> Result<()> {
+    let Cmd::Umount { target } = &cli.cmd else {
+        bail!("internal error: not the umount command");
+    };
+    need_root("umount")?;
+    crate::mounts::umount(&cli.state_dir, target)
+}
+
+fn cmd_down(cli: &Cli) -> Result<()> {
+    let Cmd::Down { path, wait } = &cli.cmd else {
+        bail!("internal error: not the down command");
+    };
+    need_root("down")?;
+    let mut vol = volume::find(&cli.state_dir, path)?;
+    volume::down(&mut vol, Duration::from_secs(*wait))
+}
+
+fn cmd_up(cli: &Cli) -> Result<()> {
+    let Cmd::Up { path, all } = &cli.cmd else {
+        bail!("internal error: not the up command");
+    };
+    need_root("up")?;
+    let vols = if *all {
+        volume::all(&cli.state_dir)?
+    } else {
+        vec![volume::find(
+            &cli.state_dir,
+            path.as_deref().unwrap_or(Path::new(".")),
+        )?]
+    };
+    let mut first_err = None;
+    for mut v in vols {
+        if let Err(e) = volume::up(&mut v) {
+            eprintln!("laybak: volume {}: {e:#}", v.st.name);
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+fn cmd_detach(cli: &Cli) -> Result<()> {
+    let Cmd::Detach { path, wait } = &cli.cmd else {
+        bail!("internal error: not the detach command");
+    };
+    need_root("detach")?;
+    let mut vol = volume::find(&cli.state_dir, path)?;
+    let pending = volume::detach(&mut vol, Duration::from_secs(*wait))?;
+    if pending > 0 {
+        eprintln!(
+            "laybak: note: {pending} layer(s) of {} were never archived; their changes are in the directory but in no snapshot",
+            vol.st.name
+        );
+    }
+    Ok(())
+}
+
+fn cmd_forget(cli: &Cli) -> Result<()> {
+    let Cmd::Forget {
+        volume,
+        host,
+        keep,
+        dry_run,
+        prune,
+        max_unused,
+        json,
+    } = &cli.cmd
+    else {
+        bail!("internal error: not the forget command");
+    };
+    let policy = keep.policy();
+    if policy.is_empty() {
+        return Err(Failure::new(Kind::Usage,
+            "no retention rule given: pass at least one --keep-* option (the newest snapshot of each volume is always kept)",
+        )
+        .into());
+    }
+    let repo = open_repo(cli)?;
+    let keep_fn = crate::reclaim::keep_by(policy);
+    let scope = crate::reclaim::Scope {
+        volume: volume.as_deref(),
+        host: host.as_deref(),
+    };
+    run_forget(
+        &cli.state_dir,
+        &repo,
+        &keep_fn,
+        scope,
+        *dry_run,
+        prune.then_some(*max_unused),
+        *json,
+    )
+}
+
+fn cmd_squash(cli: &Cli) -> Result<()> {
+    let Cmd::Squash {
+        volume,
+        until,
+        dry_run,
+        json,
+    } = &cli.cmd
+    else {
+        bail!("internal error: not the squash command");
+    };
+    let repo = open_repo(cli)?;
+    let (id, snap) = repo.resolve(until, Some(volume))?;
+    if &snap.volume != volume {
+        bail!(
+            "snapshot {} belongs to volume {}, not {volume}",
+            id.short(),
+            snap.volume
+        );
+    }
+    let keep_fn = crate::reclaim::keep_from(id);
+    let scope = crate::reclaim::Scope {
+        volume: Some(volume),
+        host: Some(&snap.hostname),
+    };
+    run_forget(
+        &cli.state_dir,
+        &repo,
+        &keep_fn,
+        scope,
+        *dry_run,
+        None,
+        *json,
+    )
+}
+
+fn cmd_prune(cli: &Cli) -> Result<()> {
+    let Cmd::Prune {
+        dry_run,
+        max_unused,
+        json,
+    } = &cli.cmd
+    else {
+        bail!("internal error: not the prune command");
+    };
+    let repo = open_repo(cli)?;
+    let r = crate::reclaim::prune(&repo, *max_unused, *dry_run, None)?;
+    print_prune(&r, *dry_run, *json)
+}
+
+fn cmd_policy(cli: &Cli) -> Result<()> {
+    let Cmd::Policy {
+        path,
+        keep,
+        clear,
+        rotation,
+        before,
+        after,
+        hook_timeout,
+        max_layers,
+    } = &cli.cmd
+    else {
+        bail!("internal error: not the policy command");
+    };
+    let mut vol = volume::find(&cli.state_dir, path)?;
+    let _lock = vol.lock()?;
+    if let Some(m) = max_layers {
+        vol.st.max_layers = (*m).clamp(2, 400);
+        vol.save()?;
+    }
+    if let Some(r) = rotation {
+        vol.st.strict_rotation = matches!(r, Rotation::Strict);
+        vol.save()?;
+    }
+    if before.is_some() || after.is_some() || hook_timeout.is_some() {
+        let mut h = vol.st.hooks.clone().unwrap_or(crate::hooks::Hooks {
+            timeout_secs: crate::hooks::DEFAULT_TIMEOUT_SECS,
+            ..Default::default()
+        });
+        let set = |v: &Option<String>, old: Option<String>| match v {
+            Some(c) if c.is_empty() => None,
+            Some(c) => Some(c.clone()),
+            None => old,
+        };
+        h.before = set(before, h.before.take());
+        h.after = set(after, h.after.take());
+        if let Some(t) = hook_timeout {
+            h.timeout_secs = *t;
+        }
+        vol.st.hooks = (h.before.is_some() || h.after.is_some()).then_some(h);
+        vol.save()?;
+    }
+    let p = keep.policy();
+    if *clear {
+        vol.st.policy = None;
+        vol.save()?;
+    } else if !p.is_empty() {
+        vol.st.policy = Some(p);
+        vol.save()?;
+    }
+    println!("{}", serde_json::to_string_pretty(&vol.st.policy)?);
+    Ok(())
+}
+
+fn cmd_repair(cli: &Cli) -> Result<()> {
+    let Cmd::Repair {
+        what: RepairWhat::Index,
+    } = &cli.cmd
+    else {
+        bail!("internal error: not the repair command");
+    };
+    let repo = open_repo(cli)?;
+    let r = crate::reclaim::repair_index(&repo)?;
+    for p in &r.unreadable_packs {
+        eprintln!("laybak: unreadable pack {p}");
+    }
+    println!(
+        "indexed {} blobs from {} packs; {} damaged blobs and {} unreadable packs left out",
+        r.blobs,
+        r.packs,
+        r.bad_blobs,
+        r.unreadable_packs.len()
+    );
+    Ok(())
+}
+
+fn cmd_check(cli: &Cli) -> Result<()> {
+    let Cmd::Check { read_data, json } = &cli.cmd else {
+        bail!("internal error: not the check command");
+    };
+    let repo = open_repo(cli)?;
+    let _l = crate::lock::for_reading(&repo, "check", LOCK_WAIT)?;
+    let r = crate::check::check(&repo, *read_data, tty())?;
+    if *json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        for n in &r.notes {
+            eprintln!("note: {n}");
+        }
+        for e in &r.errors {
+            eprintln!("error: {e}");
+        }
+        for s in &r.damaged_snapshots {
+            eprintln!("damaged snapshot: {s}");
+        }
+        println!(
+            "checked {} snapshots, {} layers, {} packs{}: {}",
+            r.snapshots,
+            r.layers,
+            r.packs,
+            if *read_data {
+                format!(", {} bytes read", r.bytes_read)
+            } else {
+                String::new()
+            },
+            if r.errors.is_empty() {
+                "no errors".to_string()
+            } else {
+                format!("{} errors", r.errors.len())
+            }
+        );
+    }
+    if !r.errors.is_empty() {
+        return Err(Failure::new(
+            Kind::Damaged,
+            format!(
+                "repository has {} errors affecting {} snapshots (see above)",
+                r.errors.len(),
+                r.damaged_snapshots.len()
+            ),
+        )
+        .into());
+    }
+    Ok(())
 }
 
 const LOCK_WAIT: Duration = Duration::from_secs(60);
