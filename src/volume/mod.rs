@@ -1,6 +1,6 @@
 //! Volumes: their state (this file), and by concern: [`lifecycle`]
-//! (attach, up, down, detach), [`rotate`] (snapshot's seal and swap,
-//! merges, folds), [`archive`] (pending layers into the repository),
+//! (attach, up, down, detach), [`rotate`](mod@rotate) (snapshot's seal and swap,
+//! merges, folds), [`archive`](mod@archive) (pending layers into the repository),
 //! [`lineage`] (status, local layers of repository snapshots).
 //!
 //! A volume's layer store lives inside the volume directory itself, in
