@@ -25,6 +25,16 @@ pub struct Report {
     pub notes: Vec<String>,
 }
 
+/// What the phases of a check share: the report, and what the index says.
+struct Checker<'r> {
+    repo: &'r Repo,
+    r: Report,
+    blobs: HashMap<BlobId, repo::BlobLoc>,
+    packs: HashMap<PackId, u64>,
+    bad_packs: HashSet<PackId>,
+    bad_blobs: HashSet<BlobId>,
+}
+
 /// Check the repository. With `read_data`, read every pack and verify every
 /// blob's blake3.
 ///
@@ -32,186 +42,229 @@ pub struct Report {
 /// Only when the repository cannot be listed at all; damage is reported in
 /// the [`Report`].
 pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
-    let mut r = Report::default();
-    // Indexes.
-    let mut blobs: HashMap<BlobId, repo::BlobLoc> = HashMap::new();
-    let mut packs: HashMap<PackId, u64> = HashMap::new();
-    for id in repo.index_ids()? {
-        match repo.read_index(&id) {
-            Ok(ps) => {
-                for p in ps {
-                    packs.insert(p.id, p.size);
-                    for b in p.blobs {
-                        blobs.insert(
-                            b.id,
-                            repo::BlobLoc {
+    let mut c = Checker {
+        repo,
+        r: Report::default(),
+        blobs: HashMap::new(),
+        packs: HashMap::new(),
+        bad_packs: HashSet::new(),
+        bad_blobs: HashSet::new(),
+    };
+    c.indexes()?;
+    c.pack_files()?;
+    if read_data {
+        c.read_data(progress);
+    }
+    c.snapshots()?;
+    Ok(c.r)
+}
+
+impl Checker<'_> {
+    /// Read every index file: which blobs live where.
+    fn indexes(&mut self) -> Result<()> {
+        for id in self.repo.index_ids()? {
+            match self.repo.read_index(&id) {
+                Ok(ps) => {
+                    for p in ps {
+                        self.packs.insert(p.id, p.size);
+                        for b in p.blobs {
+                            let loc = repo::BlobLoc {
                                 pack: p.id,
                                 blob: b,
-                            },
-                        );
+                            };
+                            self.blobs.insert(b.id, loc);
+                        }
                     }
                 }
+                Err(e) => self.r.errors.push(format!("index {}: {e:#}", id.short())),
             }
-            Err(e) => r.errors.push(format!("index {}: {e:#}", id.short())),
         }
+        self.r.packs = self.packs.len();
+        Ok(())
     }
-    r.packs = packs.len();
-    let pack_files = repo.list(crate::format::FileKind::Pack)?;
-    let listed: HashMap<PackId, u64> = pack_files
-        .files
-        .iter()
-        .map(|f| (PackId(f.id), f.size))
-        .collect();
-    for name in &pack_files.stray {
-        r.notes.push(format!("stray file packs/{name}"));
-    }
-    let mut bad_packs: HashSet<PackId> = HashSet::new();
-    let mut bad_blobs: HashSet<BlobId> = HashSet::new();
-    for (id, size) in &packs {
-        let Some(&s) = listed.get(id) else {
-            r.errors.push(format!("pack {} is missing", id.short()));
-            bad_packs.insert(*id);
-            continue;
-        };
-        if s != *size {
-            r.errors.push(format!(
-                "pack {} has size {s}, the index says {size}",
-                id.short()
-            ));
-            bad_packs.insert(*id);
+
+    /// Every indexed pack exists with the size the index says.
+    fn pack_files(&mut self) -> Result<()> {
+        let pack_files = self.repo.list(crate::format::FileKind::Pack)?;
+        let listed: HashMap<PackId, u64> = pack_files
+            .files
+            .iter()
+            .map(|f| (PackId(f.id), f.size))
+            .collect();
+        let r = &mut self.r;
+        for name in &pack_files.stray {
+            r.notes.push(format!("stray file packs/{name}"));
         }
-    }
-    for id in listed.keys() {
-        if !packs.contains_key(id) {
-            r.notes.push(format!(
-                "pack {} is not in any index (left by an interrupted run; harmless)",
-                id.short()
-            ));
+        for (id, size) in &self.packs {
+            let Some(&s) = listed.get(id) else {
+                r.errors.push(format!("pack {} is missing", id.short()));
+                self.bad_packs.insert(*id);
+                continue;
+            };
+            if s != *size {
+                r.errors.push(format!(
+                    "pack {} has size {s}, the index says {size}",
+                    id.short()
+                ));
+                self.bad_packs.insert(*id);
+            }
         }
+        for id in listed.keys() {
+            if !self.packs.contains_key(id) {
+                r.notes.push(format!(
+                    "pack {} is not in any index (left by an interrupted run; harmless)",
+                    id.short()
+                ));
+            }
+        }
+        Ok(())
     }
-    // Data.
-    if read_data {
+
+    /// Read every pack and verify every blob in it.
+    fn read_data(&mut self, progress: bool) {
         let bar = progress.then(|| crate::progress::bytes_bar("reading packs"));
         if let Some(b) = &bar {
-            b.set_length(packs.values().sum());
+            b.set_length(self.packs.values().sum());
         }
         let mut by_pack: HashMap<PackId, Vec<repo::PackBlob>> = HashMap::new();
-        for l in blobs.values() {
+        for l in self.blobs.values() {
             by_pack.entry(l.pack).or_default().push(l.blob);
         }
-        let todo: Vec<PackId> = packs
+        let todo: Vec<PackId> = self
+            .packs
             .keys()
-            .filter(|id| !bad_packs.contains(id))
+            .filter(|id| !self.bad_packs.contains(id))
             .copied()
             .collect();
         for id in &todo {
-            let (data, intact) = match repo.read_pack(id) {
+            let (data, intact) = match self.repo.read_pack(id) {
                 Ok(p) => (p.data, p.intact),
                 Err(e) => {
-                    r.errors
-                        .push(format!("pack {}: {}", id.short(), e.root_cause()));
-                    bad_packs.insert(*id);
+                    let why = e.root_cause();
+                    self.r.errors.push(format!("pack {}: {why}", id.short()));
+                    self.bad_packs.insert(*id);
                     continue;
                 }
             };
-            r.bytes_read += data.len() as u64;
+            self.r.bytes_read += data.len() as u64;
             if let Some(b) = &bar {
                 b.inc(data.len() as u64);
             }
-            // A damaged pack is reported; what it costs is decided blob by
-            // blob below (its intact blobs still restore).
-            if !intact {
-                r.errors
-                    .push(format!("pack {} is corrupt (blake3 mismatch)", id.short()));
-            }
-            if let Err(e) = repo::parse_pack_tail(&data) {
-                r.errors.push(format!("pack {}: {e:#}", id.short()));
-            }
-            for b in by_pack.get(id).map(Vec::as_slice).unwrap_or_default() {
-                let b = *b;
-                let start = b.offset as usize;
-                let Some(raw) = start
-                    .checked_add(b.len as usize)
-                    .and_then(|end| data.get(start..end))
-                else {
-                    r.errors.push(format!(
-                        "blob {} lies outside pack {}",
-                        b.id.short(),
-                        id.short()
-                    ));
-                    bad_blobs.insert(b.id);
-                    continue;
-                };
-                if let Err(e) = repo::decode_blob(&b, raw.to_vec()) {
-                    r.errors.push(format!("pack {}: {e:#}", id.short()));
-                    bad_blobs.insert(b.id);
-                }
-            }
+            self.verify_pack(id, &data, intact, by_pack.get(id).map(Vec::as_slice));
         }
         if let Some(b) = bar {
             b.finish_and_clear();
         }
     }
-    // Snapshots and layers.
-    let mut layer_ok: HashMap<LayerId, bool> = HashMap::new();
-    let mut damaged = BTreeSet::new();
-    let snapshot_files = repo.list(crate::format::FileKind::Snapshot)?;
-    for name in &snapshot_files.stray {
-        r.notes.push(format!("stray file snapshots/{name}"));
-    }
-    for sid in snapshot_files.files.iter().map(|f| SnapshotId(f.id)) {
-        r.snapshots += 1;
-        let snap = match repo.read_snapshot(&sid) {
-            Ok(s) => s,
-            Err(e) => {
-                r.errors.push(format!("snapshot {}: {e:#}", sid.short()));
-                damaged.insert(sid.hex());
+
+    /// A damaged pack is reported; what it costs is decided blob by blob
+    /// (its intact blobs still restore).
+    fn verify_pack(
+        &mut self,
+        id: &PackId,
+        data: &[u8],
+        intact: bool,
+        blobs: Option<&[repo::PackBlob]>,
+    ) {
+        let r = &mut self.r;
+        if !intact {
+            r.errors
+                .push(format!("pack {} is corrupt (blake3 mismatch)", id.short()));
+        }
+        if let Err(e) = repo::parse_pack_tail(data) {
+            r.errors.push(format!("pack {}: {e:#}", id.short()));
+        }
+        for b in blobs.unwrap_or_default() {
+            let b = *b;
+            let start = b.offset as usize;
+            let Some(raw) = start
+                .checked_add(b.len as usize)
+                .and_then(|end| data.get(start..end))
+            else {
+                r.errors.push(format!(
+                    "blob {} lies outside pack {}",
+                    b.id.short(),
+                    id.short()
+                ));
+                self.bad_blobs.insert(b.id);
                 continue;
-            }
-        };
-        for lid in &snap.layers {
-            let ok = *layer_ok
-                .entry(*lid)
-                .or_insert_with(|| match repo.read_layer(lid) {
-                    Ok(layer) => {
-                        let mut ok = true;
-                        let mut missing = 0usize;
-                        for e in &layer.entries {
-                            if let Node::File { extents, .. } = &e.node {
-                                for c in extents.iter().flat_map(|x| &x.chunks) {
-                                    match blobs.get(&c.id) {
-                                        None => missing += 1,
-                                        Some(l)
-                                            if bad_packs.contains(&l.pack)
-                                                || bad_blobs.contains(&c.id) =>
-                                        {
-                                            missing += 1
-                                        }
-                                        _ => {}
-                                    }
-                                }
-                            }
-                        }
-                        if missing > 0 {
-                            r.errors.push(format!(
-                                "layer {}: {missing} chunks are missing or damaged",
-                                lid.short()
-                            ));
-                            ok = false;
-                        }
-                        ok
-                    }
-                    Err(e) => {
-                        r.errors.push(format!("layer {}: {e:#}", lid.short()));
-                        false
-                    }
-                });
-            if !ok {
-                damaged.insert(sid.hex());
+            };
+            if let Err(e) = repo::decode_blob(&b, raw.to_vec()) {
+                r.errors.push(format!("pack {}: {e:#}", id.short()));
+                self.bad_blobs.insert(b.id);
             }
         }
     }
-    r.layers = layer_ok.len();
-    r.damaged_snapshots = damaged.into_iter().collect();
-    Ok(r)
+
+    /// Every snapshot's layers read, and every chunk they use is indexed
+    /// in a pack that is present (and, with `--read-data`, verified).
+    fn snapshots(&mut self) -> Result<()> {
+        let mut layer_ok: HashMap<LayerId, bool> = HashMap::new();
+        let mut damaged = BTreeSet::new();
+        let snapshot_files = self.repo.list(crate::format::FileKind::Snapshot)?;
+        for name in &snapshot_files.stray {
+            self.r.notes.push(format!("stray file snapshots/{name}"));
+        }
+        for sid in snapshot_files.files.iter().map(|f| SnapshotId(f.id)) {
+            self.r.snapshots += 1;
+            let snap = match self.repo.read_snapshot(&sid) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.r
+                        .errors
+                        .push(format!("snapshot {}: {e:#}", sid.short()));
+                    damaged.insert(sid.hex());
+                    continue;
+                }
+            };
+            for lid in &snap.layers {
+                let ok = match layer_ok.get(lid) {
+                    Some(ok) => *ok,
+                    None => {
+                        let ok = self.layer(lid);
+                        layer_ok.insert(*lid, ok);
+                        ok
+                    }
+                };
+                if !ok {
+                    damaged.insert(sid.hex());
+                }
+            }
+        }
+        self.r.layers = layer_ok.len();
+        self.r.damaged_snapshots = damaged.into_iter().collect();
+        Ok(())
+    }
+
+    /// Whether one layer reads and all its chunks are there.
+    fn layer(&mut self, lid: &LayerId) -> bool {
+        let layer = match self.repo.read_layer(lid) {
+            Ok(l) => l,
+            Err(e) => {
+                self.r.errors.push(format!("layer {}: {e:#}", lid.short()));
+                return false;
+            }
+        };
+        let mut missing = 0usize;
+        for e in &layer.entries {
+            if let Node::File { extents, .. } = &e.node {
+                for c in extents.iter().flat_map(|x| &x.chunks) {
+                    let gone = match self.blobs.get(&c.id) {
+                        None => true,
+                        Some(l) => {
+                            self.bad_packs.contains(&l.pack) || self.bad_blobs.contains(&c.id)
+                        }
+                    };
+                    missing += usize::from(gone);
+                }
+            }
+        }
+        if missing > 0 {
+            self.r.errors.push(format!(
+                "layer {}: {missing} chunks are missing or damaged",
+                lid.short()
+            ));
+        }
+        missing == 0
+    }
 }

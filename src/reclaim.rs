@@ -442,11 +442,17 @@ fn blobs_of(layer: &Layer, out: &mut HashSet<BlobId>) {
 
 /// Mark what the snapshots use, classify packs, and build the repacked
 /// packs and the new index in memory. Writes nothing.
-fn plan_prune(
-    repo: &Repo,
-    max_unused: f64,
-    extra: Option<(&Plan, &[(LayerId, Layer)])>,
-) -> Result<PrunePlan> {
+/// What the snapshots use: each one's layers, all used layers, and the
+/// blobs those layers reference.
+struct Marked {
+    seen: HashMap<SnapshotId, Vec<LayerId>>,
+    used_layers: BTreeSet<LayerId>,
+    used_blobs: HashSet<BlobId>,
+}
+
+/// Mark: the snapshots (as `extra`, a dry-run forget, would leave them) and
+/// everything they use.
+fn mark(repo: &Repo, extra: Option<(&Plan, &[(LayerId, Layer)])>) -> Result<Marked> {
     let mut snaps = repo.snapshots()?;
     let mut extra_layers: HashMap<LayerId, &Layer> = HashMap::new();
     if let Some((plan, layers)) = extra {
@@ -461,7 +467,6 @@ fn plan_prune(
             extra_layers.insert(*id, l);
         }
     }
-    // Mark.
     let seen: HashMap<SnapshotId, Vec<LayerId>> =
         snaps.iter().map(|(i, s)| (*i, s.layers.clone())).collect();
     let used_layers: BTreeSet<LayerId> = snaps
@@ -475,20 +480,30 @@ fn plan_prune(
             None => blobs_of(&repo.read_layer(l)?, &mut used_blobs),
         }
     }
-    // Classify packs.
-    let mut report = PruneReport::default();
-    let mut removed: u64 = 0;
-    let mut added: u64 = 0;
-    let index_files = repo.list(FileKind::Index)?.files;
-    let mut packs: BTreeMap<PackId, IndexPack> = BTreeMap::new();
-    for i in &index_files {
-        for p in repo.read_index(&IndexId(i.id))? {
-            packs.insert(p.id, p);
-        }
-    }
-    let mut keep_packs: Vec<IndexPack> = Vec::new();
-    let mut repack: Vec<(IndexPack, Vec<PackBlob>)> = Vec::new();
-    let mut delete_packs: Vec<PackId> = Vec::new();
+    Ok(Marked {
+        seen,
+        used_layers,
+        used_blobs,
+    })
+}
+
+/// Packs sorted into kept (with their unused bytes), to repack (with the
+/// blobs to copy) and to delete. Each used blob is claimed by the first
+/// pack (in id order) that has it; other copies count as unused.
+#[derive(Default)]
+struct Classified {
+    keep: Vec<IndexPack>,
+    repack: Vec<(IndexPack, Vec<PackBlob>)>,
+    delete: Vec<PackId>,
+    unused_kept: u64,
+}
+
+fn classify(
+    packs: &BTreeMap<PackId, IndexPack>,
+    used_blobs: &HashSet<BlobId>,
+    max_unused: f64,
+) -> Classified {
+    let mut c = Classified::default();
     let mut seen_blobs: HashSet<BlobId> = HashSet::new();
     for p in packs.values() {
         let mut used = Vec::new();
@@ -501,38 +516,23 @@ fn plan_prune(
             }
         }
         if used.is_empty() {
-            delete_packs.push(p.id);
+            c.delete.push(p.id);
         } else if unused_bytes as f64 > max_unused * p.size as f64 {
-            repack.push((p.clone(), used));
+            c.repack.push((p.clone(), used));
         } else {
-            report.unused_bytes_kept += unused_bytes;
-            keep_packs.push(p.clone());
+            c.unused_kept += unused_bytes;
+            c.keep.push(p.clone());
         }
     }
-    let pack_sizes: HashMap<PackId, u64> = repo.ids::<PackId>()?.into_iter().collect();
-    let unindexed: Vec<PackId> = pack_sizes
-        .keys()
-        .filter(|id| !packs.contains_key(id))
-        .copied()
-        .collect();
-    // Layers no snapshot references.
-    let dead_layers: Vec<(LayerId, u64)> = repo
-        .ids::<LayerId>()?
-        .into_iter()
-        .filter(|(l, _)| !used_layers.contains(l))
-        .collect();
-    let pack_size = |id: &PackId| pack_sizes.get(id).copied().unwrap_or(0);
-    for id in delete_packs.iter().chain(&unindexed) {
-        removed += pack_size(id);
-    }
-    for (_, size) in &dead_layers {
-        removed += size;
-    }
-    // Repack: copy the stored bytes of used blobs into new packs.
+    c
+}
+
+/// Copy the stored bytes of the used blobs of `repack` into new packs,
+/// each blob verified first.
+fn repack(repo: &Repo, repack: &[(IndexPack, Vec<PackBlob>)]) -> Result<Vec<repo::SealedPack>> {
     let mut writer = repo::PackAssembler::new(repo.config.pack_size as usize);
     let mut new_packs: Vec<repo::SealedPack> = Vec::new();
-    for (p, used) in &repack {
-        removed += p.size;
+    for (p, used) in repack {
         let pack = repo
             .read_pack(&p.id)
             .with_context(|| format!("cannot read pack {} to repack it", p.id.short()))?;
@@ -556,6 +556,58 @@ fn plan_prune(
     if let Some(done) = writer.finish() {
         new_packs.push(done);
     }
+    Ok(new_packs)
+}
+
+fn plan_prune(
+    repo: &Repo,
+    max_unused: f64,
+    extra: Option<(&Plan, &[(LayerId, Layer)])>,
+) -> Result<PrunePlan> {
+    let Marked {
+        seen,
+        used_layers,
+        used_blobs,
+    } = mark(repo, extra)?;
+    // Classify packs.
+    let mut report = PruneReport::default();
+    let mut removed: u64 = 0;
+    let mut added: u64 = 0;
+    let index_files = repo.list(FileKind::Index)?.files;
+    let mut packs: BTreeMap<PackId, IndexPack> = BTreeMap::new();
+    for i in &index_files {
+        for p in repo.read_index(&IndexId(i.id))? {
+            packs.insert(p.id, p);
+        }
+    }
+    let Classified {
+        keep: keep_packs,
+        repack: to_repack,
+        delete: delete_packs,
+        unused_kept,
+    } = classify(&packs, &used_blobs, max_unused);
+    report.unused_bytes_kept = unused_kept;
+    let pack_sizes: HashMap<PackId, u64> = repo.ids::<PackId>()?.into_iter().collect();
+    let unindexed: Vec<PackId> = pack_sizes
+        .keys()
+        .filter(|id| !packs.contains_key(id))
+        .copied()
+        .collect();
+    // Layers no snapshot references.
+    let dead_layers: Vec<(LayerId, u64)> = repo
+        .ids::<LayerId>()?
+        .into_iter()
+        .filter(|(l, _)| !used_layers.contains(l))
+        .collect();
+    let pack_size = |id: &PackId| pack_sizes.get(id).copied().unwrap_or(0);
+    for id in delete_packs.iter().chain(&unindexed) {
+        removed += pack_size(id);
+    }
+    for (_, size) in &dead_layers {
+        removed += size;
+    }
+    removed += to_repack.iter().map(|(p, _)| p.size).sum::<u64>();
+    let new_packs = repack(repo, &to_repack)?;
     // A rerun after a crash can rebuild a pack the crashed run already
     // wrote (same content, same id): it is then new and also unindexed, or
     // indexed but with every blob claimed by the old pack it was made
@@ -575,7 +627,7 @@ fn plan_prune(
     };
     let unindexed = keep_new(unindexed, &mut removed);
     let delete_packs = keep_new(delete_packs, &mut removed);
-    let repacked = keep_new(repack.iter().map(|(p, _)| p.id).collect(), &mut removed);
+    let repacked = keep_new(to_repack.iter().map(|(p, _)| p.id).collect(), &mut removed);
     for p in &new_packs {
         if !pack_sizes.contains_key(&p.index.id) {
             added += p.file.len();
@@ -596,12 +648,12 @@ fn plan_prune(
     }
     report.packs_unindexed = unindexed.len();
     report.packs_deleted = delete_packs.len();
-    report.packs_repacked = repack.len();
+    report.packs_repacked = to_repack.len();
     report.packs_written = new_packs.len();
     report.layers_deleted = dead_layers.len();
     report.indexes_replaced = index_files.len();
     report.bytes_freed = removed.saturating_sub(added);
-    let idle = repack.is_empty()
+    let idle = to_repack.is_empty()
         && delete_packs.is_empty()
         && unindexed.is_empty()
         && dead_layers.is_empty();
