@@ -419,9 +419,6 @@ pub fn write_tree(
         cached: None,
     };
     let mut stats = Stats::default();
-    let mut first_link: HashMap<(usize, u32), &[u8]> = HashMap::new();
-    let mut files: Vec<&Entry> = Vec::new();
-    let mut dirs: Vec<&Entry> = Vec::new();
     if let Some(p) = progress {
         p.set_length(
             items
@@ -434,6 +431,46 @@ pub fn write_tree(
         );
     }
     // Pass 1: the structure, sequentially (parents before children).
+    let (files, dirs) = structure(&mut w, items, mode, safety, &mut stats)?;
+    drop(w.cached.take());
+    crate::failpoint::hit("restore-structure")?;
+    // Pass 2: file data, in parallel across files and, for big files,
+    // across runs of chunks within the file; small files get their metadata
+    // in the same task (one open), big ones in pass 2b.
+    let (bytes, tasks) = file_data(repo, &w, &files, mode, progress)?;
+    // Pass 2b: metadata of the files written in several tasks.
+    let big: Vec<usize> = tasks.iter().filter(|t| !t.2).map(|t| t.0).collect();
+    let mut big_files: Vec<usize> = big;
+    big_files.dedup();
+    big_files.par_iter().try_for_each(|&i| -> Result<()> {
+        let e = files[i];
+        let f = w.open_file(&e.path)?;
+        apply_meta_fd(&f, e, w.as_root, mode, w.safety)
+    })?;
+    stats.bytes = bytes;
+    // Pass 3: directory metadata, deepest first, so child creation does not
+    // disturb a parent's restored mtime.
+    for e in dirs.iter().rev() {
+        let fd = w.open_dir(&e.path)?;
+        apply_meta_fd(&fd, e, w.as_root, mode, w.safety)?;
+    }
+    rustix::fs::syncfs(w.root).map_err(|e| anyhow!("syncfs {}: {e}", target.shown.display()))?;
+    Ok(stats)
+}
+
+/// Pass 1 of [`write_tree`]: every entry created (files empty, at their
+/// size), hard links made, metadata of everything but files and
+/// directories applied. Returns the files and directories to finish.
+fn structure<'a>(
+    w: &mut Writer<'_>,
+    items: &'a [Item<'a>],
+    mode: Target,
+    safety: Safety,
+    stats: &mut Stats,
+) -> Result<(Vec<&'a Entry>, Vec<&'a Entry>)> {
+    let mut first_link: HashMap<(usize, u32), &[u8]> = HashMap::new();
+    let mut files: Vec<&Entry> = Vec::new();
+    let mut dirs: Vec<&Entry> = Vec::new();
     for it in items {
         let e = it.entry;
         if !path_is_safe(&e.path) {
@@ -518,11 +555,18 @@ pub fn write_tree(
             apply_meta_at(pdir, name, e, as_root, mode, safety)?;
         }
     }
-    drop(w.cached.take());
-    crate::failpoint::hit("restore-structure")?;
-    // Pass 2: file data, in parallel across files and, for big files,
-    // across runs of chunks within the file; small files get their metadata
-    // in the same task (one open), big ones in pass 2b.
+    Ok((files, dirs))
+}
+
+/// Pass 2 of [`write_tree`]: the data of every file, in parallel.
+/// Returns the bytes written and the tasks (for pass 2b).
+fn file_data<'a>(
+    repo: &Repo,
+    w: &Writer<'_>,
+    files: &[&'a Entry],
+    mode: Target,
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<(u64, Vec<WriteTask<'a>>)> {
     // (file, its chunks with offsets, whether this task has the whole file)
     let mut tasks: Vec<WriteTask<'_>> = Vec::new();
     for (i, e) in files.iter().enumerate() {
@@ -574,22 +618,5 @@ pub fn write_tree(
             Ok(n)
         })
         .try_reduce(|| 0, |a, b| Ok(a + b))?;
-    // Pass 2b: metadata of the files written in several tasks.
-    let big: Vec<usize> = tasks.iter().filter(|t| !t.2).map(|t| t.0).collect();
-    let mut big_files: Vec<usize> = big;
-    big_files.dedup();
-    big_files.par_iter().try_for_each(|&i| -> Result<()> {
-        let e = files[i];
-        let f = w.open_file(&e.path)?;
-        apply_meta_fd(&f, e, w.as_root, mode, w.safety)
-    })?;
-    stats.bytes = bytes;
-    // Pass 3: directory metadata, deepest first, so child creation does not
-    // disturb a parent's restored mtime.
-    for e in dirs.iter().rev() {
-        let fd = w.open_dir(&e.path)?;
-        apply_meta_fd(&fd, e, w.as_root, mode, w.safety)?;
-    }
-    rustix::fs::syncfs(w.root).map_err(|e| anyhow!("syncfs {}: {e}", target.shown.display()))?;
-    Ok(stats)
+    Ok((bytes, tasks))
 }

@@ -294,6 +294,58 @@ fn freeze(top: &OwnedFd, ro: bool) -> rustix::io::Result<()> {
     rustix::mount::fsconfig_reconfigure(&fs)
 }
 
+/// Make the old generation read-only, retrying while files are open for
+/// writing, for up to `wait`.
+fn freeze_waiting(
+    how: Freeze,
+    target: &Target,
+    top: &OwnedFd,
+    wait: Duration,
+) -> std::result::Result<(), SwapError> {
+    let start = Instant::now();
+    loop {
+        let t = Instant::now();
+        match freeze_with(how, target, top, true) {
+            Ok(()) => {
+                if std::env::var_os("LAYBAK_DEBUG").is_some() {
+                    eprintln!("laybak: freeze ({how:?}) took {:?}", t.elapsed());
+                }
+                return Ok(());
+            }
+            Err(rustix::io::Errno::BUSY) if start.elapsed() < wait => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(rustix::io::Errno::BUSY) => return Err(SwapError::Writers),
+            Err(e) => {
+                return Err(SwapError::Failed(
+                    anyhow::Error::from(e).context("cannot freeze the volume read-only"),
+                ));
+            }
+        }
+    }
+}
+
+/// Attach detached mount `new` beneath the mount `top` is the root of.
+fn mount_beneath(new: &OwnedFd, top: &OwnedFd) -> std::result::Result<(), SwapError> {
+    match rustix::mount::move_mount(
+        new,
+        "",
+        top,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH
+            | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH
+            | MoveMountFlags::MOVE_MOUNT_BENEATH,
+    ) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::INVAL) => Err(SwapError::Unsupported(anyhow!(
+            "this kernel cannot mount beneath (MOVE_MOUNT_BENEATH needs Linux 6.5)"
+        ))),
+        Err(e) => Err(SwapError::Failed(
+            anyhow::Error::from(e).context("cannot mount the new generation"),
+        )),
+    }
+}
+
 /// Replace the live overlay at `target` (mount id `live`) by a new
 /// generation built from `spec`, with no moment at which the directory is
 /// missing: the new one is created detached, the old one's superblock is
@@ -351,26 +403,7 @@ pub fn swap_generation(
     };
     let start = Instant::now();
     let debug = std::env::var_os("LAYBAK_DEBUG").is_some();
-    loop {
-        let t = Instant::now();
-        match freeze_with(how, target, &top, true) {
-            Ok(()) => {
-                if debug {
-                    eprintln!("laybak: freeze ({how:?}) took {:?}", t.elapsed());
-                }
-                break;
-            }
-            Err(rustix::io::Errno::BUSY) if start.elapsed() < wait => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(rustix::io::Errno::BUSY) => return Err(SwapError::Writers),
-            Err(e) => {
-                return Err(SwapError::Failed(
-                    anyhow::Error::from(e).context("cannot freeze the volume read-only"),
-                ));
-            }
-        }
-    }
+    freeze_waiting(how, target, &top, wait)?;
     let thaw = |e: anyhow::Error| {
         let _ = freeze_with(how, target, &top, false);
         e
@@ -382,26 +415,12 @@ pub fn swap_generation(
         Ok(id) => id,
         Err(e) => return Err(SwapError::Failed(thaw(e))),
     };
-    match rustix::mount::move_mount(
-        &new,
-        "",
-        &top,
-        "",
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH
-            | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH
-            | MoveMountFlags::MOVE_MOUNT_BENEATH,
-    ) {
-        Ok(()) => {}
-        Err(rustix::io::Errno::INVAL) => {
-            return Err(SwapError::Unsupported(thaw(anyhow!(
-                "this kernel cannot mount beneath (MOVE_MOUNT_BENEATH needs Linux 6.5)"
-            ))));
-        }
-        Err(e) => {
-            return Err(SwapError::Failed(thaw(
-                anyhow::Error::from(e).context("cannot mount the new generation"),
-            )));
-        }
+    if let Err(e) = mount_beneath(&new, &top) {
+        return Err(match e {
+            SwapError::Unsupported(e) => SwapError::Unsupported(thaw(e)),
+            SwapError::Failed(e) => SwapError::Failed(thaw(e)),
+            other => other,
+        });
     }
     // Lazily detach the frozen old generation from above: nothing can
     // write through it any more, so nothing is lost with it.

@@ -172,86 +172,20 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
     crate::fsx::private_dir(state_dir)
         .with_context(|| format!("cannot create {}", state_dir.display()))?;
     let _attach_lock = state_lock(state_dir)?;
-    let existing = all(state_dir)?;
-    if let Some(v) = existing.iter().find(|v| v.st.path == path) {
-        bail!(
-            "{} is already attached as laybak volume {}",
-            path.display(),
-            v.st.name
-        );
-    }
-    if existing.iter().any(|v| v.st.name == name) {
-        bail!("a volume named {name} already exists: pass --name to choose another name");
-    }
-    if overlay::find_mount(&path)?.is_some_and(|m| m.fstype == "overlay") {
-        bail!(
-            "{} is already an overlay mount: laybak will not stack on it",
-            path.display()
-        );
-    }
-    refuse_attach_place(&path, state_dir, repo, &existing)?;
-    if path.join(STORE).exists() {
-        bail!(
-            "{} already contains {STORE}: an earlier attach was interrupted or the data belongs to another laybak; remove it or run `laybak up`",
-            path.display()
-        );
-    }
+    refuse_attach(state_dir, repo, &path, &name)?;
     // Refuse overlay artefacts in user data before touching anything.
     scan::walk(&path, Source::Base)?;
     let root_md = fs::symlink_metadata(&path)?;
     let store = path.join(STORE);
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&store)
-            .with_context(|| format!("cannot create {}", store.display()))?;
-    }
-    let vfd = crate::fsx::open_dir_path(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    if let Err(e) = probe_fs(&vfd) {
-        // Remove only what the probe made (empty directories): never a
-        // tree a user may have put under that name meanwhile.
-        if let Ok(st) = crate::fsx::open_subdir(&vfd, STORE.as_bytes()) {
-            let _ = rustix::fs::unlinkat(&st, "probe", rustix::fs::AtFlags::REMOVEDIR);
-        }
-        let _ = rustix::fs::unlinkat(&vfd, STORE, rustix::fs::AtFlags::REMOVEDIR);
-        return Err(e);
-    }
-    let st = VolumeState {
-        version: 1,
+    make_store(&path, &store)?;
+    let st = new_state(
         name,
-        path: path.clone(),
-        repo: repo.location.clone(),
-        max_layers: opts.max_layers.clamp(2, 400),
-        phase: Phase::Attaching,
-        layers: vec![LocalLayer {
-            seq: 1,
-            sealed: Time::now(),
-            tags: opts.tags,
-            archived: Vec::new(),
-            writing: None,
-            entries: 0,
-        }],
-        upper: 2,
-        next_seq: 3,
-        last_snapshot: None,
-        folding: None,
-        up: true,
-        attach_root_mtime: Some((root_md.mtime(), root_md.mtime_nsec())),
-        policy: None,
-        detach_root_mtime: None,
-        detach_store: None,
-        work: None,
-        rotating: None,
-        rotating_old: None,
-        old_gens: Vec::new(),
-        strict_rotation: false,
-        merging: None,
-        retired: Vec::new(),
-        hooks: None,
-        aliases: Default::default(),
-    };
+        &path,
+        repo,
+        opts.max_layers,
+        opts.tags,
+        (root_md.mtime(), root_md.mtime_nsec()),
+    );
     fs::create_dir_all(state_dir.join("volumes"))
         .with_context(|| format!("cannot create {}", state_dir.display()))?;
     let mut vol = Volume {
@@ -264,6 +198,107 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
     vol.save()?;
     finish_attach(&mut vol)?;
     Ok(vol)
+}
+
+/// Everything attach refuses before it changes anything: a path or name
+/// already attached, an overlay, a place laybak must not stack on, a
+/// leftover layer store.
+fn refuse_attach(state_dir: &Path, repo: &Repo, path: &Path, name: &str) -> Result<()> {
+    let existing = all(state_dir)?;
+    if let Some(v) = existing.iter().find(|v| v.st.path == path) {
+        bail!(
+            "{} is already attached as laybak volume {}",
+            path.display(),
+            v.st.name
+        );
+    }
+    if existing.iter().any(|v| v.st.name == name) {
+        bail!("a volume named {name} already exists: pass --name to choose another name");
+    }
+    if overlay::find_mount(path)?.is_some_and(|m| m.fstype == "overlay") {
+        bail!(
+            "{} is already an overlay mount: laybak will not stack on it",
+            path.display()
+        );
+    }
+    refuse_attach_place(path, state_dir, repo, &existing)?;
+    if path.join(STORE).exists() {
+        bail!(
+            "{} already contains {STORE}: an earlier attach was interrupted or the data belongs to another laybak; remove it or run `laybak up`",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Create the layer store in the volume directory and probe that its
+/// filesystem can hold overlay layers; on failure remove only what was made.
+fn make_store(path: &Path, store: &Path) -> Result<()> {
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(store)
+            .with_context(|| format!("cannot create {}", store.display()))?;
+    }
+    let vfd = crate::fsx::open_dir_path(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if let Err(e) = probe_fs(&vfd) {
+        // Remove only what the probe made (empty directories): never a
+        // tree a user may have put under that name meanwhile.
+        if let Ok(st) = crate::fsx::open_subdir(&vfd, STORE.as_bytes()) {
+            let _ = rustix::fs::unlinkat(&st, "probe", rustix::fs::AtFlags::REMOVEDIR);
+        }
+        let _ = rustix::fs::unlinkat(&vfd, STORE, rustix::fs::AtFlags::REMOVEDIR);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The state of a volume being attached: layer 1 takes the contents, 2 is
+/// the first upper.
+fn new_state(
+    name: String,
+    path: &Path,
+    repo: &Repo,
+    max_layers: usize,
+    tags: Vec<String>,
+    root_mtime: (i64, i64),
+) -> VolumeState {
+    VolumeState {
+        version: 1,
+        name,
+        path: path.to_path_buf(),
+        repo: repo.location.clone(),
+        max_layers: max_layers.clamp(2, 400),
+        phase: Phase::Attaching,
+        layers: vec![LocalLayer {
+            seq: 1,
+            sealed: Time::now(),
+            tags,
+            archived: Vec::new(),
+            writing: None,
+            entries: 0,
+        }],
+        upper: 2,
+        next_seq: 3,
+        last_snapshot: None,
+        folding: None,
+        up: true,
+        attach_root_mtime: Some(root_mtime),
+        policy: None,
+        detach_root_mtime: None,
+        detach_store: None,
+        work: None,
+        rotating: None,
+        rotating_old: None,
+        old_gens: Vec::new(),
+        strict_rotation: false,
+        merging: None,
+        retired: Vec::new(),
+        hooks: None,
+        aliases: Default::default(),
+    }
 }
 
 /// Move the volume's contents into the base layer (resumable), then mount.
