@@ -59,12 +59,12 @@ pub fn archive_layer(
     };
     crate::failpoint::hit("scan")?;
     let (layer, mut summary) = scan::scan(dir, source, &packer, &repo.config, bar.as_ref())?;
-    let (blobs, bytes) = packer.finish()?;
+    let added = packer.finish()?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    summary.new_blobs = blobs;
-    summary.new_bytes = bytes;
+    summary.new_blobs = added.blobs;
+    summary.new_bytes = added.bytes;
     crate::failpoint::hit("manifest-write")?;
     let layer_id = repo.write_layer(&layer)?;
     let mut layers = record.below;

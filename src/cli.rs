@@ -1040,14 +1040,14 @@ fn apply_policy(v: &Volume, prune: bool) -> Result<()> {
         );
     };
     let repo = Repo::open(&v.st.repo)?;
-    let (report, _, _) = {
+    let report = {
         let _l = crate::lock::shared(&repo, "forget", LOCK_WAIT)?;
         let host = Repo::hostname();
         let scope = crate::reclaim::Scope {
             volume: Some(&v.st.name),
             host: Some(&host),
         };
-        crate::reclaim::forget(&repo, &crate::reclaim::keep_by(policy), scope, false)?
+        crate::reclaim::forget(&repo, &crate::reclaim::keep_by(policy), scope, false)?.report
     };
     volume::note_squashed(&v.state_dir, &repo, &report.squashed)?;
     if prune {
@@ -1110,7 +1110,11 @@ fn run_forget(
     prune: Option<f64>,
     json: bool,
 ) -> Result<()> {
-    let (report, plan, layers) = {
+    let crate::reclaim::Forgot {
+        report,
+        plan,
+        new_layers: layers,
+    } = {
         let _l = if dry_run {
             None
         } else {

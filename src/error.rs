@@ -50,13 +50,15 @@ impl Kind {
     }
 }
 
-/// An error of a known [`Kind`]; `Display` is the message users see.
+/// An error of a known [`Kind`]; `Display` is the message users see, and
+/// the cause (if any) is its `source`.
 #[derive(Debug)]
 pub struct Error {
     /// Its kind.
     pub kind: Kind,
     /// The one-line message.
     pub msg: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 impl Error {
@@ -65,6 +67,20 @@ impl Error {
         Error {
             kind,
             msg: msg.into(),
+            source: None,
+        }
+    }
+
+    /// An error of `kind` caused by `source`.
+    pub fn caused(
+        kind: Kind,
+        msg: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Error {
+        Error {
+            kind,
+            msg: msg.into(),
+            source: Some(Box::new(source)),
         }
     }
 }
@@ -74,7 +90,13 @@ impl fmt::Display for Error {
         f.write_str(&self.msg)
     }
 }
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// A volume or lock is busy ([`Kind::Busy`]).
 #[derive(Debug)]

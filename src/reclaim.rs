@@ -145,6 +145,17 @@ pub struct ForgetReport {
     pub bytes_freed: i64,
 }
 
+/// What a forget did (or, dry, would do): the report users see, the plan
+/// it journaled, and the squashed layers it wrote.
+pub struct Forgot {
+    /// Kept, removed, rewritten, squashed.
+    pub report: ForgetReport,
+    /// The snapshot rewrites and deletions.
+    pub plan: Plan,
+    /// New squashed layers (already written unless dry).
+    pub new_layers: NewLayers,
+}
+
 /// A layer forget made by squashing others.
 #[derive(Clone, Debug, Serialize)]
 pub struct Squashed {
@@ -313,12 +324,7 @@ pub fn finish_plans(repo: &Repo) -> Result<usize> {
 ///
 /// # Errors
 /// Repository failures; a crash leaves a plan the next run completes.
-pub fn forget(
-    repo: &Repo,
-    keep_of: KeepFn<'_>,
-    scope: Scope<'_>,
-    dry_run: bool,
-) -> Result<(ForgetReport, Plan, NewLayers)> {
+pub fn forget(repo: &Repo, keep_of: KeepFn<'_>, scope: Scope<'_>, dry_run: bool) -> Result<Forgot> {
     if !dry_run {
         finish_plans(repo)?;
     }
@@ -357,7 +363,11 @@ pub fn forget(
     }
     report.bytes_freed = freed;
     if dry_run || (plan.rewrite.is_empty() && plan.delete.is_empty()) {
-        return Ok((report, plan, new_layers));
+        return Ok(Forgot {
+            report,
+            plan,
+            new_layers,
+        });
     }
     for (_, l) in &new_layers {
         crate::failpoint::hit("forget-layer")?;
@@ -367,7 +377,11 @@ pub fn forget(
     crate::failpoint::hit("forget-plan")?;
     let plan_id = PlanId(repo.write_file(FileKind::Plan, data)?);
     apply_plan(repo, &plan_id, &plan)?;
-    Ok((report, plan, new_layers))
+    Ok(Forgot {
+        report,
+        plan,
+        new_layers,
+    })
 }
 
 /// The keep function for `squash --until SNAP`: SNAP and everything after.

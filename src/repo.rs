@@ -1157,11 +1157,11 @@ impl<'r> Packer<'r> {
     }
 
     /// Flush the last pack and write the index for everything this packer
-    /// stored. Returns (new blobs, new stored bytes).
+    /// stored.
     ///
     /// # Errors
     /// Pack or index write failed.
-    pub fn finish(self) -> Result<(u64, u64)> {
+    pub fn finish(self) -> Result<Added> {
         let last = std::mem::replace(&mut *lock(&self.cur), PackBuf::new());
         self.write_pack(last)?;
         let done = std::mem::take(&mut *lock(&self.done));
@@ -1170,9 +1170,18 @@ impl<'r> Packer<'r> {
             self.repo.write_index(&done)?;
             self.repo.note_written(&done);
         }
-        let s = *lock(&self.stats);
-        Ok(s)
+        let (blobs, bytes) = *lock(&self.stats);
+        Ok(Added { blobs, bytes })
     }
+}
+
+/// What a [`Packer`] added to the repository.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Added {
+    /// New blobs.
+    pub blobs: u64,
+    /// Their stored (compressed) bytes.
+    pub bytes: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1193,8 +1202,7 @@ mod tests {
         p.add(BlobId(Id::of(&a)), &a).unwrap();
         p.add(BlobId(Id::of(&b)), &b).unwrap();
         p.add(BlobId(Id::of(&a)), &a).unwrap();
-        let (n, _) = p.finish().unwrap();
-        assert_eq!(n, 2);
+        assert_eq!(p.finish().unwrap().blobs, 2);
         let repo = Repo::open(&d.path().join("r")).unwrap();
         assert_eq!(repo.read_blob(&BlobId(Id::of(&a))).unwrap(), a);
         assert_eq!(repo.read_blob(&BlobId(Id::of(&b))).unwrap(), b);
