@@ -1041,7 +1041,6 @@ fn apply_policy(v: &Volume, prune: bool) -> Result<()> {
     };
     let repo = Repo::open(&v.st.repo)?;
     let report = {
-        let _l = crate::lock::shared(&repo, "forget", LOCK_WAIT)?;
         let host = Repo::hostname();
         let scope = crate::reclaim::Scope {
             volume: Some(&v.st.name),
@@ -1114,14 +1113,7 @@ fn run_forget(
         report,
         plan,
         new_layers: layers,
-    } = {
-        let _l = if dry_run {
-            None
-        } else {
-            Some(crate::lock::shared(repo, "forget", LOCK_WAIT)?)
-        };
-        crate::reclaim::forget(repo, keep_fn, scope, dry_run)?
-    };
+    } = crate::reclaim::forget(repo, keep_fn, scope, dry_run)?;
     if !dry_run {
         volume::note_squashed(state_dir, repo, &report.squashed)?;
         // Forgotten layers must not stay readable in the local cache.

@@ -145,6 +145,9 @@ pub struct ForgetReport {
     pub bytes_freed: i64,
 }
 
+/// How long a forget waits for a prune's sweep to finish.
+const FORGET_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What a forget did (or, dry, would do): the report users see, the plan
 /// it journaled, and the squashed layers it wrote.
 pub struct Forgot {
@@ -325,6 +328,12 @@ pub fn finish_plans(repo: &Repo) -> Result<usize> {
 /// # Errors
 /// Repository failures; a crash leaves a plan the next run completes.
 pub fn forget(repo: &Repo, keep_of: KeepFn<'_>, scope: Scope<'_>, dry_run: bool) -> Result<Forgot> {
+    // Shared: prune (exclusive in its sweep) must not delete the layers
+    // this writes before the records that use them.
+    let _lock = match dry_run {
+        true => None,
+        false => Some(crate::lock::shared(repo, "forget", FORGET_LOCK_WAIT)?),
+    };
     if !dry_run {
         finish_plans(repo)?;
     }
