@@ -85,7 +85,8 @@ ENV
 
 ceph_up() {
     local C=$D/ceph
-    if [ -f "$C/run/mon.a.pid" ]; then kill "$(cat "$C/run/mon.a.pid")" 2>/dev/null || true; fi
+    for pid in "$C"/run/*.pid; do [ -f "$pid" ] && kill -9 "$(cat "$pid")" 2>/dev/null || true; done
+    sleep 0.5
     rm -rf "$C"; mkdir -p "$C"/{run,log,mon}
     local fsid; fsid=$(uuidgen)
     cat > "$C/ceph.conf" <<CONF

@@ -93,6 +93,29 @@ fn backend_contract_holds_on_local_garage_and_ceph() {
         let t = Instant::now();
         contract(&st.name, &st.backend(&s3::unique("contract")));
         eprintln!("{}: contract in {:?}", st.name, t.elapsed());
+        // A missing bucket is never "absent": not for a read, a lookup or
+        // a delete.
+        let mut cfg = st.config("x");
+        cfg.bucket = s3::unique("no-such-bucket");
+        let gone = laybak::backend::s3::S3Backend::new(&cfg).unwrap();
+        let name = &st.name;
+        assert_ne!(
+            gone.get("config").unwrap_err().kind(),
+            ErrorKind::NotFound,
+            "{name}"
+        );
+        assert!(
+            gone.exists("config").is_err(),
+            "{name}: exists in a missing bucket"
+        );
+        assert!(
+            gone.delete("config").is_err(),
+            "{name}: delete in a missing bucket"
+        );
+        assert!(
+            gone.list("snapshots").is_err(),
+            "{name}: list in a missing bucket"
+        );
     }
 }
 

@@ -19,7 +19,7 @@
 //! but is never trusted to be atomic: Garage accepts it and overwrites.
 
 use super::{Backend, Created, Entry, Error, ErrorKind, Result, check_name};
-use rusty_s3::actions::{DeleteObject, GetObject, HeadObject, ListObjectsV2, PutObject, S3Action};
+use rusty_s3::actions::{DeleteObject, GetObject, ListObjectsV2, PutObject, S3Action};
 use rusty_s3::{Bucket, Credentials, UrlStyle};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -524,20 +524,29 @@ impl Backend for S3Backend {
     }
 
     fn exists(&self, name: &str) -> Result<bool> {
+        // A ranged GET of one byte, not a HEAD: a HEAD answer has no body,
+        // so a missing bucket would look like a missing object.
         let key = self.key(name)?;
-        let url = HeadObject::new(&self.bucket, Some(&self.creds), &key).sign(SIGN_FOR);
+        let mut action = GetObject::new(&self.bucket, Some(&self.creds), &key);
+        action.headers_mut().insert("range", "bytes=0-0");
+        let url = action.sign(SIGN_FOR);
         self.count();
         let resp = self
             .agent
-            .head(url.as_str())
+            .get(url.as_str())
+            .header("range", "bytes=0-0")
             .call()
             .map_err(|e| self.transport(name, e))?;
         match resp.status().as_u16() {
-            200 => Ok(true),
-            // A HEAD answer has no body: a missing bucket also says 404,
-            // which the next real request reports.
-            404 => Ok(false),
-            _ => Err(self.fail(name, resp)),
+            // 416: an empty object has no byte 0.
+            200 | 206 | 416 => Ok(true),
+            _ => {
+                let e = self.fail(name, resp);
+                match e.kind() {
+                    ErrorKind::NotFound => Ok(false),
+                    _ => Err(e),
+                }
+            }
         }
     }
 
@@ -551,8 +560,15 @@ impl Backend for S3Backend {
             .call()
             .map_err(|e| self.transport(name, e))?;
         match resp.status().as_u16() {
-            200..=299 | 404 => Ok(()),
-            _ => Err(self.fail(name, resp)),
+            200..=299 => Ok(()),
+            _ => {
+                // Deleting what is not there is fine; a missing bucket is not.
+                let e = self.fail(name, resp);
+                match e.kind() {
+                    ErrorKind::NotFound => Ok(()),
+                    _ => Err(e),
+                }
+            }
         }
     }
 
