@@ -307,6 +307,10 @@ fn apply_plan(repo: &Repo, plan_id: &PlanId, plan: &Plan) -> Result<()> {
 pub fn finish_plans(repo: &Repo) -> Result<usize> {
     let ids: Vec<PlanId> = repo.ids::<PlanId>()?.into_iter().map(|(i, _)| i).collect();
     for id in &ids {
+        // Finished and removed by a forget running meanwhile.
+        if !repo.contains(id)? {
+            continue;
+        }
         let data = repo.read_file(id).with_context(|| {
             format!(
                 "forget plan {} cannot be used: remove plans/{} after checking the repository",
@@ -839,6 +843,10 @@ pub fn prune_waiting(
         true => None,
         false => Some(repo.write_index(&readopt)?),
     };
+    // What the sweep deletes after the recheck.
+    plan.report.packs_deleted = plan.delete_packs.len();
+    plan.report.packs_unindexed = plan.unindexed.len();
+    plan.report.layers_deleted = plan.dead_layers.len();
     // Sweep, in an order that keeps every snapshot restorable at each step:
     // old indexes, then unreferenced layers and packs.
     for i in &plan.index_files {

@@ -335,10 +335,14 @@ impl S3Backend {
     fn status(&self, name: &str, code: u16, body: &str) -> Error {
         let (s3code, msg) = error_parts(body);
         let kind = match code {
-            404 if s3code == "NoSuchBucket" => ErrorKind::Permanent,
-            404 => ErrorKind::NotFound,
+            // Only the store saying "no such key" means absent: a 404
+            // without it (a proxy, a wrong endpoint path, a missing
+            // bucket) must never be taken for a missing object.
+            404 if s3code == "NoSuchKey" => ErrorKind::NotFound,
+            404 => ErrorKind::Permanent,
             401 | 403 => ErrorKind::Denied,
             408 | 429 | 500 | 502 | 503 | 504 => ErrorKind::Transient,
+            400 if s3code == "RequestTimeout" => ErrorKind::Transient,
             409 if s3code == "OperationAborted" || s3code == "ConditionalRequestConflict" => {
                 ErrorKind::Transient
             }
@@ -607,6 +611,12 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Permanent);
         assert!(e.to_string().contains("create the bucket"), "{e}");
         assert_eq!(b.status("x", 403, "").kind(), ErrorKind::Denied);
+        assert_eq!(
+            b.status("x", 404, "<html>not here</html>").kind(),
+            ErrorKind::Permanent
+        );
+        let body = "<Error><Code>RequestTimeout</Code></Error>";
+        assert_eq!(b.status("x", 400, body).kind(), ErrorKind::Transient);
         let e = b.status("x", 503, "<Error><Code>ServiceUnavailable</Code><Message>Could not reach quorum</Message></Error>");
         assert_eq!(e.kind(), ErrorKind::Transient);
         assert_eq!(

@@ -27,6 +27,7 @@ pub fn archive_pending(
         }
         if let Some((lid, id)) = vol.st.layers[i].writing
             && repo.contains(&id)?
+            && repo.contains(&lid)?
         {
             // A previous run wrote the record and crashed before noting it.
             let snap = repo.read_snapshot(&id)?;
