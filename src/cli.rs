@@ -8,7 +8,7 @@ use crate::materialize::{self, Item, Target};
 use crate::repo::{Repo, Snapshot};
 use crate::volume::{self, AttachOpts, Volume};
 use anyhow::{Context, Result, anyhow, bail};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -40,251 +40,323 @@ pub enum Cmd {
     /// Create a new repository.
     Init,
     /// Turn a directory into a volume; its contents become the first snapshot.
-    Attach {
-        /// The directory.
-        path: PathBuf,
-        /// Volume name (default: the directory's name).
-        #[arg(long)]
-        name: Option<String>,
-        /// Merge local layers beyond this many (keeps the live chain short:
-        /// every layer that holds a directory slows lookups of new names in it).
-        #[arg(long, default_value_t = volume::DEFAULT_MAX_LAYERS)]
-        max_layers: usize,
-        /// Tag for the first snapshot (repeatable).
-        #[arg(long = "tag")]
-        tags: Vec<String>,
-        /// Print the first snapshot as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Attach(AttachArgs),
     /// Seal the volume's changes as a new snapshot.
-    Snapshot {
-        /// The volume directory.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        path: Option<PathBuf>,
-        /// Snapshot every volume in the state directory.
-        #[arg(long)]
-        all: bool,
-        /// Tag for the snapshot (repeatable).
-        #[arg(long = "tag")]
-        tags: Vec<String>,
-        /// Seconds to wait for open files to close before failing.
-        #[arg(long, default_value_t = 10)]
-        wait: u64,
-        /// Seconds to wait while the repository is being pruned.
-        #[arg(long, default_value_t = 60)]
-        lock_wait: u64,
-        /// Apply the volume's stored retention policy afterwards.
-        #[arg(long)]
-        forget: bool,
-        /// Prune after forgetting.
-        #[arg(long, requires = "forget")]
-        prune: bool,
-        /// Print the snapshot as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Snapshot(SnapshotArgs),
     /// List snapshots.
-    Snapshots {
-        /// Only this volume.
-        #[arg(long)]
-        volume: Option<String>,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-    },
+    Snapshots(SnapshotsArgs),
     /// List volumes attached on this host.
-    Volumes {
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-    },
+    Volumes(VolumesArgs),
     /// What changed in a volume since its last snapshot.
-    Status {
-        /// The volume directory.
-        path: PathBuf,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-    },
+    Status(StatusArgs),
     /// Paths added, deleted or modified between two snapshots.
-    Diff {
-        /// Older snapshot.
-        a: String,
-        /// Newer snapshot.
-        b: String,
-        /// Volume for `latest`.
-        #[arg(long)]
-        volume: Option<String>,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-    },
+    Diff(DiffArgs),
     /// Restore a snapshot into an empty directory, from the repository alone.
-    Restore {
-        /// Snapshot id, unique prefix, or `latest`.
-        snapshot: String,
-        /// Target directory (new or empty).
-        target: PathBuf,
-        /// Restore only these paths (repeatable).
-        #[arg(long = "path")]
-        paths: Vec<String>,
-        /// Volume for `latest`.
-        #[arg(long)]
-        volume: Option<String>,
-        /// Do not recreate device nodes (always so when the target belongs
-        /// to a user other than root).
-        #[arg(long)]
-        no_devices: bool,
-        /// Clear setuid/setgid bits and drop file capabilities (always so
-        /// when the target belongs to a user other than root).
-        #[arg(long)]
-        no_setuid: bool,
-    },
+    Restore(RestoreArgs),
     /// Mount a snapshot read-only.
-    Mount {
-        /// Snapshot id, unique prefix, or `latest`.
-        snapshot: String,
-        /// Mount point (an empty directory; created if missing).
-        target: PathBuf,
-        /// Volume for `latest`.
-        #[arg(long)]
-        volume: Option<String>,
-        /// Bound on the local layer cache (`STATE/cache`, layers of
-        /// snapshots mounted from the repository): least recently used
-        /// layers no mount uses are removed beyond it. Suffixes K, M, G, T.
-        #[arg(long, env = "LAYBAK_CACHE_MAX", default_value = "10G", value_parser = parse_size)]
-        cache_max: u64,
-    },
+    Mount(MountArgs),
     /// Unmount a snapshot mounted with `laybak mount`.
-    Umount {
-        /// The mount point.
-        target: PathBuf,
-    },
+    Umount(UmountArgs),
     /// Unmount a volume cleanly (e.g. before shutdown).
-    Down {
-        /// The volume directory.
-        path: PathBuf,
-        /// Seconds to wait for open files to close.
-        #[arg(long, default_value_t = 10)]
-        wait: u64,
-    },
+    Down(DownArgs),
     /// Mount volumes again (e.g. after a reboot).
-    Up {
-        /// The volume directory.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        path: Option<PathBuf>,
-        /// Every volume in the state directory.
-        #[arg(long)]
-        all: bool,
-    },
+    Up(UpArgs),
     /// Stop managing a volume: leave a plain directory with its contents.
-    Detach {
-        /// The volume directory.
-        path: PathBuf,
-        /// Seconds to wait for open files to close.
-        #[arg(long, default_value_t = 10)]
-        wait: u64,
-    },
+    Detach(DetachArgs),
     /// Forget snapshots by a retention policy; their layers are squashed
     /// into the next kept snapshot's.
-    Forget {
-        /// Only this volume's snapshots.
-        #[arg(long)]
-        volume: Option<String>,
-        /// Only snapshots taken on this host (each host's volume is its
-        /// own history either way).
-        #[arg(long)]
-        host: Option<String>,
-        /// The rules.
-        #[command(flatten)]
-        keep: KeepArgs,
-        /// Print what would happen; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Prune afterwards.
-        #[arg(long)]
-        prune: bool,
-        /// Repack packs whose unused share is above this (with --prune).
-        #[arg(long, default_value = "5%", value_parser = parse_fraction)]
-        max_unused: f64,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-    },
+    Forget(ForgetArgs),
     /// Fold every snapshot of a volume before SNAP into SNAP's base layer.
-    Squash {
-        /// The volume.
-        #[arg(long)]
-        volume: String,
-        /// The oldest snapshot to keep.
-        #[arg(long)]
-        until: String,
-        /// Print what would happen; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-    },
+    Squash(SquashArgs),
     /// Delete data no snapshot references.
-    Prune {
-        /// Print what would be removed and the bytes freed; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Repack packs whose unused share is above this.
-        #[arg(long, default_value = "5%", value_parser = parse_fraction)]
-        max_unused: f64,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-    },
+    Prune(PruneArgs),
     /// Show or set a volume's retention policy (used by `snapshot --forget`).
-    Policy {
-        /// The volume directory.
-        path: PathBuf,
-        /// The rules to store.
-        #[command(flatten)]
-        keep: KeepArgs,
-        /// Remove the stored policy.
-        #[arg(long)]
-        clear: bool,
-        /// How snapshots rotate the volume: `swap` (default: no gap, readers
-        /// and working directories keep a frozen view) or `strict` (0.1's
-        /// unmount and remount: any use of the volume blocks a snapshot).
-        #[arg(long, value_enum)]
-        rotation: Option<Rotation>,
-        /// Quiesce hook run (`sh -c`) before the volume is sealed, e.g.
-        /// `systemctl stop app` or `sqlite3 db .backup` ("" removes it).
-        #[arg(long, value_name = "COMMAND")]
-        before: Option<String>,
-        /// Hook run after sealing, always once `before` ran (even when it or
-        /// the sealing failed), e.g. `systemctl start app` ("" removes it).
-        #[arg(long, value_name = "COMMAND")]
-        after: Option<String>,
-        /// Seconds a hook may run before it is killed.
-        #[arg(long, value_name = "SECS")]
-        hook_timeout: Option<u64>,
-        /// Bound on the live chain (as `attach --max-layers`); applies from
-        /// the next snapshot.
-        #[arg(long, value_name = "N")]
-        max_layers: Option<usize>,
-    },
+    Policy(PolicyArgs),
     /// Repair the repository: `index` rebuilds the index from the packs.
-    Repair {
-        /// What to repair.
-        #[arg(value_enum)]
-        what: RepairWhat,
-    },
+    Repair(RepairArgs),
     /// Verify the repository.
-    Check {
-        /// Read every pack and verify every blob's blake3.
-        #[arg(long)]
-        read_data: bool,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-    },
+    Check(CheckArgs),
+}
+
+/// Arguments of `laybak attach`.
+#[derive(Args, Debug)]
+pub struct AttachArgs {
+    /// The directory.
+    pub path: PathBuf,
+    /// Volume name (default: the directory's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Merge local layers beyond this many (keeps the live chain short:
+    /// every layer that holds a directory slows lookups of new names in it).
+    #[arg(long, default_value_t = volume::DEFAULT_MAX_LAYERS)]
+    pub max_layers: usize,
+    /// Tag for the first snapshot (repeatable).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Print the first snapshot as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `laybak snapshot`.
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
+    /// The volume directory.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub path: Option<PathBuf>,
+    /// Snapshot every volume in the state directory.
+    #[arg(long)]
+    pub all: bool,
+    /// Tag for the snapshot (repeatable).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Seconds to wait for open files to close before failing.
+    #[arg(long, default_value_t = 10)]
+    pub wait: u64,
+    /// Seconds to wait while the repository is being pruned.
+    #[arg(long, default_value_t = 60)]
+    pub lock_wait: u64,
+    /// Apply the volume's stored retention policy afterwards.
+    #[arg(long)]
+    pub forget: bool,
+    /// Prune after forgetting.
+    #[arg(long, requires = "forget")]
+    pub prune: bool,
+    /// Print the snapshot as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `laybak snapshots`.
+#[derive(Args, Debug)]
+pub struct SnapshotsArgs {
+    /// Only this volume.
+    #[arg(long)]
+    pub volume: Option<String>,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `laybak volumes`.
+#[derive(Args, Debug)]
+pub struct VolumesArgs {
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `laybak status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The volume directory.
+    pub path: PathBuf,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `laybak diff`.
+#[derive(Args, Debug)]
+pub struct DiffArgs {
+    /// Older snapshot.
+    pub a: String,
+    /// Newer snapshot.
+    pub b: String,
+    /// Volume for `latest`.
+    #[arg(long)]
+    pub volume: Option<String>,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `laybak restore`.
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// Snapshot id, unique prefix, or `latest`.
+    pub snapshot: String,
+    /// Target directory (new or empty).
+    pub target: PathBuf,
+    /// Restore only these paths (repeatable).
+    #[arg(long = "path")]
+    pub paths: Vec<String>,
+    /// Volume for `latest`.
+    #[arg(long)]
+    pub volume: Option<String>,
+    /// Do not recreate device nodes (always so when the target belongs
+    /// to a user other than root).
+    #[arg(long)]
+    pub no_devices: bool,
+    /// Clear setuid/setgid bits and drop file capabilities (always so
+    /// when the target belongs to a user other than root).
+    #[arg(long)]
+    pub no_setuid: bool,
+}
+
+/// Arguments of `laybak mount`.
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Snapshot id, unique prefix, or `latest`.
+    pub snapshot: String,
+    /// Mount point (an empty directory; created if missing).
+    pub target: PathBuf,
+    /// Volume for `latest`.
+    #[arg(long)]
+    pub volume: Option<String>,
+    /// Bound on the local layer cache (`STATE/cache`, layers of
+    /// snapshots mounted from the repository): least recently used
+    /// layers no mount uses are removed beyond it. Suffixes K, M, G, T.
+    #[arg(long, env = "LAYBAK_CACHE_MAX", default_value = "10G", value_parser = parse_size)]
+    pub cache_max: u64,
+}
+
+/// Arguments of `laybak umount`.
+#[derive(Args, Debug)]
+pub struct UmountArgs {
+    /// The mount point.
+    pub target: PathBuf,
+}
+
+/// Arguments of `laybak down`.
+#[derive(Args, Debug)]
+pub struct DownArgs {
+    /// The volume directory.
+    pub path: PathBuf,
+    /// Seconds to wait for open files to close.
+    #[arg(long, default_value_t = 10)]
+    pub wait: u64,
+}
+
+/// Arguments of `laybak up`.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// The volume directory.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub path: Option<PathBuf>,
+    /// Every volume in the state directory.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// Arguments of `laybak detach`.
+#[derive(Args, Debug)]
+pub struct DetachArgs {
+    /// The volume directory.
+    pub path: PathBuf,
+    /// Seconds to wait for open files to close.
+    #[arg(long, default_value_t = 10)]
+    pub wait: u64,
+}
+
+/// Arguments of `laybak forget`.
+#[derive(Args, Debug)]
+pub struct ForgetArgs {
+    /// Only this volume's snapshots.
+    #[arg(long)]
+    pub volume: Option<String>,
+    /// Only snapshots taken on this host (each host's volume is its
+    /// own history either way).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// The rules.
+    #[command(flatten)]
+    pub keep: KeepArgs,
+    /// Print what would happen; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Prune afterwards.
+    #[arg(long)]
+    pub prune: bool,
+    /// Repack packs whose unused share is above this (with --prune).
+    #[arg(long, default_value = "5%", value_parser = parse_fraction)]
+    pub max_unused: f64,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `laybak squash`.
+#[derive(Args, Debug)]
+pub struct SquashArgs {
+    /// The volume.
+    #[arg(long)]
+    pub volume: String,
+    /// The oldest snapshot to keep.
+    #[arg(long)]
+    pub until: String,
+    /// Print what would happen; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `laybak prune`.
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// Print what would be removed and the bytes freed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Repack packs whose unused share is above this.
+    #[arg(long, default_value = "5%", value_parser = parse_fraction)]
+    pub max_unused: f64,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `laybak policy`.
+#[derive(Args, Debug)]
+pub struct PolicyArgs {
+    /// The volume directory.
+    pub path: PathBuf,
+    /// The rules to store.
+    #[command(flatten)]
+    pub keep: KeepArgs,
+    /// Remove the stored policy.
+    #[arg(long)]
+    pub clear: bool,
+    /// How snapshots rotate the volume: `swap` (default: no gap, readers
+    /// and working directories keep a frozen view) or `strict` (0.1's
+    /// unmount and remount: any use of the volume blocks a snapshot).
+    #[arg(long, value_enum)]
+    pub rotation: Option<Rotation>,
+    /// Quiesce hook run (`sh -c`) before the volume is sealed, e.g.
+    /// `systemctl stop app` or `sqlite3 db .backup` ("" removes it).
+    #[arg(long, value_name = "COMMAND")]
+    pub before: Option<String>,
+    /// Hook run after sealing, always once `before` ran (even when it or
+    /// the sealing failed), e.g. `systemctl start app` ("" removes it).
+    #[arg(long, value_name = "COMMAND")]
+    pub after: Option<String>,
+    /// Seconds a hook may run before it is killed.
+    #[arg(long, value_name = "SECS")]
+    pub hook_timeout: Option<u64>,
+    /// Bound on the live chain (as `attach --max-layers`); applies from
+    /// the next snapshot.
+    #[arg(long, value_name = "N")]
+    pub max_layers: Option<usize>,
+}
+
+/// Arguments of `laybak repair`.
+#[derive(Args, Debug)]
+pub struct RepairArgs {
+    /// What to repair.
+    #[arg(value_enum)]
+    pub what: RepairWhat,
+}
+
+/// Arguments of `laybak check`.
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Read every pack and verify every blob's blake3.
+    #[arg(long)]
+    pub read_data: bool,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Retention rules (a snapshot is kept when any rule keeps it; the newest of
@@ -440,24 +512,24 @@ pub fn run(cli: Cli) -> Result<()> {
     volume::secure_state(&cli.state_dir)?;
     match &cli.cmd {
         Cmd::Init => cmd_init(&cli),
-        Cmd::Attach { .. } => cmd_attach(&cli),
-        Cmd::Snapshot { .. } => cmd_snapshot(&cli),
-        Cmd::Snapshots { .. } => cmd_snapshots(&cli),
-        Cmd::Volumes { .. } => cmd_volumes(&cli),
-        Cmd::Status { .. } => cmd_status(&cli),
-        Cmd::Diff { .. } => cmd_diff(&cli),
-        Cmd::Restore { .. } => cmd_restore(&cli),
-        Cmd::Mount { .. } => cmd_mount(&cli),
-        Cmd::Umount { .. } => cmd_umount(&cli),
-        Cmd::Down { .. } => cmd_down(&cli),
-        Cmd::Up { .. } => cmd_up(&cli),
-        Cmd::Detach { .. } => cmd_detach(&cli),
-        Cmd::Forget { .. } => cmd_forget(&cli),
-        Cmd::Squash { .. } => cmd_squash(&cli),
-        Cmd::Prune { .. } => cmd_prune(&cli),
-        Cmd::Policy { .. } => cmd_policy(&cli),
-        Cmd::Repair { .. } => cmd_repair(&cli),
-        Cmd::Check { .. } => cmd_check(&cli),
+        Cmd::Attach(a) => cmd_attach(&cli, a),
+        Cmd::Snapshot(a) => cmd_snapshot(&cli, a),
+        Cmd::Snapshots(a) => cmd_snapshots(&cli, a),
+        Cmd::Volumes(a) => cmd_volumes(&cli, a),
+        Cmd::Status(a) => cmd_status(&cli, a),
+        Cmd::Diff(a) => cmd_diff(&cli, a),
+        Cmd::Restore(a) => cmd_restore(&cli, a),
+        Cmd::Mount(a) => cmd_mount(&cli, a),
+        Cmd::Umount(a) => cmd_umount(&cli, a),
+        Cmd::Down(a) => cmd_down(&cli, a),
+        Cmd::Up(a) => cmd_up(&cli, a),
+        Cmd::Detach(a) => cmd_detach(&cli, a),
+        Cmd::Forget(a) => cmd_forget(&cli, a),
+        Cmd::Squash(a) => cmd_squash(&cli, a),
+        Cmd::Prune(a) => cmd_prune(&cli, a),
+        Cmd::Policy(a) => cmd_policy(&cli, a),
+        Cmd::Repair(a) => cmd_repair(&cli, a),
+        Cmd::Check(a) => cmd_check(&cli, a),
     }
 }
 
@@ -475,17 +547,14 @@ fn cmd_init(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn cmd_attach(cli: &Cli) -> Result<()> {
-    let Cmd::Attach {
+fn cmd_attach(cli: &Cli, a: &AttachArgs) -> Result<()> {
+    let AttachArgs {
         path,
         name,
         max_layers,
         tags,
         json,
-    } = &cli.cmd
-    else {
-        bail!("internal error: not the attach command");
-    };
+    } = a;
     validate_tags(tags)?;
     need_root("attach")?;
     let repo = open_repo(cli)?;
@@ -511,8 +580,8 @@ fn cmd_attach(cli: &Cli) -> Result<()> {
     print_snaps(&done, *json, false)
 }
 
-fn cmd_snapshot(cli: &Cli) -> Result<()> {
-    let Cmd::Snapshot {
+fn cmd_snapshot(cli: &Cli, a: &SnapshotArgs) -> Result<()> {
+    let SnapshotArgs {
         path,
         all,
         tags,
@@ -521,10 +590,7 @@ fn cmd_snapshot(cli: &Cli) -> Result<()> {
         forget,
         prune,
         json,
-    } = &cli.cmd
-    else {
-        bail!("internal error: not the snapshot command");
-    };
+    } = a;
     validate_tags(tags)?;
     need_root("snapshot")?;
     let vols = if *all {
@@ -568,10 +634,8 @@ fn cmd_snapshot(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn cmd_snapshots(cli: &Cli) -> Result<()> {
-    let Cmd::Snapshots { volume, json } = &cli.cmd else {
-        bail!("internal error: not the snapshots command");
-    };
+fn cmd_snapshots(cli: &Cli, a: &SnapshotsArgs) -> Result<()> {
+    let SnapshotsArgs { volume, json } = a;
     let repo = open_repo(cli)?;
     let (all, bad) = repo.snapshots_tolerant()?;
     for (id, e) in &bad {
@@ -607,10 +671,8 @@ fn cmd_snapshots(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn cmd_volumes(cli: &Cli) -> Result<()> {
-    let Cmd::Volumes { json } = &cli.cmd else {
-        bail!("internal error: not the volumes command");
-    };
+fn cmd_volumes(cli: &Cli, a: &VolumesArgs) -> Result<()> {
+    let VolumesArgs { json } = a;
     let vols = volume::all(&cli.state_dir)?;
     if *json {
         let v: Vec<_> = vols
@@ -641,10 +703,8 @@ fn cmd_volumes(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn cmd_status(cli: &Cli) -> Result<()> {
-    let Cmd::Status { path, json } = &cli.cmd else {
-        bail!("internal error: not the status command");
-    };
+fn cmd_status(cli: &Cli, a: &StatusArgs) -> Result<()> {
+    let StatusArgs { path, json } = a;
     let vol = volume::find(&cli.state_dir, path)?;
     let changes = volume::status(&vol)?;
     if *json {
@@ -663,10 +723,8 @@ fn cmd_status(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn cmd_diff(cli: &Cli) -> Result<()> {
-    let Cmd::Diff { a, b, volume, json } = &cli.cmd else {
-        bail!("internal error: not the diff command");
-    };
+fn cmd_diff(cli: &Cli, a: &DiffArgs) -> Result<()> {
+    let DiffArgs { a, b, volume, json } = a;
     let repo = open_repo(cli)?;
     let _l = crate::lock::for_reading(&repo, "diff", LOCK_WAIT)?;
     let (_, sa) = repo.resolve(a, volume.as_deref())?;
@@ -693,18 +751,15 @@ fn cmd_diff(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn cmd_restore(cli: &Cli) -> Result<()> {
-    let Cmd::Restore {
+fn cmd_restore(cli: &Cli, a: &RestoreArgs) -> Result<()> {
+    let RestoreArgs {
         snapshot,
         target,
         paths,
         volume,
         no_devices,
         no_setuid,
-    } = &cli.cmd
-    else {
-        bail!("internal error: not the restore command");
-    };
+    } = a;
     let repo = open_repo(cli)?;
     let _l = crate::lock::for_reading(&repo, "restore", LOCK_WAIT)?;
     let (_, snap) = repo.resolve(snapshot, volume.as_deref())?;
@@ -743,16 +798,13 @@ fn cmd_restore(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn cmd_mount(cli: &Cli) -> Result<()> {
-    let Cmd::Mount {
+fn cmd_mount(cli: &Cli, a: &MountArgs) -> Result<()> {
+    let MountArgs {
         snapshot,
         target,
         volume,
         cache_max,
-    } = &cli.cmd
-    else {
-        bail!("internal error: not the mount command");
-    };
+    } = a;
     need_root("mount")?;
     let repo = open_repo(cli)?;
     let _l = crate::lock::for_reading(&repo, "mount", LOCK_WAIT)?;
@@ -761,27 +813,21 @@ fn cmd_mount(cli: &Cli) -> Result<()> {
     crate::mounts::evict_to_size(&cli.state_dir, *cache_max)
 }
 
-fn cmd_umount(cli: &Cli) -> Result<()> {
-    let Cmd::Umount { target } = &cli.cmd else {
-        bail!("internal error: not the umount command");
-    };
+fn cmd_umount(cli: &Cli, a: &UmountArgs) -> Result<()> {
+    let UmountArgs { target } = a;
     need_root("umount")?;
     crate::mounts::umount(&cli.state_dir, target)
 }
 
-fn cmd_down(cli: &Cli) -> Result<()> {
-    let Cmd::Down { path, wait } = &cli.cmd else {
-        bail!("internal error: not the down command");
-    };
+fn cmd_down(cli: &Cli, a: &DownArgs) -> Result<()> {
+    let DownArgs { path, wait } = a;
     need_root("down")?;
     let mut vol = volume::find(&cli.state_dir, path)?;
     volume::down(&mut vol, Duration::from_secs(*wait))
 }
 
-fn cmd_up(cli: &Cli) -> Result<()> {
-    let Cmd::Up { path, all } = &cli.cmd else {
-        bail!("internal error: not the up command");
-    };
+fn cmd_up(cli: &Cli, a: &UpArgs) -> Result<()> {
+    let UpArgs { path, all } = a;
     need_root("up")?;
     let vols = if *all {
         volume::all(&cli.state_dir)?
@@ -801,10 +847,8 @@ fn cmd_up(cli: &Cli) -> Result<()> {
     first_err.map_or(Ok(()), Err)
 }
 
-fn cmd_detach(cli: &Cli) -> Result<()> {
-    let Cmd::Detach { path, wait } = &cli.cmd else {
-        bail!("internal error: not the detach command");
-    };
+fn cmd_detach(cli: &Cli, a: &DetachArgs) -> Result<()> {
+    let DetachArgs { path, wait } = a;
     need_root("detach")?;
     let mut vol = volume::find(&cli.state_dir, path)?;
     let pending = volume::detach(&mut vol, Duration::from_secs(*wait))?;
@@ -817,8 +861,8 @@ fn cmd_detach(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn cmd_forget(cli: &Cli) -> Result<()> {
-    let Cmd::Forget {
+fn cmd_forget(cli: &Cli, a: &ForgetArgs) -> Result<()> {
+    let ForgetArgs {
         volume,
         host,
         keep,
@@ -826,10 +870,7 @@ fn cmd_forget(cli: &Cli) -> Result<()> {
         prune,
         max_unused,
         json,
-    } = &cli.cmd
-    else {
-        bail!("internal error: not the forget command");
-    };
+    } = a;
     let policy = keep.policy();
     if policy.is_empty() {
         return Err(Failure::new(Kind::Usage,
@@ -854,16 +895,13 @@ fn cmd_forget(cli: &Cli) -> Result<()> {
     )
 }
 
-fn cmd_squash(cli: &Cli) -> Result<()> {
-    let Cmd::Squash {
+fn cmd_squash(cli: &Cli, a: &SquashArgs) -> Result<()> {
+    let SquashArgs {
         volume,
         until,
         dry_run,
         json,
-    } = &cli.cmd
-    else {
-        bail!("internal error: not the squash command");
-    };
+    } = a;
     let repo = open_repo(cli)?;
     let (id, snap) = repo.resolve(until, Some(volume))?;
     if &snap.volume != volume {
@@ -889,22 +927,19 @@ fn cmd_squash(cli: &Cli) -> Result<()> {
     )
 }
 
-fn cmd_prune(cli: &Cli) -> Result<()> {
-    let Cmd::Prune {
+fn cmd_prune(cli: &Cli, a: &PruneArgs) -> Result<()> {
+    let PruneArgs {
         dry_run,
         max_unused,
         json,
-    } = &cli.cmd
-    else {
-        bail!("internal error: not the prune command");
-    };
+    } = a;
     let repo = open_repo(cli)?;
     let r = crate::reclaim::prune(&repo, *max_unused, *dry_run, None)?;
     print_prune(&r, *dry_run, *json)
 }
 
-fn cmd_policy(cli: &Cli) -> Result<()> {
-    let Cmd::Policy {
+fn cmd_policy(cli: &Cli, a: &PolicyArgs) -> Result<()> {
+    let PolicyArgs {
         path,
         keep,
         clear,
@@ -913,10 +948,7 @@ fn cmd_policy(cli: &Cli) -> Result<()> {
         after,
         hook_timeout,
         max_layers,
-    } = &cli.cmd
-    else {
-        bail!("internal error: not the policy command");
-    };
+    } = a;
     let mut vol = volume::find(&cli.state_dir, path)?;
     let _lock = vol.lock()?;
     if let Some(m) = max_layers {
@@ -957,13 +989,10 @@ fn cmd_policy(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn cmd_repair(cli: &Cli) -> Result<()> {
-    let Cmd::Repair {
+fn cmd_repair(cli: &Cli, a: &RepairArgs) -> Result<()> {
+    let RepairArgs {
         what: RepairWhat::Index,
-    } = &cli.cmd
-    else {
-        bail!("internal error: not the repair command");
-    };
+    } = a;
     let repo = open_repo(cli)?;
     let r = crate::reclaim::repair_index(&repo)?;
     for p in &r.unreadable_packs {
@@ -979,10 +1008,8 @@ fn cmd_repair(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn cmd_check(cli: &Cli) -> Result<()> {
-    let Cmd::Check { read_data, json } = &cli.cmd else {
-        bail!("internal error: not the check command");
-    };
+fn cmd_check(cli: &Cli, a: &CheckArgs) -> Result<()> {
+    let CheckArgs { read_data, json } = a;
     let repo = open_repo(cli)?;
     let _l = crate::lock::for_reading(&repo, "check", LOCK_WAIT)?;
     let r = crate::check::check(&repo, *read_data, tty())?;
