@@ -1256,7 +1256,7 @@ fn print_snaps(done: &[volume::Archived], as_json: bool, many: bool) -> Result<(
 
 /// Entries of `view` under any of `paths` (and their parents); all when
 /// `paths` is empty.
-fn select<'a>(view: &View<'a>, paths: &[String]) -> Result<Vec<Item<'a>>> {
+fn select<'a>(view: &'a View<'_>, paths: &[String]) -> Result<Vec<Item<'a>>> {
     let mut want: Vec<Vec<u8>> = Vec::new();
     for p in paths {
         let t = p.trim_matches('/').as_bytes().to_vec();
@@ -1282,7 +1282,7 @@ fn select<'a>(view: &View<'a>, paths: &[String]) -> Result<Vec<Item<'a>>> {
         .iter()
         .filter(|(k, _)| keep(k))
         .map(|(_, m)| Item {
-            entry: m.entry,
+            entry: &m.entry,
             link: m.link_key(),
         })
         .collect())
@@ -1298,7 +1298,7 @@ pub fn diff_views(a: &View<'_>, b: &View<'_>) -> (Vec<String>, Vec<String>, Vec<
     for (k, mb) in b {
         match a.get(k) {
             None => add.push(layer::show(k)),
-            Some(ma) if !same_content(ma.entry, mb.entry) => modi.push(layer::show(k)),
+            Some(ma) if !same_content(&ma.entry, &mb.entry) => modi.push(layer::show(k)),
             _ => {}
         }
     }

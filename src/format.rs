@@ -9,8 +9,16 @@ use std::io::Read;
 
 /// First six bytes of every laybak repository file.
 pub const MAGIC: &[u8; 6] = b"LAYBAK";
-/// The repository format version this build writes and the newest it reads.
-pub const FORMAT_VERSION: u8 = 1;
+/// The newest repository format version this build reads.
+pub const FORMAT_VERSION: u8 = 2;
+/// The version every file is written with unless its content needs a newer
+/// one: a repository that never needed version 2 stays readable by
+/// laybak 0.1.
+pub const BASE_VERSION: u8 = 1;
+/// Layer manifests holding a renamed directory ([`crate::layer::DirKind::Redirect`])
+/// are written with this version, so that an older laybak refuses them in
+/// one line instead of misreading them.
+pub const LAYER_REDIRECTS: u8 = 2;
 /// Upper bound on a decompressed metadata file (config, index, manifest,
 /// snapshot), enforced while decompressing, so a crafted file cannot make
 /// us allocate unbounded memory.
@@ -237,12 +245,16 @@ impl fmt::Display for Id {
     }
 }
 
-/// The 8-byte header: magic, kind, version.
+/// The 8-byte header: magic, kind, version ([`BASE_VERSION`]).
 pub fn header(kind: FileKind) -> [u8; 8] {
+    header_v(kind, BASE_VERSION)
+}
+
+fn header_v(kind: FileKind, version: u8) -> [u8; 8] {
     let mut h = [0u8; 8];
     h[..6].copy_from_slice(MAGIC);
     h[6] = kind as u8;
-    h[7] = FORMAT_VERSION;
+    h[7] = version;
     h
 }
 
@@ -276,8 +288,42 @@ pub fn check_header(kind: FileKind, data: &[u8]) -> Result<&[u8]> {
 /// # Errors
 /// Serialization or compression failure (not expected for valid values).
 pub fn encode<T: Serialize>(kind: FileKind, value: &T) -> Result<Vec<u8>> {
+    encode_v(kind, BASE_VERSION, value)
+}
+
+/// Encode a layer manifest with the oldest version that can hold it.
+///
+/// # Errors
+/// As [`encode`].
+pub fn encode_layer(layer: &crate::layer::Layer) -> Result<Vec<u8>> {
+    let v = if layer.has_redirects() {
+        LAYER_REDIRECTS
+    } else {
+        BASE_VERSION
+    };
+    encode_v(FileKind::Layer, v, layer)
+}
+
+/// Decode and validate a layer manifest; a version 1 manifest cannot hold
+/// a renamed directory.
+///
+/// # Errors
+/// As [`decode`], or an invalid layer.
+pub fn decode_layer(data: &[u8]) -> Result<crate::layer::Layer> {
+    let layer: crate::layer::Layer = decode(FileKind::Layer, data)?;
+    layer.validate()?;
+    if data[7] < LAYER_REDIRECTS && layer.has_redirects() {
+        bail!(
+            "layer manifest of format version {} holds a renamed directory, which needs version {LAYER_REDIRECTS}: it is corrupt",
+            data[7]
+        );
+    }
+    Ok(layer)
+}
+
+fn encode_v<T: Serialize>(kind: FileKind, version: u8, value: &T) -> Result<Vec<u8>> {
     let raw = postcard::to_stdvec(value).context("serializing")?;
-    let mut out = header(kind).to_vec();
+    let mut out = header_v(kind, version).to_vec();
     let mut c = zstd::bulk::Compressor::new(3).context("zstd")?;
     c.include_checksum(true).context("zstd")?;
     let z = c.compress(&raw).context("compressing")?;

@@ -7,8 +7,10 @@
 //! overlay semantics live for restore, diff and mount-from-repository.
 
 use crate::format::BlobId;
+use crate::stack;
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 /// Extended attributes as (name, value) pairs, sorted by name.
@@ -50,15 +52,48 @@ pub struct Extent {
     pub chunks: Vec<Chunk>,
 }
 
+/// How a directory of a layer treats the layers below it.
+///
+/// Encoded like the `opaque: bool` of format version 1 for `Merge` (0) and
+/// `Opaque` (1); `Redirect` (2) appears only in manifests of format
+/// version 2 (see `docs/FORMAT.md`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DirKind {
+    /// Merges with the directory of the same name below.
+    Merge,
+    /// Hides everything below it.
+    Opaque,
+    /// A renamed directory (overlay's `trusted.overlay.redirect`): its
+    /// lower content is the directory named here in the namespace below —
+    /// a sibling's name, or a `/`-led path from the root.
+    Redirect(Vec<u8>),
+}
+
+/// Longest redirect value accepted (the kernel writes at most
+/// `redirect_max`, 256 by default).
+pub const MAX_REDIRECT: usize = 4096;
+
+/// Whether `r` is a redirect value the kernel accepts: a single safe name,
+/// or `/` followed by a safe non-empty path.
+pub fn redirect_is_valid(r: &[u8]) -> bool {
+    if r.is_empty() || r.len() > MAX_REDIRECT {
+        return false;
+    }
+    match r.strip_prefix(b"/") {
+        Some(abs) => !abs.is_empty() && path_is_safe(abs),
+        None => !r.contains(&b'/') && path_is_safe(r),
+    }
+}
+
 /// What an entry is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Node {
     /// The name is deleted in the layers below.
     Whiteout,
-    /// A directory; `opaque` hides everything below it in lower layers.
+    /// A directory, and how it treats the layers below it.
     Dir {
-        /// Replace rather than merge with lower directories.
-        opaque: bool,
+        /// Merge, replace (opaque) or continue elsewhere (renamed).
+        kind: DirKind,
     },
     /// A regular file.
     File {
@@ -92,6 +127,21 @@ impl Node {
     /// True for directories.
     pub fn is_dir(&self) -> bool {
         matches!(self, Node::Dir { .. })
+    }
+
+    /// A directory of this kind.
+    pub fn dir(kind: DirKind) -> Node {
+        Node::Dir { kind }
+    }
+
+    /// The redirect of a renamed directory.
+    pub fn redirect(&self) -> Option<&[u8]> {
+        match self {
+            Node::Dir {
+                kind: DirKind::Redirect(r),
+            } => Some(r),
+            _ => None,
+        }
     }
 
     /// A short type letter for listings.
@@ -194,8 +244,8 @@ impl Layer {
         if !root.path.is_empty() || !root.node.is_dir() {
             bail!("layer manifest does not start with the root directory");
         }
-        if matches!(root.node, Node::Dir { opaque: true }) {
-            bail!("layer manifest has an opaque root");
+        if root.node != Node::dir(DirKind::Merge) {
+            bail!("layer manifest has an opaque or renamed root");
         }
         let mut dirs: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
         dirs.insert(b"");
@@ -220,6 +270,15 @@ impl Layer {
             }
             if e.node.is_dir() {
                 dirs.insert(&e.path);
+            }
+            if let Some(r) = e.node.redirect()
+                && !redirect_is_valid(r)
+            {
+                bail!(
+                    "layer manifest has an invalid redirect {:?} at {}",
+                    show(r),
+                    show(&e.path)
+                );
             }
             if let Some(g) = e.link {
                 if e.node.is_dir() || e.node == Node::Whiteout {
@@ -250,6 +309,11 @@ impl Layer {
         Ok(())
     }
 
+    /// Whether any directory of this layer is a renamed one.
+    pub fn has_redirects(&self) -> bool {
+        self.entries.iter().any(|e| e.node.redirect().is_some())
+    }
+
     /// Bytes of file data (apparent sizes) in this layer.
     pub fn data_bytes(&self) -> u64 {
         self.entries
@@ -263,12 +327,13 @@ impl Layer {
 }
 
 /// An entry of a merged view: which layer it comes from and the entry itself.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Merged<'a> {
     /// Index of the owning layer in the chain (0 = bottom).
     pub layer: usize,
-    /// The entry as stored in that layer.
-    pub entry: &'a Entry,
+    /// The entry, at its path in the view (a directory's kind is `Merge`:
+    /// how it was stacked does not matter once merged).
+    pub entry: Cow<'a, Entry>,
 }
 
 impl Merged<'_> {
@@ -281,163 +346,135 @@ impl Merged<'_> {
 /// The merged view of a chain, keyed by path.
 pub type View<'a> = BTreeMap<Vec<u8>, Merged<'a>>;
 
-fn remove_descendants(view: &mut View<'_>, path: &[u8]) {
-    let mut lo = path.to_vec();
-    lo.push(b'/');
-    let mut hi = path.to_vec();
-    hi.push(b'/' + 1);
-    if path.is_empty() {
-        // Descendants of the root are all non-empty paths.
-        view.retain(|k, _| k.is_empty());
-        return;
+/// A chain of manifests as a [`stack::Source`]: each layer's entries by
+/// path, and each directory's names.
+pub struct Chain<'a> {
+    by_path: Vec<HashMap<&'a [u8], &'a Entry>>,
+    names: Vec<HashMap<&'a [u8], Vec<&'a [u8]>>>,
+}
+
+impl<'a> Chain<'a> {
+    /// Index `layers` (bottom first; each [validated](Layer::validate)).
+    pub fn new(layers: &'a [Layer]) -> Self {
+        let mut by_path = Vec::with_capacity(layers.len());
+        let mut names = Vec::with_capacity(layers.len());
+        for l in layers {
+            let mut p: HashMap<&[u8], &Entry> = HashMap::with_capacity(l.entries.len());
+            let mut n: HashMap<&[u8], Vec<&[u8]>> = HashMap::new();
+            for e in &l.entries {
+                p.insert(&e.path, e);
+                if !e.path.is_empty() {
+                    let par = parent(&e.path);
+                    let name = &e.path[if par.is_empty() { 0 } else { par.len() + 1 }..];
+                    n.entry(par).or_default().push(name);
+                }
+            }
+            by_path.push(p);
+            names.push(n);
+        }
+        Self { by_path, names }
     }
-    let keys: Vec<Vec<u8>> = view.range(lo..hi).map(|(k, _)| k.clone()).collect();
-    for k in keys {
-        view.remove(&k);
+
+    /// The entry at `path` of `layer`.
+    pub fn get(&self, layer: usize, path: &[u8]) -> Option<&'a Entry> {
+        self.by_path[layer].get(path).copied()
     }
 }
 
-/// Merge a chain of layers (bottom first) with overlay semantics: a whiteout
-/// hides the name and everything below it, an opaque directory replaces the
-/// lower tree, a non-opaque directory over a lower directory merges with it
-/// (its own metadata wins), anything else replaces what was below. Whiteouts
-/// never appear in the result.
-///
-/// Layers must be [validated](Layer::validate); then every entry of the view
-/// has its parent in the view as a directory.
-pub fn restack(layers: &[Layer]) -> View<'_> {
-    let mut view: View<'_> = BTreeMap::new();
-    for (i, layer) in layers.iter().enumerate() {
-        for e in &layer.entries {
-            match &e.node {
-                Node::Whiteout => {
-                    view.remove(&e.path);
-                    remove_descendants(&mut view, &e.path);
-                }
-                Node::Dir { opaque } => {
-                    let merge = !opaque && view.get(&e.path).is_some_and(|m| m.entry.node.is_dir());
-                    if !merge {
-                        remove_descendants(&mut view, &e.path);
-                    }
-                    view.insert(e.path.clone(), Merged { layer: i, entry: e });
-                }
-                _ => {
-                    remove_descendants(&mut view, &e.path);
-                    view.insert(e.path.clone(), Merged { layer: i, entry: e });
-                }
-            }
-        }
+impl stack::Source for Chain<'_> {
+    fn count(&self) -> usize {
+        self.by_path.len()
     }
+    fn kind(&self, layer: usize, path: &[u8]) -> Option<stack::Kind> {
+        Some(match &self.get(layer, path)?.node {
+            Node::Whiteout => stack::Kind::Whiteout,
+            Node::Dir { kind } => stack::Kind::Dir(kind.clone()),
+            _ => stack::Kind::Other,
+        })
+    }
+    fn names(&self, layer: usize, dir: &[u8]) -> Vec<Vec<u8>> {
+        let mut v: Vec<Vec<u8>> = self.names[layer]
+            .get(dir)
+            .map(|n| n.iter().map(|x| x.to_vec()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+/// The top entry of a merged stack.
+fn top<'a>(chain: &Chain<'a>, s: &[stack::Slot]) -> Option<(usize, &'a Entry)> {
+    match s.first()? {
+        stack::Slot::Layer(l, p) => Some((*l, chain.get(*l, p)?)),
+        stack::Slot::Below(_) => None,
+    }
+}
+
+/// Merge a chain of layers (bottom first) as the kernel does
+/// ([`crate::stack`]): a whiteout hides the name, an opaque directory
+/// hides what is below it, a renamed directory continues where it came
+/// from, other directories merge by name (the top one's metadata wins),
+/// anything else replaces. Whiteouts never appear in the result.
+///
+/// Layers must be [validated](Layer::validate); then every entry of the
+/// view has its parent in the view as a directory.
+pub fn restack(layers: &[Layer]) -> View<'_> {
+    let chain = Chain::new(layers);
+    let mut view: View<'_> = BTreeMap::new();
+    stack::Model::new(&chain, false).walk(|path, s, _| {
+        let Some((layer, e)) = top(&chain, s) else {
+            return;
+        };
+        let entry = if e.path == path
+            && !matches!(e.node, Node::Dir { ref kind } if *kind != DirKind::Merge)
+        {
+            Cow::Borrowed(e)
+        } else {
+            let mut o = e.clone();
+            o.path = path.to_vec();
+            if o.node.is_dir() {
+                o.node = Node::dir(DirKind::Merge);
+            }
+            Cow::Owned(o)
+        };
+        view.insert(path.to_vec(), Merged { layer, entry });
+    });
     view
 }
 
 /// Squash consecutive layers into one with the same effect: for any chain
 /// `below`, `restack(below ++ [squash(layers)])` shows what
-/// `restack(below ++ layers)` shows. With `bottom` (nothing is below the
-/// result) whiteouts disappear and no directory needs to be opaque.
-///
-/// Rules, applied layer by layer: a whiteout removes the path's subtree and
-/// leaves a whiteout (unless `bottom`); an opaque directory removes the
-/// subtree; a directory over a directory keeps the lower one's opacity and
-/// children, its own metadata wins; a directory over a whiteout or a
-/// non-directory becomes opaque (it hides whatever the chain below has);
-/// anything else replaces. Whiteouts below an opaque directory are dropped
-/// (the directory already hides everything). Hard-link groups are
-/// renumbered; a group left with one member becomes a plain entry.
+/// `restack(below ++ layers)` shows ([`stack::plan`]; with `bottom`,
+/// nothing is below and the result is the merged view itself). Hard-link
+/// groups are renumbered; a group keeps its identity even with one member
+/// left, since a layer above may show that member under a second name (a
+/// renamed parent).
 ///
 /// The input layers must be [validated](Layer::validate); the result is.
 pub fn squash(layers: &[Layer], bottom: bool) -> Layer {
-    let mut map: BTreeMap<Vec<u8>, (usize, Entry)> = BTreeMap::new();
-    let drop_below = |map: &mut BTreeMap<Vec<u8>, (usize, Entry)>, path: &[u8]| {
-        let keys: Vec<Vec<u8>> = if path.is_empty() {
-            map.keys().filter(|k| !k.is_empty()).cloned().collect()
-        } else {
-            let mut lo = path.to_vec();
-            lo.push(b'/');
-            let mut hi = path.to_vec();
-            hi.push(b'/' + 1);
-            map.range(lo..hi).map(|(k, _)| k.clone()).collect()
-        };
-        for k in keys {
-            map.remove(&k);
-        }
-    };
-    for (i, layer) in layers.iter().enumerate() {
-        for e in &layer.entries {
-            match &e.node {
-                Node::Whiteout => {
-                    drop_below(&mut map, &e.path);
-                    if bottom {
-                        map.remove(&e.path);
-                    } else {
-                        map.insert(e.path.clone(), (i, e.clone()));
-                    }
-                }
-                Node::Dir { opaque } => {
-                    let keep = match map.get(&e.path).map(|(_, p)| &p.node) {
-                        _ if e.path.is_empty() => Some(false),
-                        _ if *opaque => None,
-                        Some(Node::Dir { opaque: o }) => Some(*o),
-                        Some(_) => None,
-                        None => Some(false),
-                    };
-                    let now_opaque = match keep {
-                        Some(o) => o,
-                        None => {
-                            drop_below(&mut map, &e.path);
-                            true
-                        }
-                    };
-                    let mut d = e.clone();
-                    d.node = Node::Dir {
-                        opaque: now_opaque && !bottom,
-                    };
-                    map.insert(e.path.clone(), (i, d));
-                }
-                _ => {
-                    drop_below(&mut map, &e.path);
-                    map.insert(e.path.clone(), (i, e.clone()));
-                }
-            }
-        }
-    }
-    // Whiteouts under an opaque directory hide nothing more.
-    let opaque: Vec<Vec<u8>> = map
-        .iter()
-        .filter(|(_, (_, e))| e.node == Node::Dir { opaque: true })
-        .map(|(k, _)| k.clone())
-        .collect();
-    for o in opaque {
-        let mut lo = o.clone();
-        lo.push(b'/');
-        let mut hi = o.clone();
-        hi.push(b'/' + 1);
-        let wh: Vec<Vec<u8>> = map
-            .range(lo..hi)
-            .filter(|(_, (_, e))| e.node == Node::Whiteout)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in wh {
-            map.remove(&k);
-        }
-    }
-    let mut members: HashMap<(usize, u32), u32> = HashMap::new();
-    for (i, e) in map.values() {
-        if let Some(g) = e.link {
-            *members.entry((*i, g)).or_default() += 1;
-        }
-    }
+    let chain = Chain::new(layers);
     let mut renum: HashMap<(usize, u32), u32> = HashMap::new();
-    let entries = map
-        .into_values()
-        .map(|(i, mut e)| {
-            e.link = e.link.and_then(|g| {
-                (members[&(i, g)] > 1).then(|| {
-                    let n = renum.len() as u32;
-                    *renum.entry((i, g)).or_insert(n)
-                })
+    let entries = stack::plan(&chain, bottom)
+        .into_iter()
+        .filter_map(|p| {
+            let Some((layer, real)) = p.from else {
+                return Some(Entry {
+                    path: p.path,
+                    node: Node::Whiteout,
+                    meta: Meta::default(),
+                    link: None,
+                });
+            };
+            let mut e = chain.get(layer, &real)?.clone();
+            e.path = p.path;
+            if let Some(kind) = p.dir {
+                e.node = Node::dir(kind);
+            }
+            e.link = e.link.map(|g| {
+                let n = renum.len() as u32;
+                *renum.entry((layer, g)).or_insert(n)
             });
-            e
+            Some(e)
         })
         .collect();
     Layer { entries }
@@ -450,7 +487,11 @@ pub(crate) mod tests {
     pub fn dir(p: &str, opaque: bool) -> Entry {
         Entry {
             path: p.as_bytes().to_vec(),
-            node: Node::Dir { opaque },
+            node: Node::dir(if opaque {
+                DirKind::Opaque
+            } else {
+                DirKind::Merge
+            }),
             meta: Meta::default(),
             link: None,
         }
@@ -468,6 +509,14 @@ pub(crate) mod tests {
                     }],
                 }],
             },
+            meta: Meta::default(),
+            link: None,
+        }
+    }
+    pub fn rdir(p: &str, from: &str) -> Entry {
+        Entry {
+            path: p.as_bytes().to_vec(),
+            node: Node::dir(DirKind::Redirect(from.as_bytes().to_vec())),
             meta: Meta::default(),
             link: None,
         }
@@ -557,6 +606,64 @@ pub(crate) mod tests {
         );
     }
 
+    /// RESEARCH.md A.9: `mv photos pictures; mv pictures/2023
+    /// x/2023-archive; add new.jpg` — a merge that ignores redirects loses
+    /// the three images; the kernel (and this model) shows all four.
+    #[test]
+    fn renamed_directories_keep_their_lower_content() {
+        let l1 = layer(vec![
+            dir("", false),
+            dir("photos", false),
+            dir("photos/2023", false),
+            file("photos/2023/img0", 1),
+            file("photos/2023/img1", 1),
+            file("photos/top", 1),
+            dir("x", false),
+        ]);
+        let l2 = layer(vec![
+            dir("", false),
+            wh("photos"),
+            rdir("pictures", "photos"),
+            wh("pictures/2023"),
+            dir("x", false),
+            rdir("x/2023-archive", "/photos/2023"),
+            file("x/2023-archive/new", 2),
+        ]);
+        let chain = [l1, l2];
+        for l in &chain {
+            l.validate().unwrap();
+        }
+        let v = restack(&chain);
+        let got: Vec<String> = v.keys().map(|k| show(k)).collect();
+        assert_eq!(
+            got,
+            [
+                "/",
+                "pictures",
+                "pictures/top",
+                "x",
+                "x/2023-archive",
+                "x/2023-archive/img0",
+                "x/2023-archive/img1",
+                "x/2023-archive/new"
+            ]
+        );
+        assert_eq!(
+            v[&b"x/2023-archive/img0"[..]].entry.path,
+            b"x/2023-archive/img0"
+        );
+        assert_eq!(v[&b"x/2023-archive/img0"[..]].layer, 0);
+        // Squashed over nothing: the plain merged tree; over something: the
+        // same view, with the redirects kept for the namespace below.
+        let flat = squash(&chain, true);
+        assert!(!flat.has_redirects());
+        assert_eq!(canon(&restack(std::slice::from_ref(&flat))), canon(&v));
+        let over = squash(&chain[1..], false);
+        assert!(over.has_redirects());
+        let a = [chain[0].clone(), over];
+        assert_eq!(canon(&restack(&a)), canon(&v));
+    }
+
     #[test]
     fn validate_rejects_bad_layers() {
         let bad = [
@@ -570,6 +677,10 @@ pub(crate) mod tests {
             },
             layer(vec![dir("", true)]),
             layer(vec![dir("", false), file("x\0y", 1)]),
+            layer(vec![dir("", false), rdir("a", "b/c")]),
+            layer(vec![dir("", false), rdir("a", "/b//c")]),
+            layer(vec![dir("", false), rdir("a", "..")]),
+            layer(vec![dir("", false), rdir("a", "")]),
         ];
         for l in bad {
             assert!(l.validate().is_err(), "{l:?}");
@@ -591,17 +702,19 @@ pub(crate) mod tests {
             Just(2u8), // opaque dir
             Just(3u8), // file
             Just(4u8), // hard-linked file
+            Just(5u8), // renamed dir, relative redirect
+            Just(6u8), // renamed dir, absolute redirect
         ];
         (
-            proptest::collection::vec((path, node, 0u8..4), 0..8),
+            proptest::collection::vec((path, node, 0u8..4, 0usize..3, 0usize..3), 0..8),
             0u32..3,
         )
-            .prop_map(|(items, root_mode)| {
+            .prop_map(move |(items, root_mode)| {
                 let mut m: BTreeMap<Vec<u8>, Entry> = BTreeMap::new();
                 let mut root = dir("", false);
                 root.meta.mode = root_mode;
                 m.insert(Vec::new(), root);
-                for (p, kind, tag) in items {
+                for (p, kind, tag, r1, r2) in items {
                     let pb = p.as_bytes().to_vec();
                     // Skip paths under a non-directory of this layer.
                     let mut blocked = false;
@@ -624,6 +737,9 @@ pub(crate) mod tests {
                         0 if !has_children => wh(&p),
                         2 => dir(&p, true),
                         3 | 4 if !has_children => file(&p, tag),
+                        5 => rdir(&p, names[r1]),
+                        6 if r2 == 0 => rdir(&p, &format!("/{}", names[r1])),
+                        6 => rdir(&p, &format!("/{}/{}", names[r1], names[r2])),
                         _ => dir(&p, false),
                     };
                     if kind == 4 && !e.node.is_dir() && e.node != Node::Whiteout {
@@ -658,7 +774,7 @@ pub(crate) mod tests {
             .map(|(k, m)| {
                 let mut node = m.entry.node.clone();
                 if let Node::Dir { .. } = node {
-                    node = Node::Dir { opaque: false };
+                    node = Node::dir(DirKind::Merge);
                 }
                 let g = m.link_key().map(|g| groups[&g].clone()).unwrap_or_default();
                 let g = if g.len() > 1 { g } else { Vec::new() };

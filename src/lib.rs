@@ -30,4 +30,5 @@ pub mod progress;
 pub mod reclaim;
 pub mod repo;
 pub mod scan;
+pub mod stack;
 pub mod volume;

@@ -236,8 +236,10 @@ fn apply_meta_fd(
         )
         .with_context(|| format!("cannot chown {}", show(&e.path)))?;
     }
-    if target == Target::Lowerdir && matches!(e.node, Node::Dir { opaque: true }) {
-        xattrs.push((crate::ovl::OPAQUE.to_vec(), crate::ovl::OPAQUE_YES.to_vec()));
+    if target == Target::Lowerdir
+        && let Node::Dir { kind } = &e.node
+    {
+        xattrs.extend(crate::ovl::dir_xattr(kind));
     }
     for (k, v) in &xattrs {
         if let Err(err) = rustix::fs::fsetxattr(fd, os(k), v, rustix::fs::XattrFlags::empty()) {

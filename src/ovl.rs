@@ -5,12 +5,14 @@
 //! reason it gives). Everything that reads or writes layer directories —
 //! the scanner, restore into lowerdirs, merges and folds, `status` — takes
 //! its decisions from here; what the layers mean together (a whiteout hides
-//! below, an opaque directory replaces) is the pure rule of
-//! [`crate::layer::restack`] and [`crate::layer::squash`].
+//! below, an opaque directory replaces, a renamed directory continues where
+//! it came from) is the pure rule of [`crate::stack`].
 //!
 //! Verified on Linux 6.18 with laybak's mount options (trusted xattrs,
-//! `redirect_dir=off`, `index=off`, `metacopy=off`; see `OVERLAY.md`).
+//! `redirect_dir=on`, `index=off`, `metacopy=off`; see `OVERLAY.md` and
+//! `overlay/RESEARCH.md` A.3).
 
+use crate::layer::DirKind;
 use rustix::fs::Stat;
 
 /// Namespace of overlay's private xattrs (laybak mounts in trusted mode).
@@ -22,6 +24,19 @@ pub const ESCAPED: &[u8] = b"trusted.overlay.overlay.";
 pub const OPAQUE: &[u8] = b"trusted.overlay.opaque";
 /// The value of [`OPAQUE`] the kernel writes.
 pub const OPAQUE_YES: &[u8] = b"y";
+/// Marks a renamed directory: the value names where its lower content is
+/// (a sibling's name, or a `/`-led path from the root of the layers
+/// below). Needs `redirect_dir=on` (made) or `follow` (read).
+pub const REDIRECT: &[u8] = b"trusted.overlay.redirect";
+
+/// The xattr that marks a directory of `kind` in a layer directory.
+pub fn dir_xattr(kind: &DirKind) -> Option<(Vec<u8>, Vec<u8>)> {
+    match kind {
+        DirKind::Merge => None,
+        DirKind::Opaque => Some((OPAQUE.to_vec(), OPAQUE_YES.to_vec())),
+        DirKind::Redirect(r) => Some((REDIRECT.to_vec(), r.clone())),
+    }
+}
 
 /// Whether a stat result is a whiteout (a character device 0/0): the name
 /// is deleted in the layers below.
@@ -41,10 +56,10 @@ pub fn is_plain_user(k: &[u8]) -> bool {
 }
 
 /// Xattrs a merged layer keeps: the user's, the escaped user ones and the
-/// opaque marker; overlay's other bookkeeping (origin, impure) describes the
-/// old upper, not the new layer.
+/// opaque and redirect markers; overlay's other bookkeeping (origin,
+/// impure) describes the old upper, not the new layer.
 pub fn kept_in_merge(k: &[u8]) -> bool {
-    !is_bookkeeping(k) || k == OPAQUE
+    !is_bookkeeping(k) || k == OPAQUE || k == REDIRECT
 }
 
 /// Whether a directory's xattrs mark it opaque.
@@ -59,6 +74,8 @@ pub fn is_opaque<'a>(xattrs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> 
 pub enum Attr {
     /// The directory is opaque.
     Opaque,
+    /// The directory was renamed; its lower content is at this value.
+    Redirect(Vec<u8>),
     /// Bookkeeping laybak drops (origin, impure, uuid, protattr).
     Bookkeeping,
     /// The user's own `trusted.overlay.X`, escaped: kept as user data.
@@ -80,9 +97,11 @@ pub fn interpret(name: &[u8], value: &[u8]) -> Attr {
             String::from_utf8_lossy(value)
         )),
         b"origin" | b"impure" | b"uuid" | b"protattr" => Attr::Bookkeeping,
-        b"redirect" => refuse(
-            "is a renamed directory (trusted.overlay.redirect): the volume was mounted with redirect_dir enabled, which laybak does not support; mount it only with `laybak up`",
-        ),
+        b"redirect" if crate::layer::redirect_is_valid(value) => Attr::Redirect(value.to_vec()),
+        b"redirect" => Attr::Refused(format!(
+            "has trusted.overlay.redirect={:?}, which is not a redirect the kernel follows: this layer was made by another tool; laybak will not archive it",
+            String::from_utf8_lossy(value)
+        )),
         b"metacopy" => refuse(
             "is a metadata-only copy-up (trusted.overlay.metacopy): the volume was mounted with metacopy=on; remount it with `laybak up` (metacopy=off)",
         ),
@@ -123,10 +142,23 @@ mod tests {
         ));
         assert_eq!(interpret(b"trusted.overlay.origin", b""), Attr::Bookkeeping);
         assert_eq!(interpret(b"trusted.overlay.overlay.mine", b"1"), Attr::User);
-        assert!(matches!(
-            interpret(b"trusted.overlay.redirect", b"/a"),
-            Attr::Refused(_)
-        ));
+        assert_eq!(
+            interpret(b"trusted.overlay.redirect", b"/a/b"),
+            Attr::Redirect(b"/a/b".to_vec())
+        );
+        assert_eq!(
+            interpret(b"trusted.overlay.redirect", b"a"),
+            Attr::Redirect(b"a".to_vec())
+        );
+        for bad in [&b"a/b"[..], b"//a", b"/a/", b"/", b"", b"..", b"/a/../b"] {
+            assert!(
+                matches!(
+                    interpret(b"trusted.overlay.redirect", bad),
+                    Attr::Refused(_)
+                ),
+                "{bad:?}"
+            );
+        }
         assert!(matches!(
             interpret(b"trusted.overlay.frob", b""),
             Attr::Refused(_)

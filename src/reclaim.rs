@@ -249,7 +249,7 @@ fn make_plan(
                         .map(|l| repo.read_layer(l))
                         .collect::<Result<_>>()?;
                     let sq = layer::squash(&layers, bottom);
-                    let data = format::encode(FileKind::Layer, &sq)?;
+                    let data = format::encode_layer(&sq)?;
                     let lid = LayerId(Id::of(&data));
                     if !new_layers.iter().any(|(x, _)| *x == lid) {
                         new_layers.push((lid, sq));
@@ -371,7 +371,7 @@ pub fn forget(repo: &Repo, keep_of: KeepFn<'_>, scope: Scope<'_>, dry_run: bool)
     }
     for (id, l) in &new_layers {
         if !layer_files.contains(id) {
-            freed -= format::encode(FileKind::Layer, l)?.len() as i64;
+            freed -= format::encode_layer(l)?.len() as i64;
         }
     }
     report.bytes_freed = freed;

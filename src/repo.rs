@@ -733,7 +733,7 @@ impl Repo {
     /// Invalid layer or write failure.
     pub fn write_layer(&self, layer: &Layer) -> Result<LayerId> {
         layer.validate()?;
-        let data = format::encode(FileKind::Layer, layer)?;
+        let data = format::encode_layer(layer)?;
         Ok(LayerId(self.write_file(FileKind::Layer, data)?))
     }
 
@@ -743,12 +743,7 @@ impl Repo {
     /// Missing, corrupt or structurally invalid.
     pub fn read_layer(&self, id: &LayerId) -> Result<Layer> {
         let data = self.read_file(id)?;
-        let layer: Layer = format::decode(FileKind::Layer, &data)
-            .with_context(|| format!("layer {}", id.short()))?;
-        layer
-            .validate()
-            .with_context(|| format!("layer {} is invalid", id.short()))?;
-        Ok(layer)
+        format::decode_layer(&data).with_context(|| format!("layer {}", id.short()))
     }
 
     /// Encode a new snapshot record; its id comes from these bytes.

@@ -15,7 +15,7 @@
 
 use crate::format::{BlobId, Id};
 use crate::fsx;
-use crate::layer::{Chunk, Entry, Extent, Layer, Meta, Node, Xattrs, show};
+use crate::layer::{Chunk, DirKind, Entry, Extent, Layer, Meta, Node, Xattrs, show};
 use crate::repo::{Packer, Summary};
 use anyhow::{Context, Result, anyhow, bail};
 use rayon::prelude::*;
@@ -130,9 +130,10 @@ fn meta_of(st: &Stat, xattrs: Xattrs) -> Meta {
     }
 }
 
-/// Split overlay bookkeeping from user xattrs. Returns (opaque, user xattrs).
-fn interpret_xattrs(path: &[u8], xattrs: Xattrs, source: Source) -> Result<(bool, Xattrs)> {
-    let mut opaque = false;
+/// Split overlay bookkeeping from user xattrs. Returns how a directory
+/// stacks (merge, opaque or renamed) and the user xattrs.
+fn interpret_xattrs(path: &[u8], xattrs: Xattrs, source: Source) -> Result<(DirKind, Xattrs)> {
+    let (mut opaque, mut redirect) = (false, None);
     let mut keep = Vec::new();
     for (name, value) in xattrs {
         if crate::ovl::is_plain_user(&name) {
@@ -148,12 +149,19 @@ fn interpret_xattrs(path: &[u8], xattrs: Xattrs, source: Source) -> Result<(bool
         }
         match crate::ovl::interpret(&name, &value) {
             crate::ovl::Attr::Opaque => opaque = true,
+            crate::ovl::Attr::Redirect(r) => redirect = Some(r),
             crate::ovl::Attr::Bookkeeping => {}
             crate::ovl::Attr::User => keep.push((name, value)),
             crate::ovl::Attr::Refused(why) => bail!("{} {why}", shown(path)),
         }
     }
-    Ok((opaque, keep))
+    // The kernel does not read the redirect of an opaque directory.
+    let kind = match (opaque, redirect) {
+        (true, _) => DirKind::Opaque,
+        (false, Some(r)) => DirKind::Redirect(r),
+        (false, None) => DirKind::Merge,
+    };
+    Ok((kind, keep))
 }
 
 /// Open the directory a walk starts from: its canonical path, with no
@@ -234,7 +242,7 @@ fn walk_fd(root: BorrowedFd<'_>, root_path: &Path, source: Source) -> Result<Vec
     out.push(Found {
         entry: Entry {
             path: Vec::new(),
-            node: Node::Dir { opaque: false },
+            node: Node::dir(DirKind::Merge),
             meta: meta_of(&st, xattrs),
             link: None,
         },
@@ -265,11 +273,11 @@ fn walk_fd(root: BorrowedFd<'_>, root_path: &Path, source: Source) -> Result<Vec
         }
         let xattrs = fsx::xattrs_fd(&fd)
             .with_context(|| format!("cannot read the extended attributes of {}", shown(&rel)))?;
-        let (opaque, xattrs) = interpret_xattrs(&rel, xattrs, source)?;
+        let (kind, xattrs) = interpret_xattrs(&rel, xattrs, source)?;
         out.push(Found {
             entry: Entry {
                 path: rel.clone(),
-                node: Node::Dir { opaque },
+                node: Node::dir(kind),
                 meta: meta_of(&sub.st, xattrs),
                 link: None,
             },

@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use laybak::format::{self, FileKind, Time};
-use laybak::layer::{Entry, Layer, Meta, Node};
+use laybak::layer::{DirKind, Entry, Layer, Meta, Node};
 use laybak::repo::{Repo, Snapshot, Summary};
 use std::collections::BTreeMap;
 use std::fs;
@@ -432,7 +432,12 @@ fn crafted_manifests_never_write_outside_the_target() {
     env.init();
     let outside = env.path("outside");
     fs::create_dir(&outside).unwrap();
-    let root = entry("", Node::Dir { opaque: false });
+    let root = entry(
+        "",
+        Node::Dir {
+            kind: DirKind::Merge,
+        },
+    );
     let file = |p: &str| {
         entry(
             p,
@@ -500,7 +505,12 @@ fn crafted_manifests_never_write_outside_the_target() {
     let lower = Layer {
         entries: vec![
             root.clone(),
-            entry("a", Node::Dir { opaque: false }),
+            entry(
+                "a",
+                Node::Dir {
+                    kind: DirKind::Merge,
+                },
+            ),
             file("a/x"),
         ],
     };

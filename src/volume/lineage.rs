@@ -72,7 +72,9 @@ pub fn status(vol: &Volume) -> Result<Vec<Change>> {
         let below = exists_below(vol, &e.path);
         let change = match &e.node {
             crate::layer::Node::Whiteout => "deleted",
-            crate::layer::Node::Dir { opaque: true } if below => "replaced",
+            crate::layer::Node::Dir {
+                kind: crate::layer::DirKind::Opaque,
+            } if below => "replaced",
             crate::layer::Node::Dir { .. } if below => continue,
             _ if below => "modified",
             _ => "added",
