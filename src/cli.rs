@@ -715,9 +715,17 @@ fn cmd_status(cli: &Cli, a: &StatusArgs) -> Result<()> {
                 "added" => '+',
                 "deleted" => '-',
                 "replaced" => 'R',
+                "renamed" => '>',
                 _ => 'M',
             };
-            println!("{l} {}", layer::escape(&c.path));
+            match &c.from {
+                Some(from) => println!(
+                    "{l} {} (from {})",
+                    layer::escape(&c.path),
+                    layer::escape(from)
+                ),
+                None => println!("{l} {}", layer::escape(&c.path)),
+            }
         }
     }
     Ok(())

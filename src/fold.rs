@@ -16,9 +16,12 @@
 //! changes anything outside the two layers.
 
 use crate::fsx::{self, dev_ino, is_dir, is_whiteout};
+use crate::layer::DirKind;
 use crate::ovl::OPAQUE;
+use crate::stack;
 use anyhow::{Context, Result, bail};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::cell::RefCell;
 use std::path::Path;
 
 /// Not overlay's own bookkeeping: the xattrs a fold carries over.
@@ -182,28 +185,290 @@ fn strip_fd(dir: BorrowedFd<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Xattrs a merged layer keeps: the user's, the escaped user
-/// `trusted.overlay.overlay.*`, and the opaque marker; overlay's other
-/// bookkeeping (origin, impure) describes the old upper, not the new layer.
-fn keep_in_layer(k: &[u8]) -> bool {
-    crate::ovl::kept_in_merge(k)
+/// A directory of a layer kept open: its path there and descriptor.
+type OpenDir = (Vec<u8>, OwnedFd);
+
+/// Layer directories as a [`stack::Source`], read through descriptors
+/// beneath each layer's root (`RESOLVE_BENEATH`, no symlinks). The last
+/// directory opened in each layer is kept open: the rule asks about one
+/// directory's names one after another. The first error met (anything but
+/// "not there") is kept and reported by [`Dirs::check`], so a layer that
+/// cannot be read never passes for an empty one.
+pub struct Dirs {
+    roots: Vec<OwnedFd>,
+    last: RefCell<Vec<Option<OpenDir>>>,
+    error: RefCell<Option<anyhow::Error>>,
 }
 
-/// Owner, mode, kept xattrs and times of open directory `from` onto `to`
-/// (a directory of a layer being built, which holds only kept xattrs).
-fn copy_layer_meta(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> Result<()> {
-    Ok(fsx::copy_meta_fd(from, to, keep_in_layer)?)
+impl Dirs {
+    /// Open the layer directories `layers`, bottom first.
+    ///
+    /// # Errors
+    /// A layer that cannot be opened.
+    pub fn open(layers: &[&Path]) -> Result<Self> {
+        let roots = layers.iter().map(|p| open(p)).collect::<Result<Vec<_>>>()?;
+        let last = RefCell::new((0..roots.len()).map(|_| None).collect());
+        Ok(Self {
+            roots,
+            last,
+            error: RefCell::new(None),
+        })
+    }
+
+    fn fail(&self, e: anyhow::Error) {
+        self.error.borrow_mut().get_or_insert(e);
+    }
+
+    /// The first error any question met.
+    ///
+    /// # Errors
+    /// That error.
+    pub fn check(&self) -> Result<()> {
+        match self.error.borrow_mut().take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Run `f` on directory `dir` of `layer` (`None`: not a directory there).
+    fn with_dir<T>(
+        &self,
+        layer: usize,
+        dir: &[u8],
+        f: impl FnOnce(BorrowedFd<'_>) -> T,
+    ) -> Option<T> {
+        if dir.is_empty() {
+            return Some(f(self.roots[layer].as_fd()));
+        }
+        let mut last = self.last.borrow_mut();
+        if let Some((p, fd)) = &last[layer]
+            && p == dir
+        {
+            return Some(f(fd.as_fd()));
+        }
+        match fsx::open_beneath(&self.roots[layer], dir, fsx_dir_flags()) {
+            Ok(fd) => {
+                let r = f(fd.as_fd());
+                last[layer] = Some((dir.to_vec(), fd));
+                Some(r)
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) =>
+            {
+                None
+            }
+            Err(e) => {
+                self.fail(anyhow::Error::new(e).context(format!("cannot open {}", show(dir))));
+                None
+            }
+        }
+    }
+
+    /// A real entry's stat and, for a directory, its xattrs.
+    fn stat(&self, layer: usize, path: &[u8]) -> Option<rustix::fs::Stat> {
+        let par = crate::layer::parent(path);
+        let name = &path[if par.is_empty() { 0 } else { par.len() + 1 }..];
+        self.with_dir(layer, par, |d| fsx::stat_at(d, name))?
+            .map_err(|e| {
+                self.fail(anyhow::Error::new(e).context(format!("cannot stat {}", show(path))))
+            })
+            .ok()
+            .flatten()
+    }
 }
 
-fn link(from: BorrowedFd<'_>, to: BorrowedFd<'_>, name: &[u8]) -> Result<()> {
-    rustix::fs::linkat(
-        from,
-        fsx::os(name),
-        to,
-        fsx::os(name),
-        rustix::fs::AtFlags::empty(),
-    )
-    .with_context(|| format!("cannot link {}", crate::layer::show(name)))
+fn fsx_dir_flags() -> rustix::fs::OFlags {
+    use rustix::fs::OFlags;
+    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+}
+
+fn show(p: &[u8]) -> String {
+    crate::layer::show(p)
+}
+
+impl stack::Source for Dirs {
+    fn count(&self) -> usize {
+        self.roots.len()
+    }
+    fn kind(&self, layer: usize, path: &[u8]) -> Option<stack::Kind> {
+        if path.is_empty() {
+            // Overlay ignores xattrs on layer roots.
+            return Some(stack::Kind::Dir(DirKind::Merge));
+        }
+        let st = self.stat(layer, path)?;
+        if is_whiteout(&st) {
+            return Some(stack::Kind::Whiteout);
+        }
+        if !is_dir(&st) {
+            return Some(stack::Kind::Other);
+        }
+        let x = self
+            .with_dir(layer, path, |d| fsx::xattrs_fd(d))?
+            .map_err(|e| {
+                self.fail(
+                    anyhow::Error::new(e)
+                        .context(format!("cannot read the xattrs of {}", show(path))),
+                )
+            })
+            .ok()?;
+        let (mut opaque, mut redirect) = (false, None);
+        for (k, v) in x.iter().filter(|(k, _)| crate::ovl::is_bookkeeping(k)) {
+            match crate::ovl::interpret(k, v) {
+                crate::ovl::Attr::Opaque => opaque = true,
+                crate::ovl::Attr::Redirect(r) => redirect = Some(r),
+                crate::ovl::Attr::Refused(why) => {
+                    self.fail(anyhow::anyhow!("{} {why}", show(path)))
+                }
+                crate::ovl::Attr::Bookkeeping | crate::ovl::Attr::User => {}
+            }
+        }
+        Some(stack::Kind::Dir(match (opaque, redirect) {
+            (true, _) => DirKind::Opaque,
+            (false, Some(r)) => DirKind::Redirect(r),
+            (false, None) => DirKind::Merge,
+        }))
+    }
+    fn names(&self, layer: usize, dir: &[u8]) -> Vec<Vec<u8>> {
+        let mut v = self
+            .with_dir(layer, dir, |d| fsx::names(d))
+            .and_then(|r| {
+                r.map_err(|e| {
+                    self.fail(anyhow::Error::new(e).context(format!("cannot list {}", show(dir))))
+                })
+                .ok()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+/// Whether any directory below `dir` is a renamed one (holds
+/// `trusted.overlay.redirect`).
+///
+/// # Errors
+/// A directory that cannot be read.
+pub fn has_redirects(dir: &Path) -> Result<bool> {
+    fn walk(d: BorrowedFd<'_>) -> Result<bool> {
+        for name in fsx::names(d)? {
+            let Some(st) = fsx::stat_at(d, &name)? else {
+                continue;
+            };
+            if is_dir(&st) {
+                let sub = open_checked(d, &name, dev_ino(&st))?;
+                if fsx::xattrs_fd(&sub)?
+                    .iter()
+                    .any(|(k, _)| k == crate::ovl::REDIRECT)
+                    || walk(sub.as_fd())?
+                {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+    let d = open(dir)?;
+    walk(d.as_fd()).with_context(|| format!("reading {}", dir.display()))
+}
+
+/// Build `out` (an empty directory) as one layer with the effect of the
+/// adjacent layer directories `layers` (bottom first), by hard links: the
+/// layers are only read, so a mount that stacks them (a live generation, an
+/// old one a process is still inside, a historical mount) never sees them
+/// change. What goes where is [`stack::plan`], the same rule restore and
+/// squash use; with `bottom` (nothing is below the result) it is the plain
+/// merged tree. Costs the entries of the result, not their data.
+///
+/// # Errors
+/// Any filesystem error; `out` is then garbage to remove.
+pub fn build(layers: &[&Path], out: &Path, bottom: bool) -> Result<()> {
+    let src = Dirs::open(layers)?;
+    let plan = stack::plan(&src, bottom);
+    src.check()?;
+    let o = open(out)?;
+    build_fd(&src, &plan, o.as_fd()).with_context(|| format!("building {}", out.display()))?;
+    rustix::fs::syncfs(&o)?;
+    Ok(())
+}
+
+fn build_fd(src: &Dirs, plan: &[stack::Planned], out: BorrowedFd<'_>) -> Result<()> {
+    use rustix::fs::{AtFlags, FileType, Mode};
+    let mut linked: std::collections::HashSet<(usize, &[u8])> = Default::default();
+    // Directories made, with where their metadata comes from: their times
+    // are set last, deepest first (making children changes them).
+    let mut made: Vec<(&[u8], usize, &[u8])> = Vec::new();
+    for p in plan {
+        let par = crate::layer::parent(&p.path);
+        let name = &p.path[if par.is_empty() { 0 } else { par.len() + 1 }..];
+        let pdir = if p.path.is_empty() {
+            None
+        } else {
+            Some(
+                fsx::open_beneath(out, par, fsx_dir_flags())
+                    .with_context(|| format!("cannot open {}", show(par)))?,
+            )
+        };
+        match (&p.from, &p.dir) {
+            (None, _) => {
+                let pdir = pdir
+                    .as_ref()
+                    .ok_or_else(|| anyhow::anyhow!("whiteout at the root"))?;
+                rustix::fs::mknodat(
+                    pdir,
+                    fsx::os(name),
+                    FileType::CharacterDevice,
+                    Mode::empty(),
+                    0,
+                )
+                .with_context(|| format!("cannot make whiteout {}", show(&p.path)))?;
+            }
+            (Some((l, real)), Some(kind)) => {
+                let new = match &pdir {
+                    None => fsx::open_beneath(out, b"", fsx_dir_flags())?,
+                    Some(pd) => mkdir_open(pd.as_fd(), name)?,
+                };
+                src.with_dir(*l, real, |d| {
+                    fsx::copy_meta_fd(d, new.as_fd(), |k| !crate::ovl::is_bookkeeping(k))
+                })
+                .ok_or_else(|| anyhow::anyhow!("{} is gone", show(real)))??;
+                if let Some((k, v)) = crate::ovl::dir_xattr(kind) {
+                    rustix::fs::fsetxattr(&new, fsx::os(&k), &v, rustix::fs::XattrFlags::empty())
+                        .with_context(|| format!("cannot mark {}", show(&p.path)))?;
+                }
+                made.push((&p.path, *l, real));
+            }
+            (Some((l, real)), None) => {
+                if !linked.insert((*l, real.as_slice())) {
+                    bail!(
+                        "the layers show {} under two names; not merging them",
+                        show(real)
+                    );
+                }
+                let rpar = crate::layer::parent(real);
+                let rname = &real[if rpar.is_empty() { 0 } else { rpar.len() + 1 }..];
+                let pdir = pdir.ok_or_else(|| anyhow::anyhow!("a file at the root"))?;
+                src.with_dir(*l, rpar, |d| {
+                    rustix::fs::linkat(d, fsx::os(rname), &pdir, fsx::os(name), AtFlags::empty())
+                })
+                .ok_or_else(|| anyhow::anyhow!("{} is gone", show(real)))?
+                .with_context(|| format!("cannot link {}", show(&p.path)))?;
+            }
+        }
+    }
+    src.check()?;
+    for (path, l, real) in made.into_iter().rev() {
+        let st = src
+            .with_dir(l, real, |d| rustix::fs::fstat(d))
+            .ok_or_else(|| anyhow::anyhow!("{} is gone", show(real)))??;
+        let d = fsx::open_beneath(out, path, fsx_dir_flags())?;
+        fsx::set_times_fd(
+            &d,
+            (st.st_atime, st.st_atime_nsec as i64),
+            (st.st_mtime, st.st_mtime_nsec as i64),
+        )?;
+    }
+    Ok(())
 }
 
 fn mkdir_open(dir: BorrowedFd<'_>, name: &[u8]) -> Result<OwnedFd> {
@@ -212,103 +477,18 @@ fn mkdir_open(dir: BorrowedFd<'_>, name: &[u8]) -> Result<OwnedFd> {
     Ok(fsx::open_subdir(dir, name)?)
 }
 
-/// Copy the tree of `src` into the empty directory `dst`: directories are
-/// made anew, everything else is hard-linked (no data is copied).
-fn clone_tree(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<()> {
-    for name in fsx::names(src)? {
-        let Some(st) = fsx::stat_at(src, &name)? else {
-            continue;
-        };
-        if is_dir(&st) {
-            let s = open_checked(src, &name, dev_ino(&st))?;
-            let d = mkdir_open(dst, &name)?;
-            clone_tree(s.as_fd(), d.as_fd())?;
-            copy_layer_meta(s.as_fd(), d.as_fd())?;
-        } else {
-            link(src, dst, &name)?;
-        }
-    }
-    Ok(())
-}
-
-fn set_opaque(dir: BorrowedFd<'_>) -> Result<()> {
-    rustix::fs::fsetxattr(
-        dir,
-        fsx::os(OPAQUE),
-        crate::ovl::OPAQUE_YES,
-        rustix::fs::XattrFlags::empty(),
-    )?;
-    Ok(())
-}
-
-/// Apply layer `upper` onto `out` (a copy of the layer below it) with the
-/// semantics of two adjacent layers squashed into one that still has
-/// layers below it: whiteouts stay whiteouts, an opaque directory replaces,
-/// a directory over a directory merges (the older one's opacity stays, the
-/// newer one's metadata wins), a directory over a whiteout or a
-/// non-directory becomes opaque (it must hide what lies below), anything
-/// else replaces. `upper` is only read.
-fn apply_fd(upper: BorrowedFd<'_>, out: BorrowedFd<'_>) -> Result<()> {
-    let show = crate::layer::show;
-    for name in fsx::names(upper)? {
-        let Some(st) = fsx::stat_at(upper, &name)? else {
-            continue;
-        };
-        let dst = fsx::stat_at(out, &name)?;
-        if is_whiteout(&st) || !is_dir(&st) {
-            fsx::remove_all_at(out, &name)
-                .with_context(|| format!("cannot replace {}", show(&name)))?;
-            link(upper, out, &name)?;
-            continue;
-        }
-        let sub = open_checked(upper, &name, dev_ino(&st))?;
-        match dst {
-            Some(d) if is_dir(&d) && !is_opaque(sub.as_fd())? => {
-                let o = open_checked(out, &name, dev_ino(&d))?;
-                let was_opaque = is_opaque(o.as_fd())?;
-                apply_fd(sub.as_fd(), o.as_fd()).with_context(|| format!("in {}", show(&name)))?;
-                copy_layer_meta(sub.as_fd(), o.as_fd())?;
-                if was_opaque {
-                    set_opaque(o.as_fd())?;
-                }
-            }
-            d => {
-                let hides = d.is_some();
-                fsx::remove_all_at(out, &name)
-                    .with_context(|| format!("cannot replace {}", show(&name)))?;
-                let o = mkdir_open(out, &name)?;
-                clone_tree(sub.as_fd(), o.as_fd())?;
-                copy_layer_meta(sub.as_fd(), o.as_fd())?;
-                if hides {
-                    set_opaque(o.as_fd())?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Build `out` (an empty directory) as the merge of the adjacent layers
-/// `lower` and `upper` (not the bottom of the chain), by hard links: the two
-/// layers are only read, so a mount that stacks them (a live generation, an
-/// old one a process is still inside, a historical mount) never sees them
-/// change. Costs the entries of the two layers, not their data.
+/// `lower` and `upper` (not the bottom of the chain): [`build`].
 ///
 /// # Errors
 /// Any filesystem error; `out` is then garbage to remove.
 pub fn merge_into(lower: &Path, upper: &Path, out: &Path) -> Result<()> {
-    let (l, u, o) = (open(lower)?, open(upper)?, open(out)?);
-    clone_tree(l.as_fd(), o.as_fd())
-        .and_then(|()| apply_fd(u.as_fd(), o.as_fd()))
-        .and_then(|()| copy_layer_meta(u.as_fd(), o.as_fd()))
-        .with_context(|| {
-            format!(
-                "merging {} and {} into {}",
-                lower.display(),
-                upper.display(),
-                out.display()
-            )
-        })?;
-    rustix::fs::syncfs(&o)?;
-    Ok(())
+    build(&[lower, upper], out, false).with_context(|| {
+        format!(
+            "merging {} and {} into {}",
+            lower.display(),
+            upper.display(),
+            out.display()
+        )
+    })
 }

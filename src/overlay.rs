@@ -17,10 +17,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The fixed options of every laybak overlay mount (policy A of OVERLAY.md:
-/// no redirects, no metacopy, no index).
+/// The fixed options of every laybak overlay mount: directory renames in
+/// place (`redirect_dir=on`: made and followed; RESEARCH.md A.2 — it needs
+/// neither index nor metacopy), no metacopy, no index (rotation shares
+/// layers between generations: RESEARCH.md B.5). `on` is passed even for
+/// read-only views, which then follow redirects: a kernel built with
+/// `REDIRECT_ALWAYS_FOLLOW=n` would otherwise refuse them (EPERM).
 pub const FIXED_OPTIONS: &[(&str, &str)] = &[
-    ("redirect_dir", "nofollow"),
+    ("redirect_dir", "on"),
     ("index", "off"),
     ("metacopy", "off"),
     ("nfs_export", "off"),
@@ -29,8 +33,8 @@ pub const FIXED_OPTIONS: &[(&str, &str)] = &[
 
 /// Options that must not show up in mountinfo after a laybak mount.
 pub const FORBIDDEN_EFFECTIVE: &[&str] = &[
-    "redirect_dir=on",
-    "redirect_dir=follow",
+    "redirect_dir=nofollow",
+    "redirect_dir=off",
     "index=on",
     "metacopy=on",
     "nfs_export=on",
@@ -1053,7 +1057,7 @@ mod tests {
         let s = legacy_options(&spec, Some("null")).unwrap();
         assert_eq!(
             s,
-            "lowerdir=/a\\:b:/c,upperdir=/u,workdir=/w,redirect_dir=nofollow,index=off,metacopy=off,nfs_export=off,xino=off,uuid=null"
+            "lowerdir=/a\\:b:/c,upperdir=/u,workdir=/w,redirect_dir=on,index=off,metacopy=off,nfs_export=off,xino=off,uuid=null"
         );
         let comma = Spec {
             lowers: vec!["/a,b".into()],

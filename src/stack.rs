@@ -235,9 +235,9 @@ impl<'s, S: Source> Model<'s, S> {
         for s in stack {
             if let Slot::Layer(layer, p) = s {
                 for n in self.src.names(*layer, p) {
-                    if !seen.contains_key(&n) {
-                        let wh = self.src.kind(*layer, &join(p, &n)) == Some(Kind::Whiteout);
-                        seen.insert(n, wh);
+                    if let std::collections::btree_map::Entry::Vacant(v) = seen.entry(n) {
+                        let wh = self.src.kind(*layer, &join(p, v.key())) == Some(Kind::Whiteout);
+                        v.insert(wh);
                     }
                 }
             }

@@ -322,9 +322,15 @@ fn redirect_and_metacopy_in_an_upper_are_refused() {
     if !need_root() {
         return;
     }
-    for (attr, needle) in [
-        ("trusted.overlay.redirect", "redirect_dir"),
-        ("trusted.overlay.metacopy", "metacopy=on"),
+    // A redirect the kernel would not follow (a relative value with a
+    // slash) and a metadata-only copy-up: neither is archived.
+    for (attr, value, needle) in [
+        (
+            "trusted.overlay.redirect",
+            &b"x/y"[..],
+            "not a redirect the kernel follows",
+        ),
+        ("trusted.overlay.metacopy", b"/x", "metacopy=on"),
     ] {
         let env = Env::new();
         env.init();
@@ -334,7 +340,7 @@ fn redirect_and_metacopy_in_an_upper_are_refused() {
         fs::create_dir(vol.join("d")).unwrap();
         // Plant the artefact in the upper directly (through the backing bind).
         let upper_d = env.state.join("backing/vol/.laybak/l/2/d");
-        rustix::fs::lsetxattr(&upper_d, attr, b"/x", rustix::fs::XattrFlags::empty()).unwrap();
+        rustix::fs::lsetxattr(&upper_d, attr, value, rustix::fs::XattrFlags::empty()).unwrap();
         let before = fingerprint(&env.repo);
         let r = env.lb(&["snapshot", vol.to_str().unwrap()]);
         assert_eq!(r.code, 1);

@@ -80,6 +80,71 @@ fn set_mtime(p: &Path, secs: i64, nanos: i64) {
     .unwrap();
 }
 
+/// Whether `a` is `b` or inside it.
+fn within(a: &Path, b: &Path) -> bool {
+    a.starts_with(b)
+}
+
+/// One random directory rename on the mounted volume, as `mv` and package
+/// managers do: to a new name in the same or another directory, over an
+/// empty directory, an exchange of two directories, or a directory made in
+/// this layer. `rename(2)` must succeed in place (no EXDEV).
+fn rename_op(rng: &mut Rng, root: &Path, n: &mut u32) {
+    let (_, dirs) = files_in(root);
+    let dirs: Vec<PathBuf> = dirs.into_iter().filter(|d| d != root).collect();
+    *n += 1;
+    if dirs.is_empty() {
+        return;
+    }
+    let a = dirs[rng.below(dirs.len())].clone();
+    let (_, all) = files_in(root);
+    let to_parent: Vec<&PathBuf> = all.iter().filter(|d| !within(d, &a)).collect();
+    let into = to_parent[rng.below(to_parent.len())].clone();
+    let rename = |from: &Path, to: &Path| {
+        if let Err(e) = fs::rename(from, to) {
+            // Only a redirect longer than redirect_max (256) may fall back.
+            assert!(
+                e.raw_os_error() == Some(libc_exdev()) && from.as_os_str().len() > 200,
+                "rename {} -> {}: {e}",
+                from.display(),
+                to.display()
+            );
+        }
+    };
+    match rng.below(5) {
+        0 => rename(&a, &a.with_file_name(format!("r{n}"))),
+        1 => rename(&a, &into.join(format!("r{n}"))),
+        2 => {
+            let b = dirs[rng.below(dirs.len())].clone();
+            if !within(&a, &b) && !within(&b, &a) {
+                rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    &a,
+                    rustix::fs::CWD,
+                    &b,
+                    rustix::fs::RenameFlags::EXCHANGE,
+                )
+                .unwrap_or_else(|e| panic!("exchange {} {}: {e}", a.display(), b.display()));
+            }
+        }
+        3 => {
+            let empty = into.join(format!("e{n}"));
+            fs::create_dir(&empty).unwrap();
+            rename(&a, &empty);
+        }
+        _ => {
+            let fresh = into.join(format!("p{n}"));
+            fs::create_dir(&fresh).unwrap();
+            fs::write(fresh.join("f"), rng.bytes(300)).unwrap();
+            rename(&fresh, &a.with_file_name(format!("q{n}")));
+        }
+    }
+}
+
+fn libc_exdev() -> i32 {
+    rustix::io::Errno::XDEV.raw_os_error()
+}
+
 /// One random operation on the mounted volume.
 fn random_op(rng: &mut Rng, root: &Path, n: &mut u32) {
     let (files, dirs) = files_in(root);
@@ -224,11 +289,25 @@ fn random_rounds(seed: u64, rounds: usize, ops: usize) {
 }
 
 fn random_rounds_with(seed: u64, rounds: usize, ops: usize, max_layers: Option<&str>) {
+    random_rounds_opts(seed, rounds, ops, max_layers, false, false)
+}
+
+fn random_rounds_opts(
+    seed: u64,
+    rounds: usize,
+    ops: usize,
+    max_layers: Option<&str>,
+    renames: bool,
+    strict: bool,
+) {
     if !need_root() {
         return;
     }
     eprintln!("seed {seed}");
-    let env = Env::new();
+    let mut env = Env::new();
+    if strict {
+        env.vars.push(("LAYBAK_FORCE_MOUNT2".into(), "1".into()));
+    }
     env.init();
     let vol = env.path("vol");
     fs::create_dir(&vol).unwrap();
@@ -249,11 +328,20 @@ fn random_rounds_with(seed: u64, rounds: usize, ops: usize, max_layers: Option<&
         &expected[0],
         &listing(&vol),
     );
+    let mut renamed = 0;
     for _ in 0..rounds {
         for _ in 0..ops {
-            random_op(&mut rng, &vol, &mut n);
+            if renames && rng.below(3) == 0 {
+                rename_op(&mut rng, &vol, &mut n);
+            } else {
+                random_op(&mut rng, &vol, &mut n);
+            }
         }
         expected.push(listing(&vol));
+        if renames {
+            let st = env.run(&[OsStr::new("status"), os(&vol)]).ok().stdout;
+            renamed += st.lines().filter(|l| l.starts_with("> ")).count();
+        }
         ids.push(snapshot_id(&env, &vol));
         assert_same(
             "merged view across rotation",
@@ -261,6 +349,10 @@ fn random_rounds_with(seed: u64, rounds: usize, ops: usize, max_layers: Option<&
             &listing(&vol),
         );
     }
+    assert!(
+        !renames || renamed > 0,
+        "no directory was renamed in place (status shows none)"
+    );
     // From the repository alone: take the volume down and hide its state.
     env.run(&[OsStr::new("down"), os(&vol)]).ok();
     let empty_state = env.path("no-state");
@@ -316,6 +408,29 @@ fn random_rounds_with(seed: u64, rounds: usize, ops: usize, max_layers: Option<&
     );
     assert_same("after detach", &last, &listing(&vol));
     assert!(!vol.join(".laybak").exists());
+}
+
+/// Directory renames in place (overlay redirects) against the kernel: the
+/// view recorded at each snapshot is what a restore from the repository
+/// alone gives, across rotations, merges of renamed layers into fresh ones
+/// (`--max-layers 3`), a historical mount and detach. More seeds:
+/// `LAYBAK_RENAME_SEEDS=N`.
+#[test]
+fn random_directory_renames_restore_identically() {
+    let extra: u64 = std::env::var("LAYBAK_RENAME_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    for k in 0..1 + extra {
+        random_rounds_opts(0x5eed_0000 + k, 8, 25, Some("3"), true, false);
+    }
+}
+
+/// The same with the strict rotation (unmount, fold into the base, mount):
+/// a layer with renamed directories is folded by building a fresh base.
+#[test]
+fn random_directory_renames_with_strict_rotation() {
+    random_rounds_opts(0xfeed_0001, 8, 25, Some("2"), true, true);
 }
 
 #[test]
@@ -781,7 +896,7 @@ fn legacy_mount2_path_works_too() {
         "{}",
         info.super_options
     );
-    assert!(info.super_options.contains("redirect_dir=nofollow"));
+    assert!(info.super_options.contains("redirect_dir=on"));
     let m = env.path("m");
     env.run_env(
         &[OsStr::new("mount"), OsStr::new("latest"), os(&m)],

@@ -406,6 +406,51 @@ pub fn down(vol: &mut Volume, wait: Duration) -> Result<()> {
     vol.save()
 }
 
+/// A chain with renamed directories above its base is flattened in one
+/// build by hard links ([`fold::build`], the rule restore uses) instead of
+/// folds by renames: the kernel leaves offline changes to redirected layers
+/// undefined (RESEARCH.md A.8). The new base and an empty upper replace
+/// the chain in one state write; the old directories are removed after.
+fn flatten_renamed(vol: &mut Volume) -> Result<()> {
+    let mut seqs: Vec<u64> = vol.st.layers.iter().map(|l| l.seq).collect();
+    seqs.push(vol.st.upper);
+    let mut dirs = Vec::new();
+    let mut renamed = false;
+    for (i, s) in seqs.iter().enumerate() {
+        let d = vol.layer_dir(*s);
+        if d.exists() {
+            renamed = renamed || (i > 0 && fold::has_redirects(&d)?);
+            dirs.push(d);
+        }
+    }
+    if !renamed {
+        return Ok(());
+    }
+    let (f, u) = (vol.st.next_seq, vol.st.next_seq + 1);
+    vol.st.next_seq += 2;
+    vol.save()?;
+    let out = vol.layer_dir(f);
+    let _ = fs::remove_dir_all(&out);
+    crate::backend::private_dirs(&out)?;
+    let refs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+    fold::build(&refs, &out, true)?;
+    crate::failpoint::hit("detach-fold")?;
+    new_layer_dir(&vol.layer_dir(u), &out)?;
+    let mut base = vol.st.layers[0].clone();
+    base.seq = f;
+    for l in &vol.st.layers[1..] {
+        base.archived.extend(l.archived.iter().cloned());
+        base.entries += l.entries;
+    }
+    vol.st.layers = vec![base];
+    vol.st.upper = u;
+    vol.save()?;
+    for d in dirs {
+        fs::remove_dir_all(&d).with_context(|| format!("cannot remove {}", d.display()))?;
+    }
+    Ok(())
+}
+
 /// Stop managing a volume: flatten every layer into a plain directory with
 /// the current contents (renames only) and forget the volume locally. The
 /// repository is not touched. Returns how many layers were never archived.
@@ -430,6 +475,9 @@ pub fn detach(vol: &mut Volume, wait: Duration) -> Result<usize> {
     vol.ensure_backing()?;
     if let Some((u, l)) = vol.st.folding {
         finish_fold(vol, u, l)?;
+    }
+    if vol.st.detach_store.is_none() {
+        flatten_renamed(vol)?;
     }
     let base_seq = vol
         .st

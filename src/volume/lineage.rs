@@ -7,83 +7,86 @@ use super::*;
 /// One line of `status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Change {
-    /// `added`, `modified`, `deleted` or `replaced` (an opaque directory).
+    /// `added`, `modified`, `deleted`, `replaced` (an opaque directory) or
+    /// `renamed` (a directory moved in place).
     pub change: &'static str,
     /// Path inside the volume (lossy UTF-8).
     pub path: String,
+    /// For `renamed`: where the directory was at the last snapshot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
-/// `lstat` of the relative path `comps` inside the open directory `dir`,
-/// descriptor by descriptor (paths may exceed PATH_MAX).
-pub(super) fn lookup_in(dir: rustix::fd::OwnedFd, comps: &[&[u8]]) -> Option<rustix::fs::Stat> {
-    let (last, parents) = comps.split_last()?;
-    let mut d = dir;
-    for c in parents {
-        d = crate::fsx::open_subdir(&d, c).ok()?;
-    }
-    crate::fsx::stat_at(&d, last).ok().flatten()
-}
-
-pub(super) fn exists_below(vol: &Volume, path: &[u8]) -> bool {
-    use crate::fsx::{is_dir, is_whiteout, open_subdir, stat_at, xattrs_fd};
-    let comps: Vec<&[u8]> = path.split(|&b| b == b'/').collect();
-    'layers: for l in vol.st.layers.iter().rev() {
-        let Ok(mut dir) = crate::fsx::open_dir_path(&vol.layer_dir(l.seq)) else {
-            continue;
-        };
-        for (i, c) in comps.iter().enumerate() {
-            let Some(st) = stat_at(&dir, c).ok().flatten() else {
-                continue 'layers;
-            };
-            if is_whiteout(&st) {
-                return false;
-            }
-            if i + 1 == comps.len() {
-                return true;
-            }
-            if !is_dir(&st) {
-                return false;
-            }
-            let Ok(sub) = open_subdir(&dir, c) else {
-                continue 'layers;
-            };
-            let xattrs = xattrs_fd(&sub).unwrap_or_default();
-            if crate::ovl::is_opaque(xattrs.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))) {
-                // Opaque: nothing further down is visible; look only here.
-                return lookup_in(sub, &comps[i + 1..]).is_some_and(|m| !is_whiteout(&m));
-            }
-            dir = sub;
-        }
-    }
-    false
-}
-
-/// What changed since the last snapshot, read from the upper directory (and,
-/// for each changed path only, a lookup in the layers below).
+/// What changed since the last snapshot, read from the upper directory: each
+/// of its entries is looked up in the layers below with the overlay rule
+/// ([`crate::stack`]), where the entry continues there (a renamed
+/// directory's content is elsewhere below). Costs the change, not the tree.
 ///
 /// # Errors
-/// The volume is not mounted, or the upper is unreadable.
+/// The volume is not mounted, or a layer is unreadable.
 pub fn status(vol: &Volume) -> Result<Vec<Change>> {
+    use crate::layer::{DirKind, Node, parent, show};
+    use crate::stack::{self, Model};
     vol.require_mounted()?;
-    let found = scan::walk(&vol.layer_dir(vol.st.upper), Source::Upper)?;
+    let upper = vol.layer_dir(vol.st.upper);
+    let found = scan::walk(&upper, Source::Upper)?;
+    let top = fold::Dirs::open(&[&upper])?;
+    let over = Model::new(&top, true);
+    let lowers: Vec<PathBuf> = vol.st.layers.iter().map(|l| vol.layer_dir(l.seq)).collect();
+    let refs: Vec<&Path> = lowers.iter().map(PathBuf::as_path).collect();
+    let low = fold::Dirs::open(&refs)?;
+    let below = Model::new(&low, false);
+    // Where an upper path is in the namespace below: its parent's
+    // continuation plus its name (`None`: the parent hides what is below).
+    let at_below = |path: &[u8]| -> Option<Vec<u8>> {
+        let par = parent(path);
+        let name = &path[if par.is_empty() { 0 } else { par.len() + 1 }..];
+        let s = over.resolve(par);
+        stack::below(&s).map(|p| stack::join(p, name))
+    };
+    let exists = |at: &Option<Vec<u8>>| at.as_ref().is_some_and(|p| !below.resolve(p).is_empty());
     let mut out = Vec::new();
+    let mut sources = std::collections::HashSet::new();
     for f in found.iter().skip(1) {
         let e = &f.entry;
-        let below = exists_below(vol, &e.path);
+        let at = at_below(&e.path);
         let change = match &e.node {
-            crate::layer::Node::Whiteout => "deleted",
-            crate::layer::Node::Dir {
-                kind: crate::layer::DirKind::Opaque,
-            } if below => "replaced",
-            crate::layer::Node::Dir { .. } if below => continue,
-            _ if below => "modified",
+            Node::Whiteout if exists(&at) => "deleted",
+            Node::Whiteout => continue,
+            Node::Dir {
+                kind: DirKind::Redirect(_),
+            } => {
+                let s = over.resolve(&e.path);
+                let from = stack::below(&s).map(<[u8]>::to_vec);
+                if let Some(from) = &from {
+                    sources.insert(from.clone());
+                }
+                if from != at {
+                    out.push(Change {
+                        change: "renamed",
+                        path: show(&e.path),
+                        from: from.as_deref().map(show),
+                    });
+                }
+                continue;
+            }
+            Node::Dir {
+                kind: DirKind::Opaque,
+            } if exists(&at) => "replaced",
+            Node::Dir { .. } if exists(&at) => continue,
+            _ if exists(&at) => "modified",
             _ => "added",
         };
         out.push(Change {
             change,
-            path: crate::layer::show(&e.path),
+            path: show(&e.path),
+            from: None,
         });
     }
+    top.check()?;
+    low.check()?;
+    // The whiteout a rename leaves at the old name is part of the rename.
+    out.retain(|c| c.change != "deleted" || !sources.contains(c.path.as_bytes()));
     Ok(out)
 }
 

@@ -512,9 +512,43 @@ pub(super) fn fold_if_needed(vol: &mut Volume) -> Result<()> {
         && !vol.st.layers[1].archived.is_empty()
     {
         let (low, up) = (vol.st.layers[0].seq, vol.st.layers[1].seq);
+        if fold::has_redirects(&vol.layer_dir(up))? {
+            build_bottom(vol, low, up)?;
+            continue;
+        }
         vol.st.folding = Some((up, low));
         vol.save()?;
         finish_fold(vol, up, low)?;
+    }
+    Ok(())
+}
+
+/// The fold of a layer holding renamed directories into the base: the
+/// kernel leaves offline changes to redirected layers undefined, so
+/// instead of renaming in place, a fresh base is built by hard links with
+/// the rule restore uses ([`fold::build`]), recorded as a merge so that a
+/// crash leaves either the old pair or the new base, never a mix.
+fn build_bottom(vol: &mut Volume, low: u64, up: u64) -> Result<()> {
+    discard_merge(vol);
+    let f = vol.st.next_seq;
+    vol.st.next_seq += 1;
+    vol.st.merging = Some((low, up, f));
+    vol.save()?;
+    let out = vol.layer_dir(f);
+    let _ = fs::remove_dir_all(&out);
+    crate::backend::private_dirs(&out)?;
+    if let Err(e) = fold::build(&[&vol.layer_dir(low), &vol.layer_dir(up)], &out, true) {
+        discard_merge(vol);
+        vol.save()?;
+        return Err(e);
+    }
+    crate::failpoint::hit("fold")?;
+    apply_merge(&mut vol.st, low, up, f);
+    vol.st.merging = None;
+    vol.save()?;
+    for s in [low, up] {
+        let d = vol.layer_dir(s);
+        fs::remove_dir_all(&d).with_context(|| format!("cannot remove {}", d.display()))?;
     }
     Ok(())
 }
