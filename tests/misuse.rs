@@ -734,3 +734,55 @@ fn read_only_repository_reads_work_and_writes_say_why() {
     assert!(before == fingerprint(&env.repo));
     let _ = rustix::mount::unmount(&ro, rustix::mount::UnmountFlags::empty());
 }
+
+#[test]
+fn repository_fixture_v2_still_restores() {
+    let env = Env::new();
+    let fixture = env.path("repo-v2");
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/repo-v2"))
+        .arg(&fixture)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // The renamed layer is the one format version 2 file; the rest is 1.
+    let versions: Vec<u8> = fs::read_dir(fixture.join("layers"))
+        .unwrap()
+        .map(|e| fs::read(e.unwrap().path()).unwrap()[7])
+        .collect();
+    assert!(
+        versions.contains(&2) && versions.contains(&1),
+        "{versions:?}"
+    );
+    let run = |args: &[&str]| {
+        let r = env
+            .cmd()
+            .arg("--repo")
+            .arg(&fixture)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            r.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        r.stdout
+    };
+    run(&["check", "--read-data"]);
+    let v: serde_json::Value = serde_json::from_slice(&run(&["snapshots", "--json"])).unwrap();
+    assert_eq!(v[0]["tags"][0], "base");
+    assert_eq!(v[1]["tags"][0], "renamed");
+    let t = env.path("r");
+    run(&["restore", v[1]["id"].as_str().unwrap(), t.to_str().unwrap()]);
+    for i in 0..3 {
+        assert_eq!(
+            fs::read(t.join(format!("x/2023-archive/img{i}"))).unwrap(),
+            format!("image {i}\n").as_bytes()
+        );
+    }
+    assert_eq!(fs::read(t.join("x/2023-archive/new")).unwrap(), b"new\n");
+    assert_eq!(fs::read(t.join("pictures/top")).unwrap(), b"top\n");
+    assert!(!t.join("photos").exists() && !t.join("pictures/2023").exists());
+}

@@ -1055,3 +1055,55 @@ fn big_and_sparse_files_restore_exactly_and_stay_sparse() {
         md.blocks()
     );
 }
+
+/// Hard links with `index=off`: a copy-up (chmod, append) through one name
+/// of a file that existed at the last snapshot splits the group — only that
+/// name changes. Snapshots record exactly what users saw: the group before,
+/// two files after; links made within one layer stay links.
+#[test]
+fn hard_links_are_recorded_as_users_see_them() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    fs::write(vol.join("a"), b"shared").unwrap();
+    fs::hard_link(vol.join("a"), vol.join("b")).unwrap();
+    fs::hard_link(vol.join("a"), vol.join("c")).unwrap();
+    let first = env
+        .run(&[OsStr::new("attach"), os(&vol)])
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    let before = listing(&vol);
+    assert_eq!(before[&b"a"[..]].link_group, Some(b"a".to_vec()));
+    // Copy-up through one name: that name alone changes.
+    fs::set_permissions(vol.join("a"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(vol.join("b"))
+        .unwrap()
+        .write_all(b"+b")
+        .unwrap();
+    fs::write(vol.join("x"), b"new").unwrap();
+    fs::hard_link(vol.join("x"), vol.join("y")).unwrap();
+    let after = listing(&vol);
+    assert_eq!(fs::read(vol.join("c")).unwrap(), b"shared");
+    assert_eq!(fs::read(vol.join("b")).unwrap(), b"shared+b");
+    assert_eq!(after[&b"a"[..]].mode, 0o600);
+    assert_ne!(after[&b"c"[..]].mode, 0o600);
+    for n in ["a", "b", "c"] {
+        assert_eq!(after[n.as_bytes()].link_group, None, "{n} split off");
+    }
+    assert_eq!(after[&b"y"[..]].link_group, Some(b"x".to_vec()));
+    let second = snapshot_id(&env, &vol);
+    for (id, want, t) in [(&first, &before, "r1"), (&second, &after, "r2")] {
+        let target = env.path(t);
+        env.run(&[OsStr::new("restore"), OsStr::new(id), os(&target)])
+            .ok();
+        assert_same(&format!("restore {t}"), want, &listing(&target));
+    }
+}
