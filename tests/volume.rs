@@ -1107,3 +1107,109 @@ fn hard_links_are_recorded_as_users_see_them() {
         assert_same(&format!("restore {t}"), want, &listing(&target));
     }
 }
+
+/// `pip install --upgrade` in a volume: pip stashes the old version's
+/// directories by renaming them; every such rename must run in place (no
+/// EXDEV, which would make pip copy them), and the upgraded tree restores.
+/// The wheels are made here, so no network is needed.
+#[test]
+fn pip_upgrade_renames_directories_in_place() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let wheels = env.path("wheels");
+    fs::create_dir(&wheels).unwrap();
+    let make = r#"
+import sys, zipfile, os
+out = sys.argv[1]
+for v in ("1.0", "2.0"):
+    with zipfile.ZipFile(os.path.join(out, f"demo-{v}-py3-none-any.whl"), "w") as z:
+        files = {
+            "demo/__init__.py": f"VERSION = {v!r}\n",
+            "demo/sub/data.txt": "x" * 100000 + v,
+            f"demo-{v}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: demo\nVersion: {v}\n",
+            f"demo-{v}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: laybak-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        }
+        rec = "".join(f"{n},,\n" for n in files) + f"demo-{v}.dist-info/RECORD,,\n"
+        files[f"demo-{v}.dist-info/RECORD"] = rec
+        for n, c in files.items():
+            z.writestr(n, c)
+"#;
+    let ok = std::process::Command::new("python3")
+        .args(["-c", make])
+        .arg(&wheels)
+        .status()
+        .is_ok_and(|s| s.success());
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    let venv = vol.join("venv");
+    let have_venv = ok
+        && std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success());
+    if !have_venv {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 -m venv is needed (apt-get install python3-venv)"
+        );
+        eprintln!("SKIPPED: python3 -m venv is not available here");
+        return;
+    }
+    let py = venv.join("bin/python");
+    let pip = |version: &str, log: &Path| {
+        // Record every rename that fails with EXDEV (shutil.move would then
+        // quietly copy).
+        let wrapper = r#"
+import errno, os, runpy, sys
+log, orig = sys.argv.pop(1), os.rename
+def rename(a, b, *k, **kw):
+    try:
+        return orig(a, b, *k, **kw)
+    except OSError as e:
+        if e.errno == errno.EXDEV:
+            open(log, "a").write(f"{a}\n")
+        raise
+os.rename = rename
+sys.argv[0] = "pip"
+runpy.run_module("pip", run_name="__main__")
+"#;
+        let out = std::process::Command::new(&py)
+            .args(["-c", wrapper])
+            .arg(log)
+            .args(["install", "--upgrade", "--no-index", "--find-links"])
+            .arg(&wheels)
+            .arg(format!("demo=={version}"))
+            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pip install demo=={version}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let log = env.path("exdev.log");
+    pip("1.0", &log);
+    env.run(&[OsStr::new("attach"), os(&vol)]).ok();
+    pip("2.0", &log);
+    assert!(
+        !log.exists(),
+        "renames fell back to copying: {}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    let v = std::process::Command::new(&py)
+        .args(["-c", "import demo; print(demo.VERSION)"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&v.stdout).trim(), "2.0");
+    let want = listing(&vol);
+    let id = snapshot_id(&env, &vol);
+    let target = env.path("r");
+    env.run(&[OsStr::new("restore"), OsStr::new(&id), os(&target)])
+        .ok();
+    assert_same("restored after pip upgrade", &want, &listing(&target));
+}
