@@ -12,9 +12,11 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for p in python3 python3-venv python3-pip git sqlite3 npm passwd util-linux attr strace e2fsprogs ceph-mon ceph-osd radosgw uuid-runtime curl openssl; do
+for p in python3 python3-venv python3-pip git sqlite3 passwd util-linux attr strace e2fsprogs ceph-mon ceph-osd radosgw uuid-runtime curl openssl; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
+# npm may come with a nodejs that is not Debian's: only install it if absent.
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then
     echo "== install ${need[*]}"
     apt-get update -qq
