@@ -57,3 +57,19 @@ printf '\x01h\x01\x02\x00\x01\x08snapshot' >"$seeds/plan_lock_postcard/lock"
 mkdir -p "$seeds/retention"
 printf '\x01\x02\x01\x00\x00\x00\x01\x90\x1c\x01\x04\x6b\x65\x65\x70\x03\x80\xc4\x9f\xd5\x0c\x00\x00\xa0\xfc\x9f\xd5\x0c\x00\x01\x04\x6b\x65\x65\x70\xa0\xc2\xaa\xd5\x0c\x00\x00' >"$seeds/retention/policy"
 find "$seeds" -type f | sort | sed "s|$here/||"
+
+# The v2 fixture (a layer with renamed directories): its layers, their
+# payloads, and the two as a chain (base first).
+fix2="$here/../tests/fixtures/repo-v2"
+chain2=()
+for f in "$fix2"/layers/*; do
+    n="v2-$(basename "$f")"
+    cp "$f" "$seeds/layer/$n"
+    tail -c +9 "$f" | zstd -d -q -c >"$seeds/layer_postcard/$n"
+    if [ "$(od -An -tx1 -j7 -N1 "$f" | tr -d ' ')" = 01 ]; then
+        chain2=("$seeds/layer_postcard/$n" "${chain2[@]}")
+    else
+        chain2+=("$seeds/layer_postcard/$n")
+    fi
+done
+{ printf '\x02'; cat "${chain2[@]}"; } >"$seeds/restack_chain/v2-renamed"

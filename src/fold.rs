@@ -47,13 +47,6 @@ fn open_checked(dir: BorrowedFd<'_>, name: &[u8], want: (u64, u64)) -> Result<Ow
     Ok(sub)
 }
 
-fn is_opaque(dir: BorrowedFd<'_>) -> Result<bool> {
-    let x = fsx::xattrs_fd(dir)?;
-    Ok(crate::ovl::is_opaque(
-        x.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
-    ))
-}
-
 /// Copy owner, mode, times and user xattrs of directory `from` onto `to`
 /// (overlay bookkeeping xattrs are neither copied nor removed).
 ///
@@ -65,20 +58,37 @@ pub fn copy_dir_meta(from: &Path, to: &Path) -> Result<()> {
         .with_context(|| format!("cannot copy metadata to {}", to.display()))
 }
 
-/// Fold directory `upper` into `lower`: whiteouts delete, opaque directories
-/// replace, other directories merge (their metadata wins), everything else
-/// replaces. `keep_markers` keeps opaque markers on moved directories (the
-/// lower is not the bottom of a chain). `upper` is left empty.
+/// Fold directory `upper` into `lower`, the bottom of its chain, in place
+/// and by renames (no data is copied, the cost is the upper's entries).
+/// What goes where is the overlay rule ([`stack::Model`] over the two
+/// directories): a name the upper hides (a whiteout) is removed below, a
+/// directory that merges with the one below is folded into it (its
+/// metadata wins), anything else — a file, an opaque directory, a directory
+/// over a non-directory — replaces what was below, without its opaque
+/// marker. `upper` must not hold a renamed directory: those layers are
+/// built fresh instead ([`build`]), since the kernel leaves offline changes
+/// to redirected layers undefined. `upper` is left empty.
 ///
 /// # Errors
-/// Any filesystem error; rerun to resume.
-pub fn fold(upper: &Path, lower: &Path, keep_markers: bool) -> Result<()> {
+/// Any filesystem error, or a renamed directory; rerun to resume.
+pub fn fold(upper: &Path, lower: &Path) -> Result<()> {
+    let src = Dirs::open(&[lower, upper])?;
+    let model = stack::Model::new(&src, false);
     let (u, l) = (open(upper)?, open(lower)?);
-    fold_fd(u.as_fd(), l.as_fd(), keep_markers)
+    fold_at(&src, &model, u.as_fd(), l.as_fd(), b"", &model.root())
+        .and_then(|()| src.check())
         .with_context(|| format!("folding {} into {}", upper.display(), lower.display()))
 }
 
-fn fold_fd(upper: BorrowedFd<'_>, lower: BorrowedFd<'_>, keep_markers: bool) -> Result<()> {
+fn fold_at(
+    src: &Dirs,
+    model: &stack::Model<'_, Dirs>,
+    upper: BorrowedFd<'_>,
+    lower: BorrowedFd<'_>,
+    path: &[u8],
+    stack: &[stack::Slot],
+) -> Result<()> {
+    use stack::Slot;
     let show = crate::layer::show;
     // Moving entries out changes the upper's times: keep the original ones.
     let up_st = rustix::fs::fstat(upper)?;
@@ -86,44 +96,46 @@ fn fold_fd(upper: BorrowedFd<'_>, lower: BorrowedFd<'_>, keep_markers: bool) -> 
         let Some(st) = fsx::stat_at(upper, &name)? else {
             continue;
         };
-        let dst = fsx::stat_at(lower, &name)?;
-        let dst_is_dir = dst.as_ref().is_some_and(is_dir);
-        if is_whiteout(&st) {
-            fsx::remove_all_at(lower, &name)
-                .with_context(|| format!("cannot remove {}", show(&name)))?;
-            rustix::fs::unlinkat(upper, fsx::os(&name), rustix::fs::AtFlags::empty())
-                .with_context(|| format!("cannot remove whiteout {}", show(&name)))?;
-        } else if is_dir(&st) {
-            let sub = open_checked(upper, &name, dev_ino(&st))?;
-            let opaque = is_opaque(sub.as_fd())?;
-            if opaque || !dst_is_dir {
+        let here = stack::join(path, &name);
+        // Every step changes the layers: no descriptor kept from before.
+        src.forget();
+        let child = model.lookup(stack, &name);
+        src.check()?;
+        match child.as_slice() {
+            [] => {
                 fsx::remove_all_at(lower, &name)
-                    .with_context(|| format!("cannot remove {}", show(&name)))?;
-                if opaque && !keep_markers {
+                    .with_context(|| format!("cannot remove {}", show(&here)))?;
+                rustix::fs::unlinkat(upper, fsx::os(&name), rustix::fs::AtFlags::empty())
+                    .with_context(|| format!("cannot remove whiteout {}", show(&here)))?;
+            }
+            [Slot::Layer(1, _), Slot::Layer(0, p)] if *p == here => {
+                let dst = fsx::stat_at(lower, &name)?
+                    .ok_or_else(|| anyhow::anyhow!("{} vanished", show(&here)))?;
+                let sub = open_checked(upper, &name, dev_ino(&st))?;
+                let dsub = open_checked(lower, &name, dev_ino(&dst))?;
+                fold_at(src, model, sub.as_fd(), dsub.as_fd(), &here, &child)
+                    .with_context(|| format!("in {}", show(&name)))?;
+                drop(sub);
+                rustix::fs::unlinkat(upper, fsx::os(&name), rustix::fs::AtFlags::REMOVEDIR)
+                    .with_context(|| format!("cannot remove {}", show(&here)))?;
+            }
+            [Slot::Layer(1, _)] => {
+                if is_dir(&st) {
+                    let sub = open_checked(upper, &name, dev_ino(&st))?;
                     match rustix::fs::fremovexattr(&sub, fsx::os(OPAQUE)) {
                         Ok(()) | Err(rustix::io::Errno::NODATA) => {}
                         Err(e) => return Err(e.into()),
                     }
                 }
-                drop(sub);
-                fsx::rename_at(upper, &name, lower, &name)
-                    .with_context(|| format!("cannot move {}", show(&name)))?;
-            } else {
-                let dst = dst.expect("checked above");
-                let dsub = open_checked(lower, &name, dev_ino(&dst))?;
-                fold_fd(sub.as_fd(), dsub.as_fd(), keep_markers)
-                    .with_context(|| format!("in {}", show(&name)))?;
-                drop(sub);
-                rustix::fs::unlinkat(upper, fsx::os(&name), rustix::fs::AtFlags::REMOVEDIR)
-                    .with_context(|| format!("cannot remove {}", show(&name)))?;
-            }
-        } else {
-            if dst_is_dir {
                 fsx::remove_all_at(lower, &name)
-                    .with_context(|| format!("cannot remove {}", show(&name)))?;
+                    .with_context(|| format!("cannot remove {}", show(&here)))?;
+                fsx::rename_at(upper, &name, lower, &name)
+                    .with_context(|| format!("cannot move {}", show(&here)))?;
             }
-            fsx::rename_at(upper, &name, lower, &name)
-                .with_context(|| format!("cannot move {}", show(&name)))?;
+            _ => bail!(
+                "{} is a renamed directory; such a layer is folded by building a fresh one",
+                show(&here)
+            ),
         }
     }
     // The merged directory's own metadata comes from the upper; its times
@@ -217,6 +229,13 @@ impl Dirs {
 
     fn fail(&self, e: anyhow::Error) {
         self.error.borrow_mut().get_or_insert(e);
+    }
+
+    /// Drop the directories kept open (after the layers changed).
+    pub fn forget(&self) {
+        for l in self.last.borrow_mut().iter_mut() {
+            *l = None;
+        }
     }
 
     /// The first error any question met.

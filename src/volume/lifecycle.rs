@@ -492,7 +492,7 @@ pub fn detach(vol: &mut Volume, wait: Duration) -> Result<usize> {
         for seq in rest {
             let d = vol.layer_dir(seq);
             if d.exists() {
-                fold::fold(&d, &base, false)?;
+                fold::fold(&d, &base)?;
                 fs::remove_dir(&d)?;
                 crate::failpoint::hit("detach-fold")?;
             }

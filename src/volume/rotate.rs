@@ -554,11 +554,10 @@ fn build_bottom(vol: &mut Volume, low: u64, up: u64) -> Result<()> {
 }
 
 pub(super) fn finish_fold(vol: &mut Volume, up: u64, low: u64) -> Result<()> {
-    let keep_markers = false; // the target is the bottom layer
     crate::failpoint::hit("fold")?;
     let (u, l) = (vol.layer_dir(up), vol.layer_dir(low));
     if u.exists() {
-        fold::fold(&u, &l, keep_markers)?;
+        fold::fold(&u, &l)?;
         fs::remove_dir(&u)?;
     }
     if let Some(pos) = vol.st.layers.iter().position(|x| x.seq == up) {
