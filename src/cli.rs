@@ -1098,7 +1098,13 @@ fn snapshot_one(
 ) -> Result<volume::Archived> {
     let _lock = v.lock()?;
     let repo_res = Repo::open(&v.st.repo);
-    volume::prepare_rotation(v)?;
+    volume::finish_interrupted(v)?;
+    if let Ok(repo) = &repo_res
+        && let Some(done) = volume::snapshot_unchanged(v, repo, tags, lock_wait)?
+    {
+        return Ok(done);
+    }
+    volume::prepare_merge_if_due(v)?;
     let (name, path, hooks) = (v.st.name.clone(), v.st.path.clone(), v.st.hooks.clone());
     let ((), after_failed) = crate::hooks::around(hooks.as_ref(), &name, &path, || {
         volume::rotate(v, wait, tags.to_vec())

@@ -428,7 +428,9 @@ fn overlapping_cron_runs_never_rotate_one_volume_twice() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(snapshots(&env, &env.repo).len(), 2);
-    // A crashed run's lock does not block the next one (flock dies with the process).
+    // A crashed run's lock does not block the next one (flock dies with the
+    // process). A change, so that the snapshot scans.
+    fs::write(vol.join("y"), b"y").unwrap();
     let r = env.run_env(
         &[OsStr::new("snapshot"), os(&vol)],
         &[("LAYBAK_FAILPOINT", "scan")],

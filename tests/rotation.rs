@@ -177,6 +177,9 @@ fn layers_merge_under_a_process_that_stays_in_an_old_view() {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
+    // A change, so that the snapshot rotates (an unchanged volume does not)
+    // and leaves the holder in the old generation.
+    fs::write(vol.join("g"), b"g").unwrap();
     env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
     let frozen = std::path::PathBuf::from(format!("/proc/{}/cwd", holder.id()));
     for i in 2..10 {

@@ -618,6 +618,15 @@ fn busy_volume_names_the_holder_and_stays_mounted() {
         .current_dir(&vol)
         .spawn()
         .unwrap();
+    // (A snapshot of an unchanged volume never rotates, so never waits.)
+    let r = env.run(&[
+        OsStr::new("snapshot"),
+        os(&vol),
+        OsStr::new("--wait"),
+        OsStr::new("0"),
+    ]);
+    r.ok();
+    fs::write(vol.join("changed"), b"c").unwrap();
     let r = env.run(&[
         OsStr::new("snapshot"),
         os(&vol),
@@ -1212,4 +1221,46 @@ runpy.run_module("pip", run_name="__main__")
     env.run(&[OsStr::new("restore"), OsStr::new(&id), os(&target)])
         .ok();
     assert_same("restored after pip upgrade", &want, &listing(&target));
+}
+
+/// A snapshot of a volume where nothing changed is only a record naming the
+/// previous snapshot's layers (no rotation); any change, even to the root's
+/// mode or mtime, takes the full way; both restore as the volume looked.
+#[test]
+fn unchanged_volume_snapshot_is_a_record_of_the_same_layers() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir(&vol).unwrap();
+    fs::write(vol.join("a"), b"1").unwrap();
+    env.run(&[OsStr::new("attach"), os(&vol)]).ok();
+    fs::write(vol.join("b"), b"2").unwrap();
+    let s1 = snapshot_id(&env, &vol);
+    let s2 = snapshot_id(&env, &vol);
+    assert_ne!(s1, s2);
+    let snaps = env.snapshots_json();
+    let find = |id: &str| snaps.iter().find(|s| s["id"] == id).unwrap().clone();
+    assert_eq!(find(&s1)["layers"], find(&s2)["layers"], "{snaps:?}");
+    assert_eq!(find(&s2)["parent"], s1.as_str());
+    // A change to the root alone (create and remove a name: a new mtime).
+    fs::write(vol.join("tmp"), b"t").unwrap();
+    fs::remove_file(vol.join("tmp")).unwrap();
+    let want = listing(&vol);
+    let s3 = snapshot_id(&env, &vol);
+    let snaps = env.snapshots_json();
+    let find = |id: &str| snaps.iter().find(|s| s["id"] == id).unwrap().clone();
+    assert_ne!(find(&s2)["layers"], find(&s3)["layers"]);
+    for (id, t) in [(&s2, "r2"), (&s3, "r3")] {
+        let target = env.path(t);
+        env.run(&[OsStr::new("restore"), OsStr::new(id), os(&target)])
+            .ok();
+        if t == "r3" {
+            assert_same("root mtime change", &want, &listing(&target));
+        }
+        assert_eq!(fs::read(target.join("b")).unwrap(), b"2");
+    }
+    env.lb(&["check", "--read-data"]).ok();
 }

@@ -106,3 +106,89 @@ pub(super) fn below_layers(vol: &Volume, repo: &Repo, i: usize) -> Result<Vec<La
     }
     Ok(layers)
 }
+
+/// A snapshot of a volume in which nothing changed since its last snapshot,
+/// without a rotation: when the upper directory is empty and its root has
+/// the metadata the previous layer's root has, the view is the previous
+/// snapshot's, so the new record names the same layers (nothing is sealed,
+/// nothing is scanned, no generation is swapped). Returns `None` when the
+/// volume changed or its state is not plain (pending layers, a fold or
+/// merge under way, quiesce hooks — a `before` hook may itself write what
+/// is to be snapshotted — or a previous snapshot the repository lacks);
+/// the caller then takes the snapshot the full way.
+///
+/// # Errors
+/// State, filesystem or repository failures.
+pub fn snapshot_unchanged(
+    vol: &mut Volume,
+    repo: &Repo,
+    tags: &[String],
+    lock_wait: Duration,
+) -> Result<Option<Archived>> {
+    let st = &vol.st;
+    if st.hooks.is_some()
+        || st.folding.is_some()
+        || st.merging.is_some()
+        || st.rotating.is_some()
+        || st.layers.iter().any(|l| l.archived.is_empty())
+        || !vol.is_mounted()?
+    {
+        return Ok(None);
+    }
+    let (Some(parent), Some(top)) = (st.last_snapshot, st.layers.last()) else {
+        return Ok(None);
+    };
+    let upper = crate::fsx::open_dir_path(&vol.layer_dir(st.upper))?;
+    if !crate::fsx::names(&upper)?.is_empty() {
+        return Ok(None);
+    }
+    let below = crate::fsx::open_dir_path(&vol.layer_dir(top.seq))?;
+    let meta = |fd: &rustix::fd::OwnedFd| -> Result<_> {
+        let s = rustix::fs::fstat(fd)?;
+        let x: Vec<_> = crate::fsx::xattrs_fd(fd)?
+            .into_iter()
+            .filter(|(k, _)| crate::ovl::is_plain_user(k))
+            .collect();
+        Ok((
+            s.st_mode,
+            s.st_uid,
+            s.st_gid,
+            s.st_mtime,
+            s.st_mtime_nsec,
+            x,
+        ))
+    };
+    if meta(&upper)? != meta(&below)? {
+        return Ok(None);
+    }
+    let _lock = crate::lock::shared(repo, &format!("snapshot of {}", st.name), lock_wait)?;
+    if !repo.contains(&parent)? {
+        return Ok(None);
+    }
+    let prev = repo.read_snapshot(&parent)?;
+    let snap = Snapshot {
+        time: Time::now(),
+        volume: st.name.clone(),
+        hostname: Repo::hostname(),
+        tags: tags.to_vec(),
+        parent: Some(parent),
+        layers: prev.layers,
+        summary: Default::default(),
+    };
+    let sealed = Repo::seal_snapshot(&snap)?;
+    let id = SnapshotId(sealed.id);
+    repo.put(&sealed)
+        .context("the snapshot record was not written")?;
+    vol.st.last_snapshot = Some(id);
+    vol.save()?;
+    // The housekeeping a rotation would have done: old generations nobody
+    // is inside are forgotten, and the layers earlier merges retired go
+    // once no old generation or historical mount stacks them.
+    let before = vol.st.old_gens.len();
+    prune_old_gens(vol);
+    if vol.st.old_gens.len() != before {
+        vol.save()?;
+    }
+    sweep_retired(vol)?;
+    Ok(Some(Archived { id, snap }))
+}

@@ -201,15 +201,21 @@ pub(super) fn merge_pick(vol: &Volume) -> Option<(u64, u64)> {
         .map(|i| (l[i].seq, l[i + 1].seq))
 }
 
-/// Work a snapshot does before it rotates, outside the quiesce hooks'
-/// window (so a stopped service is not kept down by it): finish an
-/// interrupted swap, and build the merge the coming rotation will stack
-/// when the chain is too long.
+/// Finish a rotation a crash interrupted (the first step of every
+/// snapshot).
 ///
 /// # Errors
 /// State or mount errors.
-pub fn prepare_rotation(vol: &mut Volume) -> Result<()> {
-    recover_rotation(vol)?;
+pub fn finish_interrupted(vol: &mut Volume) -> Result<()> {
+    recover_rotation(vol)
+}
+
+/// Build the merge the coming rotation will stack, when the chain is too
+/// long (outside the quiesce hooks' window).
+///
+/// # Errors
+/// State or mount errors.
+pub fn prepare_merge_if_due(vol: &mut Volume) -> Result<()> {
     if gap_free(vol) && vol.is_mounted()? {
         prepare_merge(vol)?;
     }
