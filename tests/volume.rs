@@ -419,22 +419,32 @@ fn random_rounds_opts(
     let early = if renames { 3 } else { 1 };
     env.run(&[OsStr::new("mount"), OsStr::new(&ids[early]), os(&m)])
         .ok();
-    let mut mounted = listing(&m);
-    let mut want = expected[early].clone();
-    // A read-only overlay shows the top layer's root; compare contents only.
-    mounted.remove(&Vec::new());
-    want.remove(&Vec::new());
-    for (k, w) in &want {
-        let g = &mounted[k];
-        assert_eq!(
-            (w.kind, w.content, &w.target, w.mode, w.uid, w.mtime),
-            (g.kind, g.content, &g.target, g.mode, g.uid, g.mtime),
-            "mounted {:?}",
-            String::from_utf8_lossy(k)
-        );
-    }
-    assert_eq!(mounted.len(), want.len());
+    assert_mounted_as(&m, &expected[early]);
     env.run(&[OsStr::new("umount"), os(&m)]).ok();
+    if renames {
+        // From the repository alone: layers materialized into a fresh
+        // state dir's cache, renamed directories with their redirects.
+        let fresh = env.path("fresh-state");
+        let m2 = env.path("m2");
+        let n = ids.len();
+        let r = env
+            .cmd()
+            .env("LAYBAK_STATE_DIR", &fresh)
+            .args(["mount", ids[n - 1].as_str()])
+            .arg(&m2)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        assert_mounted_as(&m2, &expected[n - 1]);
+        let r = env
+            .cmd()
+            .env("LAYBAK_STATE_DIR", &fresh)
+            .arg("umount")
+            .arg(&m2)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    }
     // Detach leaves the current contents as a plain directory.
     let last = listing(&vol);
     env.run(&[OsStr::new("detach"), os(&vol)]).ok();
@@ -445,6 +455,28 @@ fn random_rounds_opts(
     );
     assert_same("after detach", &last, &listing(&vol));
     assert!(!vol.join(".laybak").exists());
+}
+
+/// A read-only historical mount at `m` shows `want` (the top layer's root
+/// aside: compare contents only).
+#[track_caller]
+fn assert_mounted_as(m: &Path, want: &std::collections::BTreeMap<Vec<u8>, Rec>) {
+    let mut mounted = listing(m);
+    let mut want = want.clone();
+    mounted.remove(&Vec::new());
+    want.remove(&Vec::new());
+    for (k, w) in &want {
+        let g = mounted
+            .get(k)
+            .unwrap_or_else(|| panic!("mount lacks {:?}", String::from_utf8_lossy(k)));
+        assert_eq!(
+            (w.kind, w.content, &w.target, w.mode, w.uid, w.mtime),
+            (g.kind, g.content, &g.target, g.mode, g.uid, g.mtime),
+            "mounted {:?}",
+            String::from_utf8_lossy(k)
+        );
+    }
+    assert_eq!(mounted.len(), want.len());
 }
 
 /// Directory renames in place (overlay redirects) against the kernel: the
