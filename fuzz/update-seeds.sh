@@ -73,3 +73,4 @@ for f in "$fix2"/layers/*; do
     fi
 done
 { printf '\x02'; cat "${chain2[@]}"; } >"$seeds/restack_chain/v2-renamed"
+mkdir -p "$seeds/repo_layer" && cp "$seeds"/layer/* "$seeds/repo_layer/"
