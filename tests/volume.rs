@@ -1296,3 +1296,38 @@ fn unchanged_volume_snapshot_is_a_record_of_the_same_layers() {
     }
     env.lb(&["check", "--read-data"]).ok();
 }
+
+/// `status` names a directory renamed in place once, with where it was;
+/// the whiteout left at the old name is part of that line.
+#[test]
+fn status_shows_renamed_directories() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("vol");
+    fs::create_dir_all(vol.join("old/sub")).unwrap();
+    fs::create_dir(vol.join("x")).unwrap();
+    fs::write(vol.join("old/sub/f"), b"f").unwrap();
+    env.run(&[OsStr::new("attach"), os(&vol)]).ok();
+    fs::rename(vol.join("old"), vol.join("new")).unwrap();
+    fs::rename(vol.join("new/sub"), vol.join("x/moved")).unwrap();
+    let st = env.run(&[OsStr::new("status"), os(&vol)]).ok().stdout;
+    let lines: Vec<&str> = st.lines().collect();
+    assert!(lines.contains(&"> new (from old)"), "{st}");
+    assert!(lines.contains(&"> x/moved (from old/sub)"), "{st}");
+    assert!(!lines.iter().any(|l| l.starts_with("- ")), "{st}");
+    let json = env
+        .run(&[OsStr::new("status"), os(&vol), OsStr::new("--json")])
+        .ok()
+        .stdout;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["change"] == "renamed" && c["path"] == "new" && c["from"] == "old"),
+        "{json}"
+    );
+}

@@ -47,11 +47,16 @@ pub fn status(vol: &Volume) -> Result<Vec<Change>> {
     let exists = |at: &Option<Vec<u8>>| at.as_ref().is_some_and(|p| !below.resolve(p).is_empty());
     let mut out = Vec::new();
     let mut sources = std::collections::HashSet::new();
+    // (index in `out`, where below) of each deletion.
+    let mut deleted: Vec<(usize, Vec<u8>)> = Vec::new();
     for f in found.iter().skip(1) {
         let e = &f.entry;
         let at = at_below(&e.path);
         let change = match &e.node {
-            Node::Whiteout if exists(&at) => "deleted",
+            Node::Whiteout if exists(&at) => {
+                deleted.push((out.len(), at.clone().unwrap_or_default()));
+                "deleted"
+            }
             Node::Whiteout => continue,
             Node::Dir {
                 kind: DirKind::Redirect(_),
@@ -86,8 +91,17 @@ pub fn status(vol: &Volume) -> Result<Vec<Change>> {
     top.check()?;
     low.check()?;
     // The whiteout a rename leaves at the old name is part of the rename.
-    out.retain(|c| c.change != "deleted" || !sources.contains(c.path.as_bytes()));
-    Ok(out)
+    let moved: std::collections::HashSet<usize> = deleted
+        .into_iter()
+        .filter(|(_, at)| sources.contains(at))
+        .map(|(i, _)| i)
+        .collect();
+    Ok(out
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !moved.contains(i))
+        .map(|(_, c)| c)
+        .collect())
 }
 
 /// Local layer directories that hold a prefix of a snapshot's layers.
