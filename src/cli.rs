@@ -626,6 +626,10 @@ fn cmd_snapshot(cli: &Cli, a: &SnapshotArgs) -> Result<()> {
             Err(e) if *all => failures.push((v.st.name.clone(), e)),
             Err(e) => return Err(e),
         }
+        // Told to stop while a volume's hooks ran: no further volume.
+        if crate::hooks::stop_requested() {
+            break;
+        }
     }
     print_snaps(&results, *json, *all)?;
     if let Some((name, e)) = failures.into_iter().next() {

@@ -171,3 +171,61 @@ fn after_runs_when_sealing_fails_and_its_failure_is_reported() {
         .fails(1, "was sealed and archived: the after hook of volume vol");
     assert_eq!(snapshots(&env), n + 1);
 }
+
+/// systemd stopping the job (SIGTERM) while the `before` hook runs: laybak
+/// does not die with the service down — it waits for `before`, skips the
+/// sealing, runs `after`, and fails in one line; the next snapshot works.
+#[test]
+fn a_stop_signal_during_the_hooks_still_runs_after() {
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    let vol = volume(&env);
+    fs::write(vol.join("data"), b"1").unwrap();
+    let marks = env.path("marks");
+    fs::create_dir(&marks).unwrap();
+    let m = marks.display();
+    policy(
+        &env,
+        &vol,
+        &[
+            "--before",
+            &format!("touch {m}/before-started; sleep 1; touch {m}/before-done"),
+            "--after",
+            &format!("touch {m}/after-ran"),
+        ],
+    );
+    let before = snapshots(&env);
+    let child = env
+        .cmd()
+        .args(["snapshot"])
+        .arg(&vol)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !marks.join("before-started").exists() {
+        assert!(t.elapsed().as_secs() < 10, "the before hook never started");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("told to stop") && err.contains("after hook ran"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(marks.join("before-done").exists(), "before was cut short");
+    assert!(marks.join("after-ran").exists(), "after did not run");
+    assert_eq!(snapshots(&env), before, "a snapshot was taken anyway");
+    assert!(laybak::overlay::find_mount(&vol).unwrap().unwrap().fstype == "overlay");
+    fs::remove_file(marks.join("after-ran")).unwrap();
+    env.run(&[OsStr::new("snapshot"), os(&vol)]).ok();
+    assert_eq!(snapshots(&env), before + 1);
+    assert!(marks.join("after-ran").exists());
+}
