@@ -519,7 +519,13 @@ pub(super) fn fold_if_needed(vol: &mut Volume) -> Result<()> {
     {
         let (low, up) = (vol.st.layers[0].seq, vol.st.layers[1].seq);
         if fold::has_redirects(&vol.layer_dir(up))? {
-            build_bottom(vol, low, up)?;
+            // Not in place: merge the cheapest pair above the base into a
+            // fresh layer (the cost of two layers), or, with only the base
+            // below, build a fresh base (the cost of the tree).
+            match merge_pick(vol) {
+                Some((a, b)) if a != low => build_now(vol, a, b, false)?,
+                _ => build_now(vol, low, up, true)?,
+            }
             continue;
         }
         vol.st.folding = Some((up, low));
@@ -529,12 +535,13 @@ pub(super) fn fold_if_needed(vol: &mut Volume) -> Result<()> {
     Ok(())
 }
 
-/// The fold of a layer holding renamed directories into the base: the
-/// kernel leaves offline changes to redirected layers undefined, so
-/// instead of renaming in place, a fresh base is built by hard links with
-/// the rule restore uses ([`fold::build`]), recorded as a merge so that a
-/// crash leaves either the old pair or the new base, never a mix.
-fn build_bottom(vol: &mut Volume, low: u64, up: u64) -> Result<()> {
+/// Replace adjacent layers `low` and `up` by one built fresh by hard links
+/// with the rule restore uses ([`fold::build`]; `bottom`: `low` is the
+/// base). Used instead of the fold by renames when a layer holds renamed
+/// directories, since the kernel leaves offline changes to redirected
+/// layers undefined. Recorded as a merge, so that a crash leaves either the
+/// old pair or the new layer, never a mix.
+fn build_now(vol: &mut Volume, low: u64, up: u64, bottom: bool) -> Result<()> {
     discard_merge(vol);
     let f = vol.st.next_seq;
     vol.st.next_seq += 1;
@@ -543,7 +550,7 @@ fn build_bottom(vol: &mut Volume, low: u64, up: u64) -> Result<()> {
     let out = vol.layer_dir(f);
     let _ = fs::remove_dir_all(&out);
     crate::backend::private_dirs(&out)?;
-    if let Err(e) = fold::build(&[&vol.layer_dir(low), &vol.layer_dir(up)], &out, true) {
+    if let Err(e) = fold::build(&[&vol.layer_dir(low), &vol.layer_dir(up)], &out, bottom) {
         discard_merge(vol);
         vol.save()?;
         return Err(e);
