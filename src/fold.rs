@@ -16,7 +16,7 @@
 //! changes anything outside the two layers.
 
 use crate::fsx::{self, dev_ino, is_dir, is_whiteout};
-use crate::layer::DirKind;
+use crate::layer::{DirKind, show};
 use crate::ovl::OPAQUE;
 use crate::stack;
 use anyhow::{Context, Result, bail};
@@ -265,7 +265,7 @@ impl Dirs {
         {
             return Some(f(fd.as_fd()));
         }
-        match fsx::open_beneath(&self.roots[layer], dir, fsx_dir_flags()) {
+        match fsx::open_beneath(&self.roots[layer], dir, fsx::dir_flags()) {
             Ok(fd) => {
                 let r = f(fd.as_fd());
                 last[layer] = Some((dir.to_vec(), fd));
@@ -286,8 +286,7 @@ impl Dirs {
 
     /// A real entry's stat and, for a directory, its xattrs.
     fn stat(&self, layer: usize, path: &[u8]) -> Option<rustix::fs::Stat> {
-        let par = crate::layer::parent(path);
-        let name = &path[if par.is_empty() { 0 } else { par.len() + 1 }..];
+        let (par, name) = crate::layer::split(path);
         self.with_dir(layer, par, |d| fsx::stat_at(d, name))?
             .map_err(|e| {
                 self.fail(anyhow::Error::new(e).context(format!("cannot stat {}", show(path))))
@@ -295,15 +294,6 @@ impl Dirs {
             .ok()
             .flatten()
     }
-}
-
-fn fsx_dir_flags() -> rustix::fs::OFlags {
-    use rustix::fs::OFlags;
-    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
-}
-
-fn show(p: &[u8]) -> String {
-    crate::layer::show(p)
 }
 
 impl stack::Source for Dirs {
@@ -342,11 +332,7 @@ impl stack::Source for Dirs {
                 crate::ovl::Attr::Bookkeeping | crate::ovl::Attr::User => {}
             }
         }
-        Some(stack::Kind::Dir(match (opaque, redirect) {
-            (true, _) => DirKind::Opaque,
-            (false, Some(r)) => DirKind::Redirect(r),
-            (false, None) => DirKind::Merge,
-        }))
+        Some(stack::Kind::Dir(crate::ovl::dir_kind(opaque, redirect)))
     }
     fn names(&self, layer: usize, dir: &[u8]) -> Vec<Vec<u8>> {
         let mut v = self
@@ -417,22 +403,25 @@ fn build_fd(src: &Dirs, plan: &[stack::Planned], out: BorrowedFd<'_>) -> Result<
     // Directories made, with where their metadata comes from: their times
     // are set last, deepest first (making children changes them).
     let mut made: Vec<(&[u8], usize, &[u8])> = Vec::new();
+    // The output directory entries go into, kept open: siblings come one
+    // after another in path order, and a directory just made is often the
+    // next one's parent.
+    let mut cur: Option<OpenDir> = None;
     for p in plan {
-        let par = crate::layer::parent(&p.path);
-        let name = &p.path[if par.is_empty() { 0 } else { par.len() + 1 }..];
+        let (par, name) = crate::layer::split(&p.path);
+        if !p.path.is_empty() && cur.as_ref().is_none_or(|(c, _)| c.as_slice() != par) {
+            let fd = fsx::open_beneath(out, par, fsx::dir_flags())
+                .with_context(|| format!("cannot open {}", show(par)))?;
+            cur = Some((par.to_vec(), fd));
+        }
         let pdir = if p.path.is_empty() {
             None
         } else {
-            Some(
-                fsx::open_beneath(out, par, fsx_dir_flags())
-                    .with_context(|| format!("cannot open {}", show(par)))?,
-            )
+            cur.as_ref().map(|(_, fd)| fd.as_fd())
         };
-        match (&p.from, &p.dir) {
+        let made_dir = match (&p.from, &p.dir) {
             (None, _) => {
-                let pdir = pdir
-                    .as_ref()
-                    .ok_or_else(|| anyhow::anyhow!("whiteout at the root"))?;
+                let pdir = pdir.ok_or_else(|| anyhow::anyhow!("whiteout at the root"))?;
                 rustix::fs::mknodat(
                     pdir,
                     fsx::os(name),
@@ -441,11 +430,12 @@ fn build_fd(src: &Dirs, plan: &[stack::Planned], out: BorrowedFd<'_>) -> Result<
                     0,
                 )
                 .with_context(|| format!("cannot make whiteout {}", show(&p.path)))?;
+                None
             }
             (Some((l, real)), Some(kind)) => {
-                let new = match &pdir {
-                    None => fsx::open_beneath(out, b"", fsx_dir_flags())?,
-                    Some(pd) => mkdir_open(pd.as_fd(), name)?,
+                let new = match pdir {
+                    None => fsx::open_beneath(out, b"", fsx::dir_flags())?,
+                    Some(pd) => mkdir_open(pd, name)?,
                 };
                 src.with_dir(*l, real, |d| {
                     fsx::copy_meta_fd(d, new.as_fd(), |k| !crate::ovl::is_bookkeeping(k))
@@ -456,6 +446,7 @@ fn build_fd(src: &Dirs, plan: &[stack::Planned], out: BorrowedFd<'_>) -> Result<
                         .with_context(|| format!("cannot mark {}", show(&p.path)))?;
                 }
                 made.push((&p.path, *l, real));
+                Some(new)
             }
             (Some((l, real)), None) => {
                 if !linked.insert((*l, real.as_slice())) {
@@ -464,15 +455,18 @@ fn build_fd(src: &Dirs, plan: &[stack::Planned], out: BorrowedFd<'_>) -> Result<
                         show(real)
                     );
                 }
-                let rpar = crate::layer::parent(real);
-                let rname = &real[if rpar.is_empty() { 0 } else { rpar.len() + 1 }..];
+                let (rpar, rname) = crate::layer::split(real);
                 let pdir = pdir.ok_or_else(|| anyhow::anyhow!("a file at the root"))?;
                 src.with_dir(*l, rpar, |d| {
-                    rustix::fs::linkat(d, fsx::os(rname), &pdir, fsx::os(name), AtFlags::empty())
+                    rustix::fs::linkat(d, fsx::os(rname), pdir, fsx::os(name), AtFlags::empty())
                 })
                 .ok_or_else(|| anyhow::anyhow!("{} is gone", show(real)))?
                 .with_context(|| format!("cannot link {}", show(&p.path)))?;
+                None
             }
+        };
+        if let Some(fd) = made_dir {
+            cur = Some((p.path.clone(), fd));
         }
     }
     src.check()?;
@@ -480,7 +474,7 @@ fn build_fd(src: &Dirs, plan: &[stack::Planned], out: BorrowedFd<'_>) -> Result<
         let st = src
             .with_dir(l, real, |d| rustix::fs::fstat(d))
             .ok_or_else(|| anyhow::anyhow!("{} is gone", show(real)))??;
-        let d = fsx::open_beneath(out, path, fsx_dir_flags())?;
+        let d = fsx::open_beneath(out, path, fsx::dir_flags())?;
         fsx::set_times_fd(
             &d,
             (st.st_atime, st.st_atime_nsec as i64),

@@ -59,7 +59,8 @@ pub fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
     open_beneath(&root, rel.as_os_str().as_bytes(), dir_flags())
 }
 
-fn dir_flags() -> OFlags {
+/// Flags to open a directory for reading, never through a final symlink.
+pub fn dir_flags() -> OFlags {
     OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW
 }
 

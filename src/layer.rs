@@ -199,6 +199,15 @@ pub fn parent(path: &[u8]) -> &[u8] {
     }
 }
 
+/// A non-root path's parent and last component (`(b"", path)` for
+/// top-level names).
+pub fn split(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (b"", path),
+    }
+}
+
 /// `s` with control characters and backslashes escaped (`\n`, `\t`,
 /// `\xNN`, `\\`), as `ls -b` does: a name can then never start a fake
 /// line in text output. JSON output carries names unescaped.
@@ -364,8 +373,7 @@ impl<'a> Chain<'a> {
             for e in &l.entries {
                 p.insert(&e.path, e);
                 if !e.path.is_empty() {
-                    let par = parent(&e.path);
-                    let name = &e.path[if par.is_empty() { 0 } else { par.len() + 1 }..];
+                    let (par, name) = split(&e.path);
                     n.entry(par).or_default().push(name);
                 }
             }

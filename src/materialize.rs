@@ -9,7 +9,7 @@
 //! symlinks. Each path is written once, from the layer that owns it, so
 //! the cost follows the size of the result.
 
-use crate::layer::{Chunk, Entry, Node, path_is_safe, show};
+use crate::layer::{Chunk, Entry, Node, path_is_safe, show, split};
 use crate::repo::Repo;
 use anyhow::{Context, Result, anyhow, bail};
 use rayon::prelude::*;
@@ -55,13 +55,6 @@ type WriteTask<'a> = (usize, Vec<(u64, &'a Chunk)>, bool);
 /// Chunks (about 1 MiB each) written by one task: big files are restored by
 /// several threads at once.
 const CHUNKS_PER_TASK: usize = 8;
-
-fn split(path: &[u8]) -> (&[u8], &[u8]) {
-    match path.iter().rposition(|&b| b == b'/') {
-        Some(i) => (&path[..i], &path[i + 1..]),
-        None => (b"", path),
-    }
-}
 
 fn os(p: &[u8]) -> &std::ffi::OsStr {
     use std::os::unix::ffi::OsStrExt;

@@ -29,6 +29,16 @@ pub const OPAQUE_YES: &[u8] = b"y";
 /// below). Needs `redirect_dir=on` (made) or `follow` (read).
 pub const REDIRECT: &[u8] = b"trusted.overlay.redirect";
 
+/// How a directory of an upper stacks, from the markers found on it: the
+/// kernel does not read an opaque directory's redirect.
+pub fn dir_kind(opaque: bool, redirect: Option<Vec<u8>>) -> DirKind {
+    match (opaque, redirect) {
+        (true, _) => DirKind::Opaque,
+        (false, Some(r)) => DirKind::Redirect(r),
+        (false, None) => DirKind::Merge,
+    }
+}
+
 /// The xattr that marks a directory of `kind` in a layer directory.
 pub fn dir_xattr(kind: &DirKind) -> Option<(Vec<u8>, Vec<u8>)> {
     match kind {

@@ -107,10 +107,6 @@ fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
     p
 }
 
-fn dir_flags() -> OFlags {
-    OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW
-}
-
 /// List the xattrs of `path` (not following symlinks).
 ///
 /// # Errors
@@ -155,13 +151,7 @@ fn interpret_xattrs(path: &[u8], xattrs: Xattrs, source: Source) -> Result<(DirK
             crate::ovl::Attr::Refused(why) => bail!("{} {why}", shown(path)),
         }
     }
-    // The kernel does not read the redirect of an opaque directory.
-    let kind = match (opaque, redirect) {
-        (true, _) => DirKind::Opaque,
-        (false, Some(r)) => DirKind::Redirect(r),
-        (false, None) => DirKind::Merge,
-    };
-    Ok((kind, keep))
+    Ok((crate::ovl::dir_kind(opaque, redirect), keep))
 }
 
 /// Open the directory a walk starts from: its canonical path, with no
@@ -199,7 +189,7 @@ impl Frame {
             return Ok(root);
         }
         if self.fd.is_none() {
-            let fd = fsx::open_beneath(root, &self.rel, dir_flags())
+            let fd = fsx::open_beneath(root, &self.rel, fsx::dir_flags())
                 .map_err(|e| changed(&self.rel, format_args!("cannot reopen it: {e}")))?;
             let st = rustix::fs::fstat(&fd)
                 .with_context(|| format!("cannot stat {}", shown(&self.rel)))?;

@@ -372,8 +372,7 @@ pub fn plan<S: Source>(src: &S, bottom: bool) -> Vec<Planned> {
         let kind = if bottom || path.is_empty() {
             DirKind::Merge
         } else {
-            let par = crate::layer::parent(path);
-            let name = &path[if par.is_empty() { 0 } else { par.len() + 1 }..];
+            let (par, name) = crate::layer::split(path);
             let pc = cont.get(par).cloned().flatten();
             continuation(pc.as_deref(), name, at.as_deref())
         };

@@ -505,7 +505,7 @@ pub fn detach(vol: &mut Volume, wait: Duration) -> Result<usize> {
         .with_context(|| format!("cannot open {}", root.display()))?;
     let store = detach_store_name(vol, &rfd, base_seq)?;
     let base_rel = format!("{store}/l/{base_seq}");
-    let base_fd = crate::fsx::open_beneath(&rfd, base_rel.as_bytes(), open_dir_flags())
+    let base_fd = crate::fsx::open_beneath(&rfd, base_rel.as_bytes(), crate::fsx::dir_flags())
         .with_context(|| {
             format!(
                 "cannot open the flattened layer {base_rel} of {}",
@@ -548,13 +548,6 @@ pub fn detach(vol: &mut Volume, wait: Duration) -> Result<usize> {
     Ok(pending)
 }
 
-pub(super) fn open_dir_flags() -> rustix::fs::OFlags {
-    rustix::fs::OFlags::DIRECTORY
-        | rustix::fs::OFlags::RDONLY
-        | rustix::fs::OFlags::CLOEXEC
-        | rustix::fs::OFlags::NOFOLLOW
-}
-
 /// The name of the layer store while `detach` moves the data back. Users
 /// can create their own `.laybak` in the volume (it lives in a layer like
 /// any file); then the store is first renamed out of its way, under a name
@@ -572,7 +565,7 @@ pub(super) fn detach_store_name(
         return Ok(n);
     }
     let base_rel = format!("{STORE}/l/{base_seq}");
-    let base_fd = crate::fsx::open_beneath(rfd, base_rel.as_bytes(), open_dir_flags())?;
+    let base_fd = crate::fsx::open_beneath(rfd, base_rel.as_bytes(), crate::fsx::dir_flags())?;
     let taken = crate::fsx::names(&base_fd)?;
     if !taken.iter().any(|n| n == STORE.as_bytes()) {
         return Ok(STORE.to_string());

@@ -25,7 +25,7 @@ pub struct Change {
 /// # Errors
 /// The volume is not mounted, or a layer is unreadable.
 pub fn status(vol: &Volume) -> Result<Vec<Change>> {
-    use crate::layer::{DirKind, Node, parent, show};
+    use crate::layer::{DirKind, Node, show};
     use crate::stack::{self, Model};
     vol.require_mounted()?;
     let upper = vol.layer_dir(vol.st.upper);
@@ -39,8 +39,7 @@ pub fn status(vol: &Volume) -> Result<Vec<Change>> {
     // Where an upper path is in the namespace below: its parent's
     // continuation plus its name (`None`: the parent hides what is below).
     let at_below = |path: &[u8]| -> Option<Vec<u8>> {
-        let par = parent(path);
-        let name = &path[if par.is_empty() { 0 } else { par.len() + 1 }..];
+        let (par, name) = crate::layer::split(path);
         let s = over.resolve(par);
         stack::below(&s).map(|p| stack::join(p, name))
     };
