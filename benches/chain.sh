@@ -30,7 +30,7 @@ PY
 coldfind() { sync; echo 3 > /proc/sys/vm/drop_caches; local s=$(date +%s%N); find "$1" -exec stat {} + >/dev/null; echo $(( ($(date +%s%N) - s) / 1000000 )); }
 for n in "${ns[@]}"; do
   d=$(mktemp -d /var/tmp/chainbench.XXXX)
-  export LAYBAK_STATE_DIR=$d/state LAYBAK_REPO=$d/repo
+  export LAYBAK_STATE_DIR=$d/state LAYBAK_REPO=$d/repo LAYBAK_PASSWORD=bench
   mkdir -p $d/vol $d/plain
   python3 - "$d/vol" <<'PY'
 import os, sys

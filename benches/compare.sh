@@ -238,7 +238,7 @@ set_env() {
     PLAIN=$S/plain          # plain copy, read by restic, borg and tar
     VOL=$S/vol              # the laybak volume (same contents)
     VNAME=$SET
-    export LAYBAK_REPO=$S/laybak-repo LAYBAK_STATE_DIR=$S/laybak-state
+    export LAYBAK_REPO=$S/laybak-repo LAYBAK_STATE_DIR=$S/laybak-state LAYBAK_PASSWORD=bench
     export RESTIC_REPOSITORY=$S/restic-repo RESTIC_CACHE_DIR=$S/restic-cache
     export BORG_REPO=$S/borg-repo BORG_BASE_DIR=$S/borg-base
     TARD=$S/tar

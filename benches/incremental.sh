@@ -66,7 +66,7 @@ WORK=$(cd "$WORK" && pwd)
 
 DATA_L=$WORK/data-laybak     # attached as a laybak volume
 DATA_R=$WORK/data-restic     # plain copy for restic
-export LAYBAK_REPO=$WORK/laybak-repo LAYBAK_STATE_DIR=$WORK/laybak-state
+export LAYBAK_REPO=$WORK/laybak-repo LAYBAK_STATE_DIR=$WORK/laybak-state LAYBAK_PASSWORD=bench
 export RESTIC_REPOSITORY=$WORK/restic-repo RESTIC_CACHE_DIR=$WORK/restic-cache
 LOG=$WORK/log
 GEN=$WORK/gen.py

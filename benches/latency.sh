@@ -48,7 +48,7 @@ setup() { # N
     W=$WORK/$1
     rm -rf "$W"
     mkdir -p "$W/vol"
-    export LAYBAK_REPO=$W/repo LAYBAK_STATE_DIR=$W/state
+    export LAYBAK_REPO=$W/repo LAYBAK_STATE_DIR=$W/state LAYBAK_PASSWORD=bench
     make_tree "$W/vol" "$1"
     "$B" init >/dev/null 2>&1
     "$B" attach "$W/vol" >/dev/null

@@ -16,7 +16,7 @@ for i in range(500):
     for j in range(100):
         with open(os.path.join(p, "f%03d" % j), "w") as f: f.write("x" * 100)
 PY
-$L init >/dev/null 2>&1; $L attach $d/vol >/dev/null
+export LAYBAK_PASSWORD=bench; $L init >/dev/null 2>&1; $L attach $d/vol >/dev/null
 t() { local s=$(date +%s%N); $L snapshot $d/vol >/dev/null; echo $(( ($(date +%s%N) - s) / 1000000 )); }
 nc=(); ch=()
 for r in 1 2 3 4 5; do

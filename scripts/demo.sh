@@ -10,6 +10,10 @@ cargo build --release --quiet
 LB=$PWD/target/release/laybak
 W=$(mktemp -d /tmp/laybak-demo.XXXXXX)
 export LAYBAK_REPO=$W/repo LAYBAK_STATE_DIR=$W/state
+# The repository is encrypted; cron and systemd read its password from a
+# root-only file (never from the command line).
+(umask 077; echo "demo password $$" > "$W/password")
+export LAYBAK_PASSWORD_FILE=$W/password
 cleanup() {
     "$LB" umount "$W/then" 2>/dev/null || true
     "$LB" detach "$W/data" 2>/dev/null || true
@@ -26,8 +30,9 @@ head -c 3000000 /dev/urandom > "$W/data/blob.bin"
 ln -s src/f1.txt "$W/data/first"
 du -sh "$W/data"
 
-step "laybak init && laybak attach (the contents become the first snapshot)"
+step "laybak init (encrypted) && laybak attach (the contents become the first snapshot)"
 "$LB" init
+"$LB" key list
 FIRST=$("$LB" attach "$W/data" --tag initial)
 echo "first snapshot: $FIRST"
 findmnt -n -o FSTYPE,SOURCE "$W/data"

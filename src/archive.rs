@@ -78,7 +78,7 @@ pub fn archive_layer(
         layers,
         summary,
     };
-    let sealed = Repo::seal_snapshot(&snap)?;
+    let sealed = repo.seal_snapshot(&snap)?;
     let id = SnapshotId(sealed.id);
     before_record(&layer_id, &id)?;
     crate::failpoint::hit("snapshot-write")?;

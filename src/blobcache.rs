@@ -260,7 +260,7 @@ mod tests {
     #[test]
     fn cache_follows_the_index() {
         let d = tempfile::tempdir().unwrap();
-        let repo = Repo::init(&d.path().join("r")).unwrap();
+        let repo = Repo::init(&d.path().join("r"), &crate::repo::Protection::test("pw")).unwrap();
         let state = d.path().join("s");
         let blobs: Vec<Vec<u8>> = (0..300u32).map(|i| i.to_le_bytes().repeat(10)).collect();
         let p = Packer::new(&repo);
@@ -268,7 +268,11 @@ mod tests {
             p.add(BlobId(Id::of(b)), b).unwrap();
         }
         p.finish().unwrap();
-        let repo = Repo::open(&d.path().join("r")).unwrap();
+        let repo = Repo::open(
+            &d.path().join("r"),
+            &crate::password::Given("pw".to_string().into()),
+        )
+        .unwrap();
         let c = BlobCache::open(&state, &repo).unwrap();
         assert!(
             blobs[..100]
@@ -286,7 +290,11 @@ mod tests {
             p.add(BlobId(Id::of(b)), b).unwrap();
         }
         p.finish().unwrap();
-        let repo = Repo::open(&d.path().join("r")).unwrap();
+        let repo = Repo::open(
+            &d.path().join("r"),
+            &crate::password::Given("pw".to_string().into()),
+        )
+        .unwrap();
         let c = BlobCache::open(&state, &repo).unwrap();
         assert!(!c.recent.is_empty(), "new index files are held in memory");
         assert!(
@@ -333,7 +341,11 @@ mod tests {
         // An index file disappears (as after prune): rebuilt, never stale.
         let first = repo.index_ids().unwrap()[0];
         repo.delete_file(&first).unwrap();
-        let repo = Repo::open(&d.path().join("r")).unwrap();
+        let repo = Repo::open(
+            &d.path().join("r"),
+            &crate::password::Given("pw".to_string().into()),
+        )
+        .unwrap();
         let c = BlobCache::open(&state, &repo).unwrap();
         let present = blobs[..200]
             .iter()

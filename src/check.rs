@@ -171,7 +171,7 @@ impl Checker<'_> {
             r.errors
                 .push(format!("pack {} is corrupt (blake3 mismatch)", id.short()));
         }
-        if let Err(e) = repo::parse_pack_tail(data) {
+        if let Err(e) = self.repo.parse_pack_tail(data) {
             r.errors.push(format!("pack {}: {e:#}", id.short()));
         }
         for b in blobs.unwrap_or_default() {
@@ -189,7 +189,7 @@ impl Checker<'_> {
                 self.bad_blobs.insert(b.id);
                 continue;
             };
-            if let Err(e) = repo::decode_blob(&b, raw.to_vec()) {
+            if let Err(e) = self.repo.decode_blob(&b, raw.to_vec()) {
                 r.errors.push(format!("pack {}: {e:#}", id.short()));
                 self.bad_blobs.insert(b.id);
             }

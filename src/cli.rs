@@ -29,6 +29,19 @@ pub struct Cli {
         default_value = "/var/lib/laybak"
     )]
     pub state_dir: PathBuf,
+    /// File holding the password of an encrypted repository (one trailing
+    /// newline is dropped). Else `--password-command`, `LAYBAK_PASSWORD`,
+    /// or a prompt on the terminal.
+    #[arg(long, global = true, env = "LAYBAK_PASSWORD_FILE", value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Shell command that prints the password of an encrypted repository.
+    #[arg(
+        long,
+        global = true,
+        env = "LAYBAK_PASSWORD_COMMAND",
+        value_name = "CMD"
+    )]
+    pub password_command: Option<String>,
     /// The command.
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -37,8 +50,8 @@ pub struct Cli {
 /// Commands.
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
-    /// Create a new repository.
-    Init,
+    /// Create a new repository (encrypted unless `--no-encryption`).
+    Init(InitArgs),
     /// Turn a directory into a volume; its contents become the first snapshot.
     Attach(AttachArgs),
     /// Seal the volume's changes as a new snapshot.
@@ -76,6 +89,56 @@ pub enum Cmd {
     Repair(RepairArgs),
     /// Verify the repository.
     Check(CheckArgs),
+    /// Manage the passwords of an encrypted repository.
+    Key(KeyArgs),
+}
+
+/// Arguments of `laybak init`.
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Store everything in plaintext: whoever can read the repository
+    /// (a stolen disk, the storage provider) can read every file in it.
+    #[arg(long)]
+    pub no_encryption: bool,
+}
+
+/// Arguments of `laybak key`.
+#[derive(Args, Debug)]
+pub struct KeyArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub what: KeyCmd,
+}
+
+/// `laybak key` commands. Each key wraps the same master key under its
+/// own password; any one of them opens the repository.
+#[derive(Subcommand, Debug)]
+pub enum KeyCmd {
+    /// List the keys (`*` marks the one the password opened).
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a key with a new password.
+    Add(NewPasswordArgs),
+    /// Remove a key (not the last one, not the one in use).
+    Remove {
+        /// Key id or unique prefix, from `laybak key list`.
+        id: String,
+    },
+    /// Change the password: add a key with the new one, remove the one
+    /// the current password opened.
+    Passwd(NewPasswordArgs),
+}
+
+/// Where a new password comes from.
+#[derive(Args, Debug)]
+pub struct NewPasswordArgs {
+    /// File holding the new password. Else `LAYBAK_NEW_PASSWORD`, or it is
+    /// asked twice on the terminal.
+    #[arg(long, env = "LAYBAK_NEW_PASSWORD_FILE", value_name = "FILE")]
+    pub new_password_file: Option<PathBuf>,
 }
 
 /// Arguments of `laybak attach`.
@@ -471,7 +534,17 @@ fn repo_path(cli: &Cli) -> Result<PathBuf> {
 }
 
 fn open_repo(cli: &Cli) -> Result<Repo> {
-    Repo::open(&repo_path(cli)?)
+    Repo::open(&repo_path(cli)?, &cli.passwords())
+}
+
+impl Cli {
+    /// Where the repository password comes from.
+    pub fn passwords(&self) -> crate::password::Source {
+        crate::password::Source {
+            file: self.password_file.clone(),
+            command: self.password_command.clone(),
+        }
+    }
 }
 
 fn tty() -> bool {
@@ -511,7 +584,7 @@ fn validate_tags(tags: &[String]) -> Result<()> {
 pub fn run(cli: Cli) -> Result<()> {
     volume::secure_state(&cli.state_dir)?;
     match &cli.cmd {
-        Cmd::Init => cmd_init(&cli),
+        Cmd::Init(a) => cmd_init(&cli, a),
         Cmd::Attach(a) => cmd_attach(&cli, a),
         Cmd::Snapshot(a) => cmd_snapshot(&cli, a),
         Cmd::Snapshots(a) => cmd_snapshots(&cli, a),
@@ -530,21 +603,131 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Policy(a) => cmd_policy(&cli, a),
         Cmd::Repair(a) => cmd_repair(&cli, a),
         Cmd::Check(a) => cmd_check(&cli, a),
+        Cmd::Key(a) => cmd_key(&cli, a),
     }
 }
 
-fn cmd_init(cli: &Cli) -> Result<()> {
+fn cmd_init(cli: &Cli, a: &InitArgs) -> Result<()> {
     let p = cli
         .repo
         .clone()
         .ok_or_else(|| Failure::new(Kind::Usage, "init needs --repo PATH (or LAYBAK_REPO)"))?;
-    let r = Repo::init(&p)?;
+    if a.no_encryption {
+        let r = Repo::init(&p, &crate::repo::Protection::Plaintext)?;
+        eprintln!(
+            "created plaintext repository {} at {}: whoever can read it can read every file backed up into it",
+            r.config.id.short(),
+            p.display()
+        );
+        return Ok(());
+    }
+    let password = cli.passwords().new_password(&p.display().to_string())?;
+    let kdf = crate::crypt::Kdf::for_new_key()?;
+    let r = Repo::init(&p, &crate::repo::Protection::Encrypted { password, kdf })?;
     eprintln!(
-        "created repository {} at {}",
+        "created encrypted repository {} at {} (key {}). Keep the password safe: without it, or the password of another key, nobody can read the data, laybak included",
         r.config.id.short(),
-        p.display()
+        p.display(),
+        r.key.map(|k| k.short()).unwrap_or_default()
     );
     Ok(())
+}
+
+fn cmd_key(cli: &Cli, a: &KeyArgs) -> Result<()> {
+    let repo = open_repo(cli)?;
+    if !repo.is_encrypted() {
+        bail!(
+            "{} is a plaintext repository: it has no keys (make an encrypted one with `laybak init`)",
+            repo.location.display()
+        );
+    }
+    match &a.what {
+        KeyCmd::List { json } => {
+            let keys = repo.key_files()?;
+            if *json {
+                let v: Vec<_> = keys
+                    .iter()
+                    .map(|(id, k)| {
+                        json!({"id": id.hex(), "current": repo.key == Some(*id),
+                               "created": k.created.rfc3339(), "host": k.host,
+                               "kdf": {"algorithm": "argon2id", "memory_kib": k.kdf.memory_kib,
+                                       "iterations": k.kdf.iterations, "lanes": k.kdf.lanes}})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for (id, k) in &keys {
+                    println!(
+                        "{} {}  {}  {}  argon2id {} MiB x{}",
+                        if repo.key == Some(*id) { "*" } else { " " },
+                        id.short(),
+                        k.created.rfc3339(),
+                        k.host,
+                        k.kdf.memory_kib / 1024,
+                        k.kdf.iterations
+                    );
+                }
+            }
+            Ok(())
+        }
+        KeyCmd::Add(n) => {
+            let pw = crate::password::new_key_password(n.new_password_file.as_deref())?;
+            let _l = crate::lock::exclusive(&repo, "key add")?;
+            let id = repo.add_key(pw.as_bytes(), crate::crypt::Kdf::for_new_key()?)?;
+            eprintln!("added key {}", id.short());
+            Ok(())
+        }
+        KeyCmd::Remove { id } => {
+            let _l = crate::lock::exclusive(&repo, "key remove")?;
+            let id = resolve_key(&repo, id)?;
+            repo.remove_key(&id)?;
+            eprintln!("removed key {}", id.short());
+            Ok(())
+        }
+        KeyCmd::Passwd(n) => {
+            let pw = crate::password::new_key_password(n.new_password_file.as_deref())?;
+            let _l = crate::lock::exclusive(&repo, "key passwd")?;
+            let old = repo
+                .key
+                .ok_or_else(|| anyhow!("internal error: no key in use"))?;
+            let new = repo.add_key(pw.as_bytes(), crate::crypt::Kdf::for_new_key()?)?;
+            // The new key is durable before the old one goes.
+            repo.delete_file(&old).with_context(|| {
+                format!(
+                    "added key {} but could not remove the old key {}",
+                    new.short(),
+                    old.short()
+                )
+            })?;
+            eprintln!(
+                "password changed: key {} replaces {}",
+                new.short(),
+                old.short()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn resolve_key(repo: &Repo, spec: &str) -> Result<crate::format::KeyId> {
+    let spec_l = spec.to_ascii_lowercase();
+    if spec_l.is_empty() || !spec_l.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("{spec:?} is not a key id: give an id or prefix from `laybak key list`");
+    }
+    let m: Vec<_> = repo
+        .ids::<crate::format::KeyId>()?
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.hex().starts_with(&spec_l))
+        .collect();
+    match m.as_slice() {
+        [] => bail!("no key matches {spec:?}: list them with `laybak key list`"),
+        [one] => Ok(*one),
+        _ => bail!(
+            "key id {spec:?} is ambiguous ({} matches): give more characters",
+            m.len()
+        ),
+    }
 }
 
 fn cmd_attach(cli: &Cli, a: &AttachArgs) -> Result<()> {
@@ -612,13 +795,14 @@ fn cmd_snapshot(cli: &Cli, a: &SnapshotArgs) -> Result<()> {
     for mut v in vols {
         match snapshot_one(
             &mut v,
+            &cli.passwords(),
             tags,
             Duration::from_secs(*wait),
             Duration::from_secs(*lock_wait),
         )
         .and_then(|a| {
             if *forget {
-                apply_policy(&v, *prune)?;
+                apply_policy(&v, &cli.passwords(), *prune)?;
             }
             Ok(a)
         }) {
@@ -1070,7 +1254,7 @@ fn cmd_check(cli: &Cli, a: &CheckArgs) -> Result<()> {
 
 const LOCK_WAIT: Duration = Duration::from_secs(60);
 
-fn apply_policy(v: &Volume, prune: bool) -> Result<()> {
+fn apply_policy(v: &Volume, pw: &dyn crate::password::Passwords, prune: bool) -> Result<()> {
     let Some(policy) = v.st.policy.clone().filter(|p| !p.is_empty()) else {
         bail!(
             "volume {} has no retention policy: set one with `laybak policy {} --keep-daily 7 ...`",
@@ -1078,7 +1262,7 @@ fn apply_policy(v: &Volume, prune: bool) -> Result<()> {
             v.st.path.display()
         );
     };
-    let repo = Repo::open(&v.st.repo)?;
+    let repo = Repo::open(&v.st.repo, pw)?;
     let report = {
         let host = Repo::hostname();
         let scope = crate::reclaim::Scope {
@@ -1096,12 +1280,18 @@ fn apply_policy(v: &Volume, prune: bool) -> Result<()> {
 
 fn snapshot_one(
     v: &mut Volume,
+    pw: &dyn crate::password::Passwords,
     tags: &[String],
     wait: Duration,
     lock_wait: Duration,
 ) -> Result<volume::Archived> {
     let _lock = v.lock()?;
-    let repo_res = Repo::open(&v.st.repo);
+    // A wrong or missing password changes nothing, not even the volume
+    // (an unreachable repository still gets the layer sealed locally).
+    let repo_res = match Repo::open(&v.st.repo, pw) {
+        Err(e) if crate::error::kind(&e) == Kind::Password => return Err(e),
+        r => r,
+    };
     volume::finish_interrupted(v)?;
     if let Ok(repo) = &repo_res
         && let Some(done) = volume::snapshot_unchanged(v, repo, tags, lock_wait)?

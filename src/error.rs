@@ -13,6 +13,7 @@
 //! | 11 | busy: the volume is in use, or another laybak holds its lock |
 //! | 12 | needs root |
 //! | 13 | the repository is unreachable right now (retries ran out); nothing was lost, run again later |
+//! | 14 | the repository is encrypted and the password is wrong or was not given |
 
 use std::fmt;
 
@@ -33,6 +34,8 @@ pub enum Kind {
     NeedRoot,
     /// The repository's storage did not answer (after retries).
     Unreachable,
+    /// Wrong or missing password for an encrypted repository.
+    Password,
 }
 
 impl Kind {
@@ -46,6 +49,7 @@ impl Kind {
             Kind::Busy => 11,
             Kind::NeedRoot => 12,
             Kind::Unreachable => 13,
+            Kind::Password => 14,
         }
     }
 }

@@ -9,8 +9,9 @@ use std::io::Read;
 
 /// First six bytes of every laybak repository file.
 pub const MAGIC: &[u8; 6] = b"LAYBAK";
-/// The newest repository format version this build reads.
-pub const FORMAT_VERSION: u8 = 2;
+/// The newest repository format version this build reads (3: every file
+/// of an encrypted repository, see [`crate::crypt`]).
+pub const FORMAT_VERSION: u8 = 3;
 /// The version every file is written with unless its content needs a newer
 /// one: a repository that never needed version 2 stays readable by
 /// laybak 0.1.
@@ -41,6 +42,8 @@ pub enum FileKind {
     Plan = b'F' as isize,
     /// `locks/ID`: a repository lock.
     Lock = b'K' as isize,
+    /// `keys/ID`: the master secret wrapped under one password (version 3).
+    Key = b'Y' as isize,
 }
 
 impl FileKind {
@@ -54,6 +57,7 @@ impl FileKind {
             FileKind::Snapshot => "snapshot record",
             FileKind::Plan => "forget plan",
             FileKind::Lock => "lock",
+            FileKind::Key => "key file",
         }
     }
 }
@@ -186,6 +190,10 @@ typed_id!(
     LockId
 );
 typed_id!(
+    /// A key file: blake3 of its bytes.
+    KeyId
+);
+typed_id!(
     /// A repository (blake3 of its creation time, pid and host).
     RepoId
 );
@@ -195,6 +203,7 @@ file_id!(LayerId, Layer);
 file_id!(SnapshotId, Snapshot);
 file_id!(PlanId, Plan);
 file_id!(LockId, Lock);
+file_id!(KeyId, Key);
 
 impl Id {
     /// blake3 of `data`.
@@ -250,7 +259,8 @@ pub fn header(kind: FileKind) -> [u8; 8] {
     header_v(kind, BASE_VERSION)
 }
 
-fn header_v(kind: FileKind, version: u8) -> [u8; 8] {
+/// The 8-byte header of a file of `kind` written with `version`.
+pub fn header_v(kind: FileKind, version: u8) -> [u8; 8] {
     let mut h = [0u8; 8];
     h[..6].copy_from_slice(MAGIC);
     h[6] = kind as u8;
@@ -322,13 +332,37 @@ pub fn decode_layer(data: &[u8]) -> Result<crate::layer::Layer> {
 }
 
 fn encode_v<T: Serialize>(kind: FileKind, version: u8, value: &T) -> Result<Vec<u8>> {
-    let raw = postcard::to_stdvec(value).context("serializing")?;
     let mut out = header_v(kind, version).to_vec();
+    out.extend_from_slice(&compress_payload(value)?);
+    Ok(out)
+}
+
+/// The payload of a metadata file: zstd (level 3, content checksum on) of
+/// postcard(value).
+///
+/// # Errors
+/// Serialization or compression failure.
+pub fn compress_payload<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    let raw = postcard::to_stdvec(value).context("serializing")?;
     let mut c = zstd::bulk::Compressor::new(3).context("zstd")?;
     c.include_checksum(true).context("zstd")?;
-    let z = c.compress(&raw).context("compressing")?;
-    out.extend_from_slice(&z);
-    Ok(out)
+    c.compress(&raw).context("compressing")
+}
+
+/// Decode a payload made by [`compress_payload`], bounding its size and
+/// requiring that postcard consumes it exactly.
+///
+/// # Errors
+/// Corrupt compression, oversize, or not a valid encoding of `T`.
+pub fn decode_payload<T: DeserializeOwned>(kind: FileKind, z: &[u8]) -> Result<T> {
+    let raw = decompress_bounded(z, MAX_METADATA_SIZE)
+        .with_context(|| format!("{} is corrupt", kind.name()))?;
+    let (value, rest) = postcard::take_from_bytes::<T>(&raw)
+        .map_err(|e| anyhow::anyhow!("{} is corrupt: {e}", kind.name()))?;
+    if !rest.is_empty() {
+        bail!("{} is corrupt: {} trailing bytes", kind.name(), rest.len());
+    }
+    Ok(value)
 }
 
 /// Decode a metadata value written by [`encode`], bounding its size.
@@ -338,14 +372,14 @@ fn encode_v<T: Serialize>(kind: FileKind, version: u8, value: &T) -> Result<Vec<
 /// not a valid encoding of `T`.
 pub fn decode<T: DeserializeOwned>(kind: FileKind, data: &[u8]) -> Result<T> {
     let body = check_header(kind, data)?;
-    let raw = decompress_bounded(body, MAX_METADATA_SIZE)
-        .with_context(|| format!("{} is corrupt", kind.name()))?;
-    let (value, rest) = postcard::take_from_bytes::<T>(&raw)
-        .map_err(|e| anyhow::anyhow!("{} is corrupt: {e}", kind.name()))?;
-    if !rest.is_empty() {
-        bail!("{} is corrupt: {} trailing bytes", kind.name(), rest.len());
+    if data[7] >= crate::crypt::ENCRYPTED {
+        bail!(
+            "{} is encrypted (format version {}) in a plaintext repository: it is damaged or was put there by someone else",
+            kind.name(),
+            data[7]
+        );
     }
-    Ok(value)
+    decode_payload(kind, body)
 }
 
 /// Encode a metadata value that may be rewritten in place under a fixed

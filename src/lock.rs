@@ -7,7 +7,7 @@
 //! theirs while they run, every [`REFRESH_EVERY`]); stale locks are removed
 //! by whoever finds them.
 
-use crate::format::{self, FileKind, Id, LockId, Time};
+use crate::format::{self, Id, LockId, Time};
 use crate::repo::{LockStore, Repo};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -85,7 +85,7 @@ fn others(store: &LockStore, mine: &LockId) -> Result<Vec<LockInfo>> {
         let Some(data) = store.read(&id)? else {
             continue; // removed meanwhile
         };
-        match format::decode::<LockInfo>(FileKind::Lock, &data) {
+        match store.decode::<LockInfo>(&id, &data) {
             Ok(l) if !is_stale(&l, &host, now) => out.push(l),
             Ok(_) => {
                 let _ = store.remove(&id);
@@ -114,13 +114,13 @@ fn take<'r>(repo: &'r Repo, exclusive: bool, what: &str) -> Result<Lock<'r>> {
         exclusive,
         what: what.to_string(),
     };
-    let data = format::encode(FileKind::Lock, &info)?;
     // Unique per taker (never overwritten by another), so locking is
     // correct on stores whose create-if-absent is not atomic.
     let id = LockId(Id::of(
         format!("{:?}{}{}", info.time, info.pid, info.host).as_bytes(),
     ));
     let store = repo.locks();
+    let data = store.encode(&id, &info)?;
     store
         .write(&id, &data)
         .with_context(|| format!("cannot write a lock to {}", repo.location.display()))?;
@@ -147,7 +147,7 @@ fn take<'r>(repo: &'r Repo, exclusive: bool, what: &str) -> Result<Lock<'r>> {
                 slept = Duration::ZERO;
                 let mut i = info.clone();
                 i.time = Time::now();
-                if let Ok(d) = format::encode(FileKind::Lock, &i) {
+                if let Ok(d) = store.encode(&id, &i) {
                     let _ = store.write(&id, &d);
                 }
             }

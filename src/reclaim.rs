@@ -8,9 +8,7 @@
 //! next `forget` or `prune`. `prune` deletes what no snapshot references,
 //! under an exclusive repository lock (see `lock`).
 
-use crate::format::{
-    self, BlobId, FileKind, Id, IndexId, LayerId, PackId, PlanId, SnapshotId, Time,
-};
+use crate::format::{BlobId, FileKind, Id, IndexId, LayerId, PackId, PlanId, SnapshotId, Time};
 use crate::layer::{self, Layer, Node};
 use crate::repo::{self, IndexPack, PackBlob, Repo, Snapshot};
 use anyhow::{Context, Result, anyhow, bail};
@@ -249,7 +247,7 @@ fn make_plan(
                         .map(|l| repo.read_layer(l))
                         .collect::<Result<_>>()?;
                     let sq = layer::squash(&layers, bottom);
-                    let data = format::encode_layer(&sq)?;
+                    let data = repo.encode_layer(&sq)?;
                     let lid = LayerId(Id::of(&data));
                     if !new_layers.iter().any(|(x, _)| *x == lid) {
                         new_layers.push((lid, sq));
@@ -311,15 +309,13 @@ pub fn finish_plans(repo: &Repo) -> Result<usize> {
         if !repo.contains(id)? {
             continue;
         }
-        let data = repo.read_file(id).with_context(|| {
+        let plan = repo.read_plan(id).with_context(|| {
             format!(
                 "forget plan {} cannot be used: remove plans/{} after checking the repository",
                 id.short(),
                 id.hex()
             )
         })?;
-        let plan: Plan = format::decode(FileKind::Plan, &data)
-            .with_context(|| format!("forget plan {} is corrupt", id.hex()))?;
         apply_plan(repo, id, &plan)?;
     }
     Ok(ids.len())
@@ -366,12 +362,12 @@ pub fn forget(repo: &Repo, keep_of: KeepFn<'_>, scope: Scope<'_>, dry_run: bool)
             let mut s = s.clone();
             s.layers = layers.clone();
             freed += size(id);
-            freed -= format::encode_sealed(FileKind::Snapshot, &s)?.len() as i64;
+            freed -= repo.encode_snapshot(id, &s)?.len() as i64;
         }
     }
     for (id, l) in &new_layers {
         if !layer_files.contains(id) {
-            freed -= format::encode_layer(l)?.len() as i64;
+            freed -= repo.encode_layer(l)?.len() as i64;
         }
     }
     report.bytes_freed = freed;
@@ -386,9 +382,8 @@ pub fn forget(repo: &Repo, keep_of: KeepFn<'_>, scope: Scope<'_>, dry_run: bool)
         crate::failpoint::hit("forget-layer")?;
         repo.write_layer(l)?;
     }
-    let data = format::encode(FileKind::Plan, &plan)?;
     crate::failpoint::hit("forget-plan")?;
-    let plan_id = PlanId(repo.write_file(FileKind::Plan, data)?);
+    let plan_id = repo.write_plan(&plan)?;
     apply_plan(repo, &plan_id, &plan)?;
     Ok(Forgot {
         report,
@@ -557,7 +552,7 @@ fn classify(
 /// Copy the stored bytes of the used blobs of `repack` into new packs,
 /// each blob verified first.
 fn repack(repo: &Repo, repack: &[(IndexPack, Vec<PackBlob>)]) -> Result<Vec<repo::SealedPack>> {
-    let mut writer = repo::PackAssembler::new(repo.config.pack_size as usize);
+    let mut writer = repo.pack_assembler();
     let mut new_packs: Vec<repo::SealedPack> = Vec::new();
     for (p, used) in repack {
         let pack = repo
@@ -574,13 +569,13 @@ fn repack(repo: &Repo, repack: &[(IndexPack, Vec<PackBlob>)]) -> Result<Vec<repo
             let raw = data
                 .get(b.offset as usize..b.offset as usize + b.len as usize)
                 .ok_or_else(|| anyhow!("pack {} is shorter than its index says", p.id.short()))?;
-            repo::decode_blob(b, raw.to_vec())?;
-            if let Some(done) = writer.add_stored(b, raw) {
+            repo.decode_blob(b, raw.to_vec())?;
+            if let Some(done) = writer.add_stored(b, raw)? {
                 new_packs.push(done);
             }
         }
     }
-    if let Some(done) = writer.finish() {
+    if let Some(done) = writer.finish()? {
         new_packs.push(done);
     }
     Ok(new_packs)
@@ -664,7 +659,7 @@ fn plan_prune(
     let mut all: Vec<IndexPack> = keep_packs;
     all.extend(new_packs.iter().map(|p| p.index.clone()));
     let kept: HashSet<PackId> = all.iter().map(|p| p.id).collect();
-    let new_index = repo::Sealed::new(FileKind::Index, format::encode(FileKind::Index, &all)?);
+    let new_index = repo.seal_index(&all)?;
     added += new_index.len();
     for i in &index_files {
         if i.id != new_index.id {
@@ -904,7 +899,7 @@ pub fn repair_index(repo: &Repo) -> Result<RepairReport> {
         if !pack.intact {
             report.damaged_packs.push(id.short());
         }
-        let blobs = match repo::parse_pack_tail(&data) {
+        let blobs = match repo.parse_pack_tail(&data) {
             Ok(b) => b,
             Err(e) => {
                 report
@@ -917,7 +912,7 @@ pub fn repair_index(repo: &Repo) -> Result<RepairReport> {
             .into_iter()
             .filter(|b| {
                 let raw = data[b.offset as usize..b.offset as usize + b.len as usize].to_vec();
-                let ok = repo::decode_blob(b, raw).is_ok();
+                let ok = repo.decode_blob(b, raw).is_ok();
                 if !ok {
                     report.bad_blobs += 1;
                 }

@@ -8,12 +8,15 @@
 //! own blake3 id when read.
 
 use crate::backend::{Backend, LocalBackend};
+use crate::crypt::{self, Crypt, KeyFile, Keys};
 use crate::format::{
-    self, BlobId, FileId, FileKind, Id, IndexId, LayerId, LockId, PackId, RepoId, SnapshotId, Time,
+    self, BlobId, FileId, FileKind, Id, IndexId, KeyId, LayerId, LockId, PackId, PlanId, RepoId,
+    SnapshotId, Time,
 };
 use crate::layer::Layer;
+use crate::password::{Password, Passwords};
 use anyhow::{Context, Result, anyhow, bail};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -131,6 +134,34 @@ pub struct Repo {
     index: OnceLock<HashMap<BlobId, BlobLoc>>,
     added: Mutex<HashMap<BlobId, BlobLoc>>,
     packs: PackCache,
+    crypt: Crypt,
+    /// The key file that opened it (encrypted repositories).
+    pub key: Option<KeyId>,
+}
+
+/// How a new repository protects what it stores.
+#[derive(Clone)]
+pub enum Protection {
+    /// Plaintext (format versions 1 and 2): anyone who can read the
+    /// repository can read every backed-up file.
+    Plaintext,
+    /// Encrypted (format version 3) with one first key.
+    Encrypted {
+        /// The first key's password.
+        password: Password,
+        /// Its Argon2id parameters.
+        kdf: crypt::Kdf,
+    },
+}
+
+impl Protection {
+    /// Encrypted with `password` and [`crypt::TEST_KDF`] (tests only).
+    pub fn test(password: &str) -> Protection {
+        Protection::Encrypted {
+            password: zeroize::Zeroizing::new(password.to_string()),
+            kdf: crypt::TEST_KDF,
+        }
+    }
 }
 
 /// Whole packs recently read from a backend where every request costs a
@@ -177,6 +208,7 @@ fn dir_of(kind: FileKind) -> &'static str {
         FileKind::Snapshot => "snapshots",
         FileKind::Plan => "plans",
         FileKind::Lock => "locks",
+        FileKind::Key => "keys",
     }
 }
 
@@ -264,9 +296,26 @@ impl Sealed {
 #[derive(Clone)]
 pub struct LockStore {
     backend: Arc<dyn Backend>,
+    crypt: Crypt,
 }
 
 impl LockStore {
+    /// Encode a lock file for lock `id`.
+    ///
+    /// # Errors
+    /// Serialization failure.
+    pub fn encode<T: Serialize>(&self, id: &LockId, value: &T) -> Result<Vec<u8>> {
+        encode_meta(&self.crypt, FileKind::Lock, &id.0.0, value)
+    }
+
+    /// Decode lock file `id`.
+    ///
+    /// # Errors
+    /// Corrupt, forged, or of a newer format.
+    pub fn decode<T: DeserializeOwned>(&self, id: &LockId, data: &[u8]) -> Result<T> {
+        decode_meta(&self.crypt, FileKind::Lock, &id.0.0, data)
+    }
+
     /// Ids of all lock files.
     ///
     /// # Errors
@@ -305,6 +354,32 @@ impl LockStore {
     /// The removal failed.
     pub fn remove(&self, id: &LockId) -> Result<()> {
         Ok(self.backend.delete_ephemeral(&name_of(id))?)
+    }
+}
+
+/// Encode a metadata file: versions 1/2 in a plaintext repository,
+/// version 3 (sealed, bound to `bind`) in an encrypted one. Layers use
+/// [`Repo::encode_layer`].
+fn encode_meta<T: Serialize>(c: &Crypt, kind: FileKind, bind: &[u8], value: &T) -> Result<Vec<u8>> {
+    match c {
+        Crypt::Plain if kind == FileKind::Snapshot => format::encode_sealed(kind, value),
+        Crypt::Plain => format::encode(kind, value),
+        Crypt::Keyed(k) => crypt::encode(k, kind, bind, value),
+    }
+}
+
+/// Decode what [`encode_meta`] wrote; an encrypted repository accepts
+/// only version 3, a plaintext one only versions 1 and 2.
+fn decode_meta<T: DeserializeOwned>(
+    c: &Crypt,
+    kind: FileKind,
+    bind: &[u8],
+    data: &[u8],
+) -> Result<T> {
+    match c {
+        Crypt::Plain if kind == FileKind::Snapshot => format::decode_sealed(kind, data),
+        Crypt::Plain => format::decode(kind, data),
+        Crypt::Keyed(k) => crypt::decode(k, kind, bind, data),
     }
 }
 
@@ -356,6 +431,56 @@ fn remote(location: &Path, creating: bool) -> Result<Option<Arc<dyn Backend>>> {
     ))))
 }
 
+/// The keys of an encrypted repository: the first key file `passwords`
+/// opens.
+fn unlock(
+    backend: &dyn Backend,
+    location: &Path,
+    passwords: &dyn Passwords,
+) -> Result<(Keys, KeyId)> {
+    let files = list_kind(backend, FileKind::Key)
+        .with_context(|| format!("cannot list the keys of {}", location.display()))?
+        .files;
+    if files.is_empty() {
+        bail!(
+            "{} is encrypted but has no key files (keys/ is empty): it cannot be opened; put back keys/ from a copy",
+            location.display()
+        );
+    }
+    let password = passwords.current(&location.display().to_string())?;
+    let mut tried = 0;
+    let mut damaged = Vec::new();
+    for f in files {
+        let id = KeyId(f.id);
+        let data = backend
+            .get(&name_of(&id))
+            .with_context(|| format!("cannot read key {}", id.short()))?;
+        let kf = match KeyFile::decode(&data) {
+            Ok(kf) if Id::of(&data) == f.id => kf,
+            Ok(_) => {
+                damaged.push(format!("{} (blake3 mismatch)", id.short()));
+                continue;
+            }
+            Err(e) => {
+                damaged.push(format!("{} ({e:#})", id.short()));
+                continue;
+            }
+        };
+        tried += 1;
+        if let Some(master) = kf.unwrap(password.as_bytes())? {
+            return Ok((Keys::new(master), id));
+        }
+    }
+    let mut msg = format!(
+        "wrong password for {}: none of its {tried} keys opens with it; nothing was changed",
+        location.display()
+    );
+    if !damaged.is_empty() {
+        msg.push_str(&format!(" (damaged key files: {})", damaged.join(", ")));
+    }
+    Err(crate::error::Error::new(crate::error::Kind::Password, msg).into())
+}
+
 fn no_repository(msg: String) -> anyhow::Error {
     crate::error::Error::new(crate::error::Kind::NoRepository, msg).into()
 }
@@ -372,9 +497,9 @@ impl Repo {
     ///
     /// # Errors
     /// The path holds something already, or cannot be created.
-    pub fn init(path: &Path) -> Result<Repo> {
+    pub fn init(path: &Path, protection: &Protection) -> Result<Repo> {
         if let Some(be) = remote(path, true)? {
-            return Repo::create(path, be);
+            return Repo::create(path, be, protection);
         }
         if path.join("config").exists() {
             bail!(
@@ -399,39 +524,47 @@ impl Repo {
             crate::backend::private_dirs(path)
                 .with_context(|| format!("cannot create {}", path.display()))?;
         }
-        // Root's alone: the repository holds every user's data in the clear.
+        // Root's alone: even encrypted, names and sizes are nobody else's.
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("cannot make {} private", path.display()))?;
         }
-        for d in ["packs", "index", "layers", "snapshots", "locks", "plans"] {
+        for d in [
+            "packs",
+            "index",
+            "layers",
+            "snapshots",
+            "locks",
+            "plans",
+            "keys",
+        ] {
             crate::backend::private_dirs(&path.join(d))?;
         }
         crate::backend::sync_dir(path)?;
-        Repo::create(path, Arc::new(LocalBackend::new(path)))
+        Repo::create(path, Arc::new(LocalBackend::new(path)), protection)
     }
 
     /// Create a repository on any backend that holds no `config` yet.
-    /// `location` is only used in messages.
+    /// `location` is only used in messages. An encrypted one gets its key
+    /// file first and `config` last, so a crash leaves no repository
+    /// without a key.
     ///
     /// # Errors
     /// A repository exists there already, or the config cannot be written.
-    pub fn create(location: &Path, backend: Arc<dyn Backend>) -> Result<Repo> {
+    pub fn create(
+        location: &Path,
+        backend: Arc<dyn Backend>,
+        protection: &Protection,
+    ) -> Result<Repo> {
         if backend.exists("config")? {
             bail!(
                 "{} is already a laybak repository: use it as it is",
                 location.display()
             );
         }
-        let seed = format!(
-            "{:?}{}{}",
-            Time::now(),
-            rustix::process::getpid().as_raw_nonzero(),
-            hostname()
-        );
-        let config = Config {
-            id: RepoId(Id::of(seed.as_bytes())),
+        let mut config = Config {
+            id: RepoId(Id([0; 32])),
             created: Time::now(),
             chunk_min: 256 * 1024,
             chunk_avg: 1024 * 1024,
@@ -439,7 +572,34 @@ impl Repo {
             pack_size: 16 * 1024 * 1024,
             zstd_level: 3,
         };
-        backend.put("config", &format::encode(FileKind::Config, &config)?)?;
+        let (crypt, key) = match protection {
+            Protection::Plaintext => {
+                let seed = format!(
+                    "{:?}{}{}",
+                    Time::now(),
+                    rustix::process::getpid().as_raw_nonzero(),
+                    hostname()
+                );
+                config.id = RepoId(Id::of(seed.as_bytes()));
+                (Crypt::Plain, None)
+            }
+            Protection::Encrypted { password, kdf } => {
+                crypt::random(&mut config.id.0.0)?;
+                let keys = Keys::new(crypt::Master::generate()?);
+                let kf = KeyFile::wrap(&keys, password.as_bytes(), *kdf, hostname())?;
+                let file = Sealed::new(FileKind::Key, kf.encode()?);
+                backend
+                    .put(&object_name(FileKind::Key, &file.id), &file.data)
+                    .with_context(|| {
+                        format!("cannot write a key file to {}", location.display())
+                    })?;
+                (Crypt::Keyed(Arc::new(keys)), Some(KeyId(file.id)))
+            }
+        };
+        backend.put(
+            "config",
+            &encode_meta(&crypt, FileKind::Config, b"", &config)?,
+        )?;
         Ok(Repo {
             location: location.to_path_buf(),
             backend,
@@ -447,16 +607,20 @@ impl Repo {
             index: OnceLock::new(),
             added: Mutex::new(HashMap::new()),
             packs: PackCache::default(),
+            crypt,
+            key,
         })
     }
 
-    /// Open an existing repository.
+    /// Open an existing repository; `passwords` is asked only when it is
+    /// encrypted.
     ///
     /// # Errors
-    /// Missing, not a laybak repository, newer format, or unreadable.
-    pub fn open(path: &Path) -> Result<Repo> {
+    /// Missing, not a laybak repository, newer format, wrong password, or
+    /// unreadable.
+    pub fn open(path: &Path, passwords: &dyn Passwords) -> Result<Repo> {
         if let Some(be) = remote(path, false)? {
-            return Repo::open_backend(path, be);
+            return Repo::open_backend(path, be, passwords);
         }
         if !path.exists() {
             return Err(no_repository(format!(
@@ -465,7 +629,7 @@ impl Repo {
                 path.display()
             )));
         }
-        let repo = Repo::open_backend(path, Arc::new(LocalBackend::new(path)))?;
+        let repo = Repo::open_backend(path, Arc::new(LocalBackend::new(path)), passwords)?;
         // Repositories made before 0.2 were world-readable: tighten those we
         // own (best effort: a read-only medium stays as it is).
         use std::os::unix::fs::MetadataExt;
@@ -480,7 +644,11 @@ impl Repo {
     ///
     /// # Errors
     /// As [`Repo::open`].
-    pub fn open_backend(path: &Path, backend: Arc<dyn Backend>) -> Result<Repo> {
+    pub fn open_backend(
+        path: &Path,
+        backend: Arc<dyn Backend>,
+        passwords: &dyn Passwords,
+    ) -> Result<Repo> {
         let data = match backend.get("config") {
             Ok(d) => d,
             Err(e) if e.is_not_found() => {
@@ -491,7 +659,18 @@ impl Repo {
             }
             Err(e) => return Err(e).context(format!("cannot read {}/config", path.display())),
         };
-        let config: Config = format::decode(FileKind::Config, &data)
+        // The header says whether it is encrypted before anything is
+        // decrypted (and a newer format is refused before a password is
+        // asked for).
+        format::check_header(FileKind::Config, &data)
+            .with_context(|| format!("repository {}", path.display()))?;
+        let (crypt, key) = if data[7] == crypt::ENCRYPTED {
+            let (keys, key) = unlock(backend.as_ref(), path, passwords)?;
+            (Crypt::Keyed(Arc::new(keys)), Some(key))
+        } else {
+            (Crypt::Plain, None)
+        };
+        let config: Config = decode_meta(&crypt, FileKind::Config, b"", &data)
             .with_context(|| format!("repository {}", path.display()))?;
         Ok(Repo {
             location: path.to_path_buf(),
@@ -500,13 +679,90 @@ impl Repo {
             index: OnceLock::new(),
             added: Mutex::new(HashMap::new()),
             packs: PackCache::default(),
+            crypt,
+            key,
         })
+    }
+
+    /// Whether the repository is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.crypt.is_encrypted()
+    }
+
+    /// Id of a blob's plaintext (keyed in an encrypted repository).
+    pub fn blob_id(&self, data: &[u8]) -> BlobId {
+        self.crypt.blob_id(data)
+    }
+
+    /// The FastCDC seed (0 in a plaintext repository).
+    pub fn chunker_seed(&self) -> u64 {
+        self.crypt.chunker_seed()
+    }
+
+    /// The key files, with their ids.
+    ///
+    /// # Errors
+    /// Listing or reading failed, or a key file is damaged.
+    pub fn key_files(&self) -> Result<Vec<(KeyId, KeyFile)>> {
+        let mut out = Vec::new();
+        for (id, _) in self.ids::<KeyId>()? {
+            let data = self.read_file(&id)?;
+            let kf = KeyFile::decode(&data).with_context(|| format!("key {}", id.short()))?;
+            out.push((id, kf));
+        }
+        Ok(out)
+    }
+
+    /// Add a key file wrapping this repository's master secret under
+    /// `password`.
+    ///
+    /// # Errors
+    /// A plaintext repository, or the write failed.
+    pub fn add_key(&self, password: &[u8], kdf: crypt::Kdf) -> Result<KeyId> {
+        let Some(keys) = self.crypt.keys() else {
+            bail!(
+                "{} is not encrypted: it has no keys (a plaintext repository stays plaintext; make an encrypted one with `laybak init`)",
+                self.location.display()
+            );
+        };
+        let kf = KeyFile::wrap(keys, password, kdf, hostname())?;
+        Ok(KeyId(self.write_file(FileKind::Key, kf.encode()?)?))
+    }
+
+    /// Remove key file `id`. The last key and the key this handle was
+    /// opened with are refused.
+    ///
+    /// # Errors
+    /// Refused, unknown, or the removal failed.
+    pub fn remove_key(&self, id: &KeyId) -> Result<()> {
+        let ids: Vec<KeyId> = self.ids::<KeyId>()?.into_iter().map(|(k, _)| k).collect();
+        if !ids.contains(id) {
+            bail!(
+                "no key {} in {}: see `laybak key list`",
+                id.short(),
+                self.location.display()
+            );
+        }
+        if ids.len() == 1 {
+            bail!(
+                "key {} is the repository's last key: removing it would lose all data; add another first",
+                id.short()
+            );
+        }
+        if self.key == Some(*id) {
+            bail!(
+                "key {} is the one this password opened: open with another key to remove it, or use `laybak key passwd`",
+                id.short()
+            );
+        }
+        self.delete_file(id)
     }
 
     /// The repository's lock files.
     pub fn locks(&self) -> LockStore {
         LockStore {
             backend: self.backend.clone(),
+            crypt: self.crypt.clone(),
         }
     }
 
@@ -676,7 +932,37 @@ impl Repo {
     /// Unreadable or corrupt.
     pub fn read_index(&self, id: &IndexId) -> Result<Vec<IndexPack>> {
         let data = self.read_file(id)?;
-        format::decode(FileKind::Index, &data).with_context(|| format!("index {}", id.short()))
+        decode_meta(&self.crypt, FileKind::Index, b"", &data)
+            .with_context(|| format!("index {}", id.short()))
+    }
+
+    /// Encode an index file (to write later with [`Repo::put`]).
+    ///
+    /// # Errors
+    /// Serialization failure.
+    pub fn seal_index(&self, packs: &[IndexPack]) -> Result<Sealed> {
+        Ok(Sealed::new(
+            FileKind::Index,
+            encode_meta(&self.crypt, FileKind::Index, b"", &packs)?,
+        ))
+    }
+
+    /// A forget plan.
+    ///
+    /// # Errors
+    /// Unreadable, corrupt or forged.
+    pub fn read_plan(&self, id: &PlanId) -> Result<crate::reclaim::Plan> {
+        let data = self.read_file(id)?;
+        decode_meta(&self.crypt, FileKind::Plan, b"", &data)
+    }
+
+    /// Store a forget plan; returns its id.
+    ///
+    /// # Errors
+    /// Write failure.
+    pub fn write_plan(&self, plan: &crate::reclaim::Plan) -> Result<PlanId> {
+        let data = encode_meta(&self.crypt, FileKind::Plan, b"", plan)?;
+        Ok(PlanId(self.write_file(FileKind::Plan, data)?))
     }
 
     /// Write an index file for `packs`.
@@ -684,8 +970,9 @@ impl Repo {
     /// # Errors
     /// The write failed.
     pub fn write_index(&self, packs: &[IndexPack]) -> Result<IndexId> {
-        let data = format::encode(FileKind::Index, &packs)?;
-        Ok(IndexId(self.write_file(FileKind::Index, data)?))
+        let file = self.seal_index(packs)?;
+        self.put(&file)?;
+        Ok(IndexId(file.id))
     }
 
     /// Read and verify one blob.
@@ -715,7 +1002,8 @@ impl Repo {
                 .as_ref()
                 .and_then(|d| d.get(start as usize..(start + len) as usize))
             {
-                return decode_blob(&loc.blob, raw.to_vec())
+                return self
+                    .decode_blob(&loc.blob, raw.to_vec())
                     .with_context(|| format!("in pack {}", loc.pack.short()));
             }
             // Not readable whole: the ranged read below says why.
@@ -724,7 +1012,8 @@ impl Repo {
             .backend
             .get_range(&pack_name(&loc.pack), start, len)
             .with_context(|| format!("cannot read pack {}", loc.pack.short()))?;
-        decode_blob(&loc.blob, raw).with_context(|| format!("in pack {}", loc.pack.short()))
+        self.decode_blob(&loc.blob, raw)
+            .with_context(|| format!("in pack {}", loc.pack.short()))
     }
 
     /// Store a layer manifest (after validating it).
@@ -733,8 +1022,21 @@ impl Repo {
     /// Invalid layer or write failure.
     pub fn write_layer(&self, layer: &Layer) -> Result<LayerId> {
         layer.validate()?;
-        let data = format::encode_layer(layer)?;
+        let data = self.encode_layer(layer)?;
         Ok(LayerId(self.write_file(FileKind::Layer, data)?))
+    }
+
+    /// The bytes of a layer manifest (its id is their blake3): the oldest
+    /// version that can hold it in a plaintext repository, version 3 in an
+    /// encrypted one.
+    ///
+    /// # Errors
+    /// Serialization failure.
+    pub fn encode_layer(&self, layer: &Layer) -> Result<Vec<u8>> {
+        match &self.crypt {
+            Crypt::Plain => format::encode_layer(layer),
+            Crypt::Keyed(k) => crypt::encode(k, FileKind::Layer, b"", layer),
+        }
     }
 
     /// Load and validate a layer manifest.
@@ -743,18 +1045,36 @@ impl Repo {
     /// Missing, corrupt or structurally invalid.
     pub fn read_layer(&self, id: &LayerId) -> Result<Layer> {
         let data = self.read_file(id)?;
-        format::decode_layer(&data).with_context(|| format!("layer {}", id.short()))
+        match &self.crypt {
+            Crypt::Plain => format::decode_layer(&data),
+            Crypt::Keyed(k) => crypt::decode::<Layer>(k, FileKind::Layer, b"", &data)
+                .and_then(|l| l.validate().map(|()| l)),
+        }
+        .with_context(|| format!("layer {}", id.short()))
     }
 
     /// Encode a new snapshot record; its id comes from these bytes.
     ///
     /// # Errors
     /// Serialization failure.
-    pub fn seal_snapshot(snap: &Snapshot) -> Result<Sealed> {
-        Ok(Sealed::new(
-            FileKind::Snapshot,
-            format::encode_sealed(FileKind::Snapshot, snap)?,
-        ))
+    pub fn seal_snapshot(&self, snap: &Snapshot) -> Result<Sealed> {
+        match &self.crypt {
+            Crypt::Plain => Ok(Sealed::new(
+                FileKind::Snapshot,
+                format::encode_sealed(FileKind::Snapshot, snap)?,
+            )),
+            // The name must be known before sealing (it is bound into the
+            // record): a keyed hash of the record's first version.
+            Crypt::Keyed(k) => {
+                let plain = postcard::to_stdvec(snap).context("serializing")?;
+                let id = k.name_of(b"snapshot", &plain);
+                Ok(Sealed {
+                    kind: FileKind::Snapshot,
+                    id,
+                    data: crypt::encode(k, FileKind::Snapshot, &id.0, snap)?,
+                })
+            }
+        }
     }
 
     /// Encode and store a new snapshot record; returns its id.
@@ -762,7 +1082,7 @@ impl Repo {
     /// # Errors
     /// Write failure.
     pub fn write_snapshot(&self, snap: &Snapshot) -> Result<SnapshotId> {
-        let sealed = Repo::seal_snapshot(snap)?;
+        let sealed = self.seal_snapshot(snap)?;
         self.put(&sealed)?;
         Ok(SnapshotId(sealed.id))
     }
@@ -782,8 +1102,16 @@ impl Repo {
     /// # Errors
     /// Write failure.
     pub fn rewrite_snapshot(&self, id: &SnapshotId, snap: &Snapshot) -> Result<()> {
-        let data = format::encode_sealed(FileKind::Snapshot, snap)?;
+        let data = self.encode_snapshot(id, snap)?;
         self.write_snapshot_data(id, &data)
+    }
+
+    /// The bytes of snapshot `id`'s record holding `snap`.
+    ///
+    /// # Errors
+    /// Serialization failure.
+    pub fn encode_snapshot(&self, id: &SnapshotId, snap: &Snapshot) -> Result<Vec<u8>> {
+        encode_meta(&self.crypt, FileKind::Snapshot, &id.0.0, snap)
     }
 
     /// Load one snapshot record, verifying its embedded blake3.
@@ -795,7 +1123,7 @@ impl Repo {
             .backend
             .get(&name_of(id))
             .with_context(|| format!("cannot read snapshot {}", id.short()))?;
-        format::decode_sealed(FileKind::Snapshot, &data)
+        decode_meta(&self.crypt, FileKind::Snapshot, &id.0.0, &data)
             .with_context(|| format!("snapshot {}", id.short()))
     }
 
@@ -910,62 +1238,102 @@ impl Repo {
     }
 }
 
-/// Decompress and verify a blob read from a pack.
-///
-/// # Errors
-/// Corrupt data or a hash mismatch.
-pub fn decode_blob(b: &PackBlob, raw: Vec<u8>) -> Result<Vec<u8>> {
-    // Bound what a crafted table can make us allocate (found by fuzzing).
-    if b.raw_len > MAX_BLOB {
-        bail!(
-            "blob {} claims {} bytes, more than laybak ever writes ({MAX_BLOB})",
-            b.id.short(),
-            b.raw_len
-        );
+impl Repo {
+    /// Decrypt (in an encrypted repository), decompress and verify a blob
+    /// read from a pack.
+    ///
+    /// # Errors
+    /// Corrupt data, failed authentication or a hash mismatch.
+    pub fn decode_blob(&self, b: &PackBlob, raw: Vec<u8>) -> Result<Vec<u8>> {
+        // Bound what a crafted table can make us allocate (found by fuzzing).
+        if b.raw_len > MAX_BLOB {
+            bail!(
+                "blob {} claims {} bytes, more than laybak ever writes ({MAX_BLOB})",
+                b.id.short(),
+                b.raw_len
+            );
+        }
+        let stored = match &self.crypt {
+            Crypt::Plain => raw,
+            Crypt::Keyed(k) => crypt::open_blob(k, &b.id, b.raw_len, b.compressed, &raw)?,
+        };
+        let data = if b.compressed {
+            format::decompress_bounded(&stored, b.raw_len as u64)
+                .map_err(|e| anyhow!("blob {} is corrupt ({e:#})", b.id.short()))?
+        } else {
+            stored
+        };
+        if data.len() != b.raw_len as usize || self.blob_id(&data) != b.id {
+            bail!("blob {} is corrupt (blake3 mismatch)", b.id.short());
+        }
+        Ok(data)
     }
-    let data = if b.compressed {
-        format::decompress_bounded(&raw, b.raw_len as u64)
-            .map_err(|e| anyhow!("blob {} is corrupt ({e:#})", b.id.short()))?
-    } else {
-        raw
-    };
-    if data.len() != b.raw_len as usize || Id::of(&data) != b.id.0 {
-        bail!("blob {} is corrupt (blake3 mismatch)", b.id.short());
-    }
-    Ok(data)
-}
 
-/// Parse the blob table at the end of a pack file.
-///
-/// # Errors
-/// Not a pack, truncated, or an inconsistent table.
-pub fn parse_pack_tail(data: &[u8]) -> Result<Vec<PackBlob>> {
-    format::check_header(FileKind::Pack, data)?;
-    let n = data.len();
-    if n < 8 + 12 || &data[n - 8..] != PACK_TAIL {
-        bail!("pack is truncated (no trailer)");
+    /// Parse (and in an encrypted repository, authenticate) the blob
+    /// table at the end of a pack file.
+    ///
+    /// # Errors
+    /// Not a pack, truncated, forged, or an inconsistent table.
+    pub fn parse_pack_tail(&self, data: &[u8]) -> Result<Vec<PackBlob>> {
+        format::check_header(FileKind::Pack, data)?;
+        match (&self.crypt, data[7] >= crypt::ENCRYPTED) {
+            (Crypt::Plain, true) => {
+                bail!(
+                    "pack is encrypted in a plaintext repository: it is damaged or was put there by someone else"
+                )
+            }
+            (Crypt::Keyed(_), false) => {
+                bail!(
+                    "pack is not encrypted in an encrypted repository: it is damaged or was put there by someone else"
+                )
+            }
+            _ => {}
+        }
+        let n = data.len();
+        if n < 8 + 12 || &data[n - 8..] != PACK_TAIL {
+            bail!("pack is truncated (no trailer)");
+        }
+        let tl = u32::from_le_bytes(data[n - 12..n - 8].try_into().expect("4 bytes")) as usize;
+        if tl > n - 20 {
+            bail!("pack trailer length {tl} is out of range");
+        }
+        let table = &data[n - 12 - tl..n - 12];
+        let opened;
+        let table = match &self.crypt {
+            Crypt::Plain => table,
+            Crypt::Keyed(k) => {
+                opened = k
+                    .open(&crypt::pack_table_ad(&data[..8]), table)
+                    .map_err(|_| anyhow!("pack trailer is corrupt (failed authentication)"))?;
+                &opened[..]
+            }
+        };
+        let (blobs, rest): (Vec<PackBlob>, _) = postcard::take_from_bytes(table)
+            .map_err(|e| anyhow!("pack trailer is corrupt: {e}"))?;
+        if !rest.is_empty() {
+            bail!("pack trailer is corrupt: {} trailing bytes", rest.len());
+        }
+        let limit = (n - 12 - tl) as u64;
+        for b in &blobs {
+            if b.offset < 8
+                || b.offset
+                    .checked_add(b.len as u64)
+                    .is_none_or(|end| end > limit)
+            {
+                bail!("pack trailer points outside the pack");
+            }
+        }
+        Ok(blobs)
     }
-    let tl = u32::from_le_bytes(data[n - 12..n - 8].try_into().expect("4 bytes")) as usize;
-    if tl > n - 20 {
-        bail!("pack trailer length {tl} is out of range");
-    }
-    let table = &data[n - 12 - tl..n - 12];
-    let (blobs, rest): (Vec<PackBlob>, _) =
-        postcard::take_from_bytes(table).map_err(|e| anyhow!("pack trailer is corrupt: {e}"))?;
-    if !rest.is_empty() {
-        bail!("pack trailer is corrupt: {} trailing bytes", rest.len());
-    }
-    let limit = (n - 12 - tl) as u64;
-    for b in &blobs {
-        if b.offset < 8
-            || b.offset
-                .checked_add(b.len as u64)
-                .is_none_or(|end| end > limit)
-        {
-            bail!("pack trailer points outside the pack");
+
+    /// Builds packs from stored blobs (for repacking).
+    pub fn pack_assembler(&self) -> PackAssembler {
+        PackAssembler {
+            target: self.config.pack_size as usize,
+            cur: PackBuf::new(&self.crypt),
+            crypt: self.crypt.clone(),
         }
     }
-    Ok(blobs)
 }
 
 struct PackBuf {
@@ -974,9 +1342,13 @@ struct PackBuf {
 }
 
 impl PackBuf {
-    fn new() -> PackBuf {
+    fn new(c: &Crypt) -> PackBuf {
+        let version = match c {
+            Crypt::Plain => format::BASE_VERSION,
+            Crypt::Keyed(_) => crypt::ENCRYPTED,
+        };
         PackBuf {
-            data: format::header(FileKind::Pack).to_vec(),
+            data: format::header_v(FileKind::Pack, version).to_vec(),
             blobs: Vec::new(),
         }
     }
@@ -993,11 +1365,14 @@ pub struct SealedPack {
 
 /// Finish a pack: append the blob table, its length and the tail magic.
 /// `None` for an empty pack.
-fn seal(mut p: PackBuf) -> Option<SealedPack> {
+fn seal(mut p: PackBuf, c: &Crypt) -> Result<Option<SealedPack>> {
     if p.blobs.is_empty() {
-        return None;
+        return Ok(None);
     }
-    let table = postcard::to_stdvec(&p.blobs).expect("serializing a Vec of plain structs");
+    let mut table = postcard::to_stdvec(&p.blobs).context("serializing a pack table")?;
+    if let Crypt::Keyed(k) = c {
+        table = k.seal(&crypt::pack_table_ad(&p.data[..8]), &table)?;
+    }
     p.data.extend_from_slice(&table);
     p.data
         .extend_from_slice(&(table.len() as u32).to_le_bytes());
@@ -1008,39 +1383,43 @@ fn seal(mut p: PackBuf) -> Option<SealedPack> {
         size: file.len(),
         blobs: p.blobs,
     };
-    Some(SealedPack { file, index })
+    Ok(Some(SealedPack { file, index }))
 }
 
 /// Builds packs from already stored (compressed) blobs, for repacking.
 pub struct PackAssembler {
     target: usize,
     cur: PackBuf,
+    crypt: Crypt,
 }
 
 impl PackAssembler {
-    /// Packs of about `target` bytes.
-    pub fn new(target: usize) -> PackAssembler {
-        PackAssembler {
-            target,
-            cur: PackBuf::new(),
-        }
-    }
-
-    /// Add a blob's stored bytes; returns a finished pack when one fills.
-    pub fn add_stored(&mut self, b: &PackBlob, raw: &[u8]) -> Option<SealedPack> {
+    /// Add a blob's stored bytes (sealed records are copied as they are:
+    /// their associated data does not name the pack); returns a finished
+    /// pack when one fills.
+    ///
+    /// # Errors
+    /// Sealing the table failed.
+    pub fn add_stored(&mut self, b: &PackBlob, raw: &[u8]) -> Result<Option<SealedPack>> {
         let offset = self.cur.data.len() as u64;
         self.cur.data.extend_from_slice(raw);
         self.cur.blobs.push(PackBlob { offset, ..*b });
         if self.cur.data.len() >= self.target {
-            seal(std::mem::replace(&mut self.cur, PackBuf::new()))
+            seal(
+                std::mem::replace(&mut self.cur, PackBuf::new(&self.crypt)),
+                &self.crypt,
+            )
         } else {
-            None
+            Ok(None)
         }
     }
 
     /// The last, partly filled pack.
-    pub fn finish(self) -> Option<SealedPack> {
-        seal(self.cur)
+    ///
+    /// # Errors
+    /// Sealing the table failed.
+    pub fn finish(self) -> Result<Option<SealedPack>> {
+        seal(self.cur, &self.crypt)
     }
 }
 
@@ -1067,7 +1446,7 @@ impl<'r> Packer<'r> {
             cache_dir: None,
             cache: OnceLock::new(),
             seen: Mutex::new(HashSet::new()),
-            cur: Mutex::new(PackBuf::new()),
+            cur: Mutex::new(PackBuf::new(&repo.crypt)),
             done: Mutex::new(Vec::new()),
             stats: Mutex::new((0, 0)),
         }
@@ -1084,7 +1463,17 @@ impl<'r> Packer<'r> {
         }
     }
 
-    /// Store `data` under `id` (its blake3) unless the repository or this
+    /// The id of a blob's plaintext in this repository.
+    pub fn blob_id(&self, data: &[u8]) -> BlobId {
+        self.repo.blob_id(data)
+    }
+
+    /// The repository's chunker seed.
+    pub fn chunker_seed(&self) -> u64 {
+        self.repo.chunker_seed()
+    }
+
+    /// Store `data` under `id` (its [`Packer::blob_id`]) unless the repository or this
     /// run already has it.
     ///
     /// # Errors
@@ -1111,6 +1500,14 @@ impl<'r> Packer<'r> {
         } else {
             (data, false)
         };
+        let sealed;
+        let stored = match &self.repo.crypt {
+            Crypt::Plain => stored,
+            Crypt::Keyed(k) => {
+                sealed = crypt::seal_blob(k, &id, data.len() as u32, compressed, stored)?;
+                &sealed[..]
+            }
+        };
         let full = {
             let mut cur = lock(&self.cur);
             let offset = cur.data.len() as u64;
@@ -1123,7 +1520,7 @@ impl<'r> Packer<'r> {
                 compressed,
             });
             if cur.data.len() >= self.repo.config.pack_size as usize {
-                Some(std::mem::replace(&mut *cur, PackBuf::new()))
+                Some(std::mem::replace(&mut *cur, PackBuf::new(&self.repo.crypt)))
             } else {
                 None
             }
@@ -1140,7 +1537,7 @@ impl<'r> Packer<'r> {
     }
 
     fn write_pack(&self, p: PackBuf) -> Result<()> {
-        let Some(pack) = seal(p) else {
+        let Some(pack) = seal(p, &self.repo.crypt)? else {
             return Ok(());
         };
         crate::failpoint::hit("pack-write")?;
@@ -1157,7 +1554,7 @@ impl<'r> Packer<'r> {
     /// # Errors
     /// Pack or index write failed.
     pub fn finish(self) -> Result<Added> {
-        let last = std::mem::replace(&mut *lock(&self.cur), PackBuf::new());
+        let last = std::mem::replace(&mut *lock(&self.cur), PackBuf::new(&self.repo.crypt));
         self.write_pack(last)?;
         let done = std::mem::take(&mut *lock(&self.done));
         if !done.is_empty() {
@@ -1186,36 +1583,83 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::password::{Given, NoPassword};
+
+    fn pw() -> Given {
+        Given("pw".to_string().into())
+    }
 
     #[test]
     fn pack_round_trip_and_corruption() {
+        for protection in [Protection::Plaintext, Protection::test("pw")] {
+            let d = tempfile::tempdir().unwrap();
+            let repo = Repo::init(&d.path().join("r"), &protection).unwrap();
+            let p = Packer::new(&repo);
+            let a = vec![7u8; 100_000];
+            let b: Vec<u8> = (0..5000u32).flat_map(|i| i.to_le_bytes()).collect();
+            let (ia, ib) = (repo.blob_id(&a), repo.blob_id(&b));
+            assert_eq!(ia == BlobId(Id::of(&a)), !repo.is_encrypted());
+            p.add(ia, &a).unwrap();
+            p.add(ib, &b).unwrap();
+            p.add(ia, &a).unwrap();
+            assert_eq!(p.finish().unwrap().blobs, 2);
+            let repo = Repo::open(&d.path().join("r"), &pw()).unwrap();
+            assert_eq!(repo.read_blob(&ia).unwrap(), a);
+            assert_eq!(repo.read_blob(&ib).unwrap(), b);
+            let packs = repo.list(FileKind::Pack).unwrap().files;
+            assert_eq!(packs.len(), 1);
+            let path = d
+                .path()
+                .join("r")
+                .join(object_name(FileKind::Pack, &packs[0].id));
+            let data = std::fs::read(&path).unwrap();
+            assert_eq!(repo.parse_pack_tail(&data).unwrap().len(), 2);
+            let mut bad = data.clone();
+            let loc = repo.index().unwrap()[&ib];
+            bad[loc.blob.offset as usize + 3] ^= 1;
+            std::fs::write(&path, &bad).unwrap();
+            let repo = Repo::open(&d.path().join("r"), &pw()).unwrap();
+            assert!(repo.read_blob(&ib).is_err());
+            assert!(repo.parse_pack_tail(&data[..data.len() - 1]).is_err());
+            if repo.is_encrypted() {
+                // The table is authenticated: a flip in it is refused.
+                let mut t = data.clone();
+                let n = t.len();
+                t[n - 20] ^= 1;
+                assert!(repo.parse_pack_tail(&t).is_err());
+                // Nothing of the plaintext is in the pack.
+                assert!(!data.windows(16).any(|w| w == &b[..16]));
+            }
+        }
+    }
+
+    #[test]
+    fn encrypted_repositories_need_the_password_and_refuse_plaintext_files() {
         let d = tempfile::tempdir().unwrap();
-        let repo = Repo::init(&d.path().join("r")).unwrap();
-        let p = Packer::new(&repo);
-        let a = vec![7u8; 100_000];
-        let b: Vec<u8> = (0..5000u32).flat_map(|i| i.to_le_bytes()).collect();
-        p.add(BlobId(Id::of(&a)), &a).unwrap();
-        p.add(BlobId(Id::of(&b)), &b).unwrap();
-        p.add(BlobId(Id::of(&a)), &a).unwrap();
-        assert_eq!(p.finish().unwrap().blobs, 2);
-        let repo = Repo::open(&d.path().join("r")).unwrap();
-        assert_eq!(repo.read_blob(&BlobId(Id::of(&a))).unwrap(), a);
-        assert_eq!(repo.read_blob(&BlobId(Id::of(&b))).unwrap(), b);
-        let packs = repo.list(FileKind::Pack).unwrap().files;
-        assert_eq!(packs.len(), 1);
-        let path = d
-            .path()
-            .join("r")
-            .join(object_name(FileKind::Pack, &packs[0].id));
-        let data = std::fs::read(&path).unwrap();
-        assert_eq!(parse_pack_tail(&data).unwrap().len(), 2);
-        let mut bad = data.clone();
-        let loc = repo.index().unwrap()[&BlobId(Id::of(&b))];
-        bad[loc.blob.offset as usize + 3] ^= 1;
-        std::fs::write(&path, &bad).unwrap();
-        let repo = Repo::open(&d.path().join("r")).unwrap();
-        assert!(repo.read_blob(&BlobId(Id::of(&b))).is_err());
-        assert!(parse_pack_tail(&data[..data.len() - 1]).is_err());
+        let path = d.path().join("r");
+        let repo = Repo::init(&path, &Protection::test("pw")).unwrap();
+        assert!(repo.key.is_some());
+        let e = Repo::open(&path, &NoPassword).err().unwrap();
+        assert_eq!(crate::error::kind(&e), crate::error::Kind::Password);
+        let e = Repo::open(&path, &Given("nope".to_string().into()))
+            .err()
+            .unwrap();
+        assert_eq!(crate::error::kind(&e), crate::error::Kind::Password);
+        assert!(e.to_string().contains("wrong password"), "{e}");
+        // A planted plaintext index is refused, not trusted.
+        let planted = format::encode(FileKind::Index, &Vec::<IndexPack>::new()).unwrap();
+        let id = repo.write_file(FileKind::Index, planted).unwrap();
+        let repo = Repo::open(&path, &pw()).unwrap();
+        let e = repo.read_index(&IndexId(id)).unwrap_err();
+        assert!(format!("{e:#}").contains("not encrypted"), "{e:#}");
+        // Keys: a second one opens it; the last and the current one stay.
+        let k2 = repo.add_key(b"second", crypt::TEST_KDF).unwrap();
+        let by2 = Repo::open(&path, &Given("second".to_string().into())).unwrap();
+        assert_eq!(by2.key, Some(k2));
+        assert!(by2.remove_key(&k2).is_err());
+        by2.remove_key(&repo.key.unwrap()).unwrap();
+        assert!(Repo::open(&path, &pw()).is_err());
+        assert!(by2.remove_key(&k2).is_err());
     }
 
     #[test]
@@ -1223,12 +1667,12 @@ mod tests {
         use crate::backend::testing::{Fault, Faulty};
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("r");
-        Repo::init(&path).unwrap();
+        Repo::init(&path, &Protection::test("pw")).unwrap();
         let faulty = Arc::new(Faulty::new(LocalBackend::new(&path)));
         let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
-        let id = BlobId(Id::of(&data));
         // A failing write leaves no pack and reports the error.
-        let repo = Repo::open_backend(&path, faulty.clone()).unwrap();
+        let repo = Repo::open_backend(&path, faulty.clone(), &pw()).unwrap();
+        let id = repo.blob_id(&data);
         faulty.set(Fault::NoSpace);
         let p = Packer::new(&repo);
         p.add(id, &data).unwrap();
@@ -1239,7 +1683,7 @@ mod tests {
         let p = Packer::new(&repo);
         p.add(id, &data).unwrap();
         p.finish().unwrap();
-        let repo = Repo::open_backend(&path, faulty.clone()).unwrap();
+        let repo = Repo::open_backend(&path, faulty.clone(), &pw()).unwrap();
         for f in [Fault::ReadError, Fault::Short, Fault::Flip] {
             faulty.set(f);
             assert!(repo.read_blob(&id).is_err(), "{f:?} returned data");
@@ -1251,11 +1695,13 @@ mod tests {
     #[test]
     fn open_errors_are_clear() {
         let d = tempfile::tempdir().unwrap();
-        let e = Repo::open(&d.path().join("nope")).err().unwrap();
+        let e = Repo::open(&d.path().join("nope"), &NoPassword)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("laybak init"), "{e}");
-        let e = Repo::open(d.path()).err().unwrap();
+        let e = Repo::open(d.path(), &NoPassword).err().unwrap();
         assert!(e.to_string().contains("not a laybak repository"), "{e}");
         std::fs::write(d.path().join("x"), "").unwrap();
-        assert!(Repo::init(d.path()).is_err());
+        assert!(Repo::init(d.path(), &Protection::Plaintext).is_err());
     }
 }

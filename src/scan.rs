@@ -13,7 +13,6 @@
 //! only if it is still the regular file the walk recorded, and error
 //! messages show a path lossily, escaped and cut to a bounded length.
 
-use crate::format::{BlobId, Id};
 use crate::fsx;
 use crate::layer::{Chunk, DirKind, Entry, Extent, Layer, Meta, Node, Xattrs, show};
 use crate::repo::{Packer, Summary};
@@ -471,7 +470,7 @@ const BATCH_CHUNKS: usize = 8;
 fn store_all(cuts: &[(usize, usize)], data: &[u8], packer: &Packer<'_>) -> Result<Vec<Chunk>> {
     let one = |&(off, len): &(usize, usize)| -> Result<Chunk> {
         let piece = &data[off..off + len];
-        let id = BlobId(Id::of(piece));
+        let id = packer.blob_id(piece);
         packer.add(id, piece)?;
         Ok(Chunk {
             id,
@@ -502,10 +501,16 @@ fn chunk_file(
             let mut data = vec![0u8; len as usize];
             f.read_exact(&mut data)
                 .with_context(|| format!("cannot read {}", shown(path)))?;
-            let cuts: Vec<(usize, usize)> =
-                fastcdc::v2020::FastCDC::new(&data, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max)
-                    .map(|c| (c.offset, c.length))
-                    .collect();
+            let cuts: Vec<(usize, usize)> = fastcdc::v2020::FastCDC::with_level_and_seed(
+                &data,
+                cfg.chunk_min,
+                cfg.chunk_avg,
+                cfg.chunk_max,
+                fastcdc::v2020::Normalization::Level1,
+                packer.chunker_seed(),
+            )
+            .map(|c| (c.offset, c.length))
+            .collect();
             chunks = store_all(&cuts, &data, packer)?;
             extents.push(Extent { offset, chunks });
             continue;
@@ -519,7 +524,7 @@ fn chunk_file(
             let ids: Vec<Chunk> = batch
                 .par_iter()
                 .map(|d| {
-                    let id = BlobId(Id::of(d));
+                    let id = packer.blob_id(d);
                     packer.add(id, d).map(|()| Chunk {
                         id,
                         len: d.len() as u32,
@@ -530,8 +535,14 @@ fn chunk_file(
             batch.clear();
             Ok(())
         };
-        for c in fastcdc::v2020::StreamCDC::new(reader, cfg.chunk_min, cfg.chunk_avg, cfg.chunk_max)
-        {
+        for c in fastcdc::v2020::StreamCDC::with_level_and_seed(
+            reader,
+            cfg.chunk_min,
+            cfg.chunk_avg,
+            cfg.chunk_max,
+            fastcdc::v2020::Normalization::Level1,
+            packer.chunker_seed(),
+        ) {
             let c = c.map_err(|e| anyhow!("cannot read {}: {e}", shown(path)))?;
             got += c.length as u64;
             batch.push(c.data);

@@ -62,8 +62,16 @@ fn write_tree(dir: &Path, t: &Tree) {
     }
 }
 
+/// The crash tests run on encrypted repositories.
+const PASSWORD: &str = "crash test";
+
 fn open(b: Arc<dyn Backend>) -> Repo {
-    Repo::open_backend(Path::new("memory"), b).unwrap()
+    Repo::open_backend(
+        Path::new("memory"),
+        b,
+        &laybak::password::Given(PASSWORD.to_string().into()),
+    )
+    .unwrap()
 }
 
 /// A dead process's locks are stale (its pid is gone); this process is
@@ -222,7 +230,12 @@ fn one_history(seed: u32) {
     let want: BTreeMap<&str, Tree> = [("s1", s1), ("s2", s2), ("s3", s3)].into();
     let store = {
         let m = Arc::new(Memory::new());
-        Repo::create(Path::new("memory"), m.clone()).unwrap();
+        Repo::create(
+            Path::new("memory"),
+            m.clone(),
+            &laybak::repo::Protection::test(PASSWORD),
+        )
+        .unwrap();
         m.dump()
     };
     let count = |n: usize| move |r: &Repo| assert_eq!(r.snapshots().unwrap().len(), n);
@@ -362,7 +375,12 @@ fn prune_takes_in_a_snapshot_that_finished_while_it_planned() {
     write_tree(&u2, &up2);
     let want: BTreeMap<&str, Tree> = [("s1", s1), ("s2", s2)].into();
     let mem = Arc::new(Memory::new());
-    let repo = Repo::create(Path::new("memory"), mem.clone()).unwrap();
+    let repo = Repo::create(
+        Path::new("memory"),
+        mem.clone(),
+        &laybak::repo::Protection::test(PASSWORD),
+    )
+    .unwrap();
     archive(&base, Source::Base, "s1", 1000)(&repo, &Cell::new(None)).unwrap();
     let second = Cell::new(None);
     archive(&u2, Source::Upper, "s2", 2000)(&repo, &second).unwrap();

@@ -114,7 +114,8 @@ fn every_rename_is_preceded_by_a_file_fsync_and_followed_by_a_directory_fsync() 
         .arg(env!("CARGO_BIN_EXE_laybak"))
         .args(args)
         .env("LAYBAK_REPO", &env.repo)
-        .env("LAYBAK_STATE_DIR", &env.state);
+        .env("LAYBAK_STATE_DIR", &env.state)
+        .env("LAYBAK_PASSWORD", common::PASSWORD);
         let o = c.output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };

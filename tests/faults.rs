@@ -138,7 +138,7 @@ fn corruption_of_each_kind_of_file_is_named_and_contained() {
     let env = Env::new();
     let want = two_volumes(&env);
     let snaps = snapshots(&env, &env.repo);
-    let repo = Repo::open(&env.repo).unwrap();
+    let repo = Repo::open(&env.repo, &common::passwords()).unwrap();
     // volume va's top layer and a pack holding only its data
     let (a_top_snap, _, a_layers) = snaps
         .iter()

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use laybak::format::{self, FileKind, Time};
+use laybak::format::{FileKind, Time};
 use laybak::layer::{DirKind, Entry, Layer, Meta, Node};
 use laybak::repo::{Repo, Snapshot, Summary};
 use std::collections::BTreeMap;
@@ -412,10 +412,10 @@ fn entry(path: &str, node: Node) -> Entry {
 /// Write a layer without validation (as an attacker would) and a snapshot
 /// pointing at it.
 fn plant(repo_path: &Path, layers: &[Layer]) -> String {
-    let repo = Repo::open(repo_path).unwrap();
+    let repo = Repo::open(repo_path, &common::passwords()).unwrap();
     let mut ids = Vec::new();
     for l in layers {
-        let data = format::encode(FileKind::Layer, l).unwrap();
+        let data = repo.encode_layer(l).unwrap();
         ids.push(laybak::format::LayerId(
             repo.write_file(FileKind::Layer, data).unwrap(),
         ));
@@ -534,7 +534,7 @@ fn crafted_manifests_never_write_outside_the_target() {
     );
     // The writer itself refuses to go through a symlink even when handed
     // items that bypass restack.
-    let repo = Repo::open(&env.repo).unwrap();
+    let repo = Repo::open(&env.repo, &common::passwords()).unwrap();
     let t = env.path("t-direct");
     fs::create_dir(&t).unwrap();
     let fx = file("a/x");
@@ -599,6 +599,7 @@ fn crafted_manifests_never_write_outside_the_target() {
         let out = std::process::Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
             .arg(env!("CARGO_BIN_EXE_laybak"))
+            .env("LAYBAK_PASSWORD", common::PASSWORD)
             .arg("--repo")
             .arg(&env.repo)
             .args(["restore", &dev])

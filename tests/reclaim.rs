@@ -400,6 +400,7 @@ fn snapshots_during_prune_lose_nothing() {
                 let out = std::process::Command::new(bin)
                     .env("LAYBAK_REPO", &cmd_repo)
                     .env("LAYBAK_STATE_DIR", &state)
+                    .env("LAYBAK_PASSWORD", common::PASSWORD)
                     .args([
                         "forget",
                         "--keep-last",

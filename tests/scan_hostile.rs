@@ -138,7 +138,7 @@ fn a_tree_deeper_than_path_max_is_scanned_and_its_data_read() {
     let file = join(&rel, b"bottom.txt");
     assert!(file.len() > 4096 + 3000, "the test tree is deep enough");
 
-    let repo = Repo::init(&env.path("repo")).unwrap();
+    let repo = Repo::init(&env.path("repo"), &laybak::repo::Protection::Plaintext).unwrap();
     let layer = scan_into(&repo, &root, Source::Base).unwrap();
     layer.validate().unwrap();
     repo.write_layer(&layer).unwrap();
@@ -189,7 +189,7 @@ fn a_tree_deeper_than_the_descriptor_limit_is_walked() {
             fd = open_dir(&fd, b"aaa");
         }
     }
-    let repo = Repo::init(&env.path("repo")).unwrap();
+    let repo = Repo::init(&env.path("repo"), &laybak::repo::Protection::Plaintext).unwrap();
 
     // Far fewer descriptors than levels.
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
@@ -242,7 +242,7 @@ fn a_fifo_swapped_in_after_the_walk_fails_the_scan_without_blocking() {
 
     let repo_dir = env.path("repo");
     let r = must_finish("reading a swapped-in fifo", move || {
-        let repo = Repo::init(&repo_dir).unwrap();
+        let repo = Repo::init(&repo_dir, &laybak::repo::Protection::test("pw")).unwrap();
         let packer = Packer::new(&repo);
         scan::archive(&root, found, &packer, &repo.config, None)
             .map(|_| ())
@@ -262,7 +262,7 @@ fn a_file_replaced_or_resized_after_the_walk_fails_the_scan() {
         return;
     }
     let env = Env::new();
-    let repo = Repo::init(&env.path("repo")).unwrap();
+    let repo = Repo::init(&env.path("repo"), &laybak::repo::Protection::Plaintext).unwrap();
     let root = env.path("tree");
     std::fs::create_dir(&root).unwrap();
     std::fs::write(root.join("f"), b"original").unwrap();
@@ -303,7 +303,7 @@ fn a_directory_swapped_for_a_symlink_after_the_walk_is_not_followed() {
         return;
     }
     let env = Env::new();
-    let repo = Repo::init(&env.path("repo")).unwrap();
+    let repo = Repo::init(&env.path("repo"), &laybak::repo::Protection::Plaintext).unwrap();
     let root = env.path("tree");
     std::fs::create_dir_all(root.join("d")).unwrap();
     std::fs::write(root.join("d/secret"), b"mine").unwrap();
@@ -427,7 +427,7 @@ fn an_ordinary_tree_scans_as_an_independent_listing_sees_it() {
     .unwrap();
 
     let want = listing(&root);
-    let repo = Repo::init(&env.path("repo")).unwrap();
+    let repo = Repo::init(&env.path("repo"), &laybak::repo::Protection::Plaintext).unwrap();
     let layer = scan_into(&repo, &root, Source::Base).unwrap();
     layer.validate().unwrap();
     let mut first_of: BTreeMap<u32, Vec<u8>> = BTreeMap::new();

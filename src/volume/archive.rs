@@ -175,7 +175,7 @@ pub fn snapshot_unchanged(
         layers: prev.layers,
         summary: Default::default(),
     };
-    let sealed = Repo::seal_snapshot(&snap)?;
+    let sealed = repo.seal_snapshot(&snap)?;
     let id = SnapshotId(sealed.id);
     repo.put(&sealed)
         .context("the snapshot record was not written")?;

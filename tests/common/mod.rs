@@ -72,6 +72,19 @@ impl Run {
     }
 }
 
+/// The password of every repository the tests make (`LAYBAK_PASSWORD`).
+pub const PASSWORD: &str = "laybak test password";
+
+/// [`PASSWORD`], for tests that open a repository through the library.
+pub fn passwords() -> laybak::password::Given {
+    laybak::password::Given(PASSWORD.to_string().into())
+}
+
+/// An encrypted repository with [`PASSWORD`] and a cheap KDF.
+pub fn protection() -> laybak::repo::Protection {
+    laybak::repo::Protection::test(PASSWORD)
+}
+
 impl Env {
     pub fn new() -> Env {
         let base = std::env::var_os("LAYBAK_TEST_DIR")
@@ -122,7 +135,13 @@ impl Env {
                 c
             }
         };
+        // Every repository the tests make is encrypted, with a KDF cheap
+        // enough for hundreds of runs of the binary.
         c.env_remove("LAYBAK_FAILPOINT")
+            .env_remove("LAYBAK_PASSWORD_FILE")
+            .env_remove("LAYBAK_PASSWORD_COMMAND")
+            .env("LAYBAK_PASSWORD", PASSWORD)
+            .env("LAYBAK_KDF", "64,1")
             .env("LAYBAK_REPO", &self.repo)
             .env("LAYBAK_STATE_DIR", &self.state);
         for (k, v) in &self.vars {
