@@ -23,6 +23,10 @@ pub struct Report {
     pub damaged_snapshots: Vec<String>,
     /// Notes that are not damage (e.g. packs written by an interrupted run).
     pub notes: Vec<String>,
+    /// `encrypted` or `plaintext`.
+    pub protection: String,
+    /// Key files that open (encrypted repositories).
+    pub keys: usize,
 }
 
 /// What the phases of a check share: the report, and what the index says.
@@ -50,6 +54,7 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
         bad_packs: HashSet::new(),
         bad_blobs: HashSet::new(),
     };
+    c.keys()?;
     c.indexes()?;
     c.pack_files()?;
     if read_data {
@@ -60,6 +65,36 @@ pub fn check(repo: &Repo, read_data: bool, progress: bool) -> Result<Report> {
 }
 
 impl Checker<'_> {
+    /// Say how the repository is protected; verify every key file.
+    fn keys(&mut self) -> Result<()> {
+        let keys = self.repo.ids::<crate::format::KeyId>()?;
+        if !self.repo.is_encrypted() {
+            self.r.protection = "plaintext".into();
+            self.r.notes.push(
+                "the repository is plaintext: whoever can read it can read every file in it (a new one made with `laybak init` is encrypted)".into(),
+            );
+            if !keys.is_empty() {
+                self.r.errors.push(format!(
+                    "a plaintext repository holds {} key files: its config may have been replaced",
+                    keys.len()
+                ));
+            }
+            return Ok(());
+        }
+        self.r.protection = "encrypted".into();
+        for (id, _) in keys {
+            match self
+                .repo
+                .read_file(&id)
+                .and_then(|d| crate::crypt::KeyFile::decode(&d))
+            {
+                Ok(_) => self.r.keys += 1,
+                Err(e) => self.r.errors.push(format!("key {}: {e:#}", id.short())),
+            }
+        }
+        Ok(())
+    }
+
     /// Read every index file: which blobs live where.
     fn indexes(&mut self) -> Result<()> {
         for id in self.repo.index_ids()? {

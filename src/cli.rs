@@ -1222,7 +1222,13 @@ fn cmd_check(cli: &Cli, a: &CheckArgs) -> Result<()> {
             eprintln!("damaged snapshot: {s}");
         }
         println!(
-            "checked {} snapshots, {} layers, {} packs{}: {}",
+            "checked {} repository ({}), {} snapshots, {} layers, {} packs{}: {}",
+            r.protection,
+            if r.protection == "encrypted" {
+                format!("{} keys", r.keys)
+            } else {
+                "no keys".to_string()
+            },
             r.snapshots,
             r.layers,
             r.packs,

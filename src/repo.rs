@@ -668,6 +668,14 @@ impl Repo {
             let (keys, key) = unlock(backend.as_ref(), path, passwords)?;
             (Crypt::Keyed(Arc::new(keys)), Some(key))
         } else {
+            // Key files beside a plaintext config: someone replaced the
+            // config to make us write in the clear.
+            if !list_kind(backend.as_ref(), FileKind::Key)?.files.is_empty() {
+                bail!(
+                    "{} has key files but a plaintext config: the config was replaced or damaged; refusing to use it (restore config from a copy)",
+                    path.display()
+                );
+            }
             (Crypt::Plain, None)
         };
         let config: Config = decode_meta(&crypt, FileKind::Config, b"", &data)

@@ -19,6 +19,17 @@ pub fn archive_pending(
     if vol.st.layers.iter().all(|l| !l.archived.is_empty()) {
         return Ok(out);
     }
+    if vol.st.repo_encrypted && !repo.is_encrypted() {
+        bail!(
+            "{} was encrypted when volume {} last archived to it and is plaintext now (its config was replaced, or --repo points elsewhere): nothing was archived",
+            repo.location.display(),
+            vol.st.name
+        );
+    }
+    if repo.is_encrypted() && !vol.st.repo_encrypted {
+        vol.st.repo_encrypted = true;
+        vol.save()?;
+    }
     // Shared: prune (exclusive) must not delete what we are adding.
     let _lock = crate::lock::shared(repo, &format!("snapshot of {}", vol.st.name), lock_wait)?;
     for i in 0..vol.st.layers.len() {

@@ -270,6 +270,7 @@ fn new_state(
         name,
         path: path.to_path_buf(),
         repo: repo.location.clone(),
+        repo_encrypted: repo.is_encrypted(),
         max_layers: max_layers.clamp(2, 400),
         phase: Phase::Attaching,
         layers: vec![LocalLayer {

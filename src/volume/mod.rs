@@ -96,6 +96,10 @@ pub struct VolumeState {
     pub path: PathBuf,
     /// Repository location.
     pub repo: PathBuf,
+    /// The repository was encrypted when this volume last archived to it:
+    /// a plaintext one in its place (a replaced config) is refused.
+    #[serde(default)]
+    pub repo_encrypted: bool,
     /// Bound on the live chain.
     pub max_layers: usize,
     /// Attach progress.
