@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Duration;
 
 /// laybak: layered backups on OverlayFS.
@@ -792,10 +793,19 @@ fn cmd_snapshot(cli: &Cli, a: &SnapshotArgs) -> Result<()> {
     }
     let mut results = Vec::new();
     let mut failures = Vec::new();
+    // One open (one key derivation) per repository, not per volume.
+    let mut opened: std::collections::HashMap<PathBuf, Rc<Repo>> = Default::default();
     for mut v in vols {
+        let repo_res = match opened.get(&v.st.repo) {
+            Some(r) => Ok(r.clone()),
+            None => Repo::open(&v.st.repo, &cli.passwords()).map(Rc::new),
+        };
+        if let Ok(r) = &repo_res {
+            opened.insert(v.st.repo.clone(), r.clone());
+        }
         match snapshot_one(
             &mut v,
-            &cli.passwords(),
+            repo_res,
             tags,
             Duration::from_secs(*wait),
             Duration::from_secs(*lock_wait),
@@ -809,6 +819,10 @@ fn cmd_snapshot(cli: &Cli, a: &SnapshotArgs) -> Result<()> {
             Ok(a) => results.push(a),
             Err(e) if *all => failures.push((v.st.name.clone(), e)),
             Err(e) => return Err(e),
+        }
+        // A prune may have repacked what the handle's index points at.
+        if *prune {
+            opened.remove(&v.st.repo);
         }
         // Told to stop while a volume's hooks ran: no further volume.
         if crate::hooks::stop_requested() {
@@ -1284,20 +1298,21 @@ fn apply_policy(v: &Volume, pw: &dyn crate::password::Passwords, prune: bool) ->
     Ok(())
 }
 
+/// `repo_res` is the volume's repository, opened before anything of the
+/// volume is touched: a wrong or missing password changes nothing (an
+/// unreachable repository still gets the layer sealed locally).
 fn snapshot_one(
     v: &mut Volume,
-    pw: &dyn crate::password::Passwords,
+    repo_res: Result<Rc<Repo>>,
     tags: &[String],
     wait: Duration,
     lock_wait: Duration,
 ) -> Result<volume::Archived> {
-    let _lock = v.lock()?;
-    // A wrong or missing password changes nothing, not even the volume
-    // (an unreachable repository still gets the layer sealed locally).
-    let repo_res = match Repo::open(&v.st.repo, pw) {
+    let repo_res = match repo_res {
         Err(e) if crate::error::kind(&e) == Kind::Password => return Err(e),
         r => r,
     };
+    let _lock = v.lock()?;
     volume::finish_interrupted(v)?;
     if let Ok(repo) = &repo_res
         && let Some(done) = volume::snapshot_unchanged(v, repo, tags, lock_wait)?
@@ -1321,7 +1336,7 @@ fn snapshot_one(
 
 fn archive_sealed(
     v: &mut Volume,
-    repo_res: Result<Repo>,
+    repo_res: Result<Rc<Repo>>,
     lock_wait: Duration,
 ) -> Result<volume::Archived> {
     let repo = repo_res.with_context(|| {
