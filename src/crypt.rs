@@ -52,6 +52,11 @@ impl Master {
         random(&mut m[..])?;
         Ok(Master(m))
     }
+
+    /// A given master secret (fuzzing and tests).
+    pub fn from_bytes(b: [u8; 32]) -> Master {
+        Master(Zeroizing::new(b))
+    }
 }
 
 /// Fill `buf` from the operating system's random source.

@@ -692,6 +692,11 @@ impl Repo {
         })
     }
 
+    /// How it stores bytes.
+    pub fn crypt(&self) -> &Crypt {
+        &self.crypt
+    }
+
     /// Whether the repository is encrypted.
     pub fn is_encrypted(&self) -> bool {
         self.crypt.is_encrypted()

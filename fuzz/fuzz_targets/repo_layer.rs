@@ -12,8 +12,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 fuzz_target!(|data: &[u8]| {
-    let repo = Repo::create(Path::new("memory"), Arc::new(Memory::new()), &laybak::repo::Protection::Plaintext).expect("memory repo");
-    let id = LayerId(repo.write_file(FileKind::Layer, data.to_vec()).expect("memory write"));
+    let repo = Repo::create(
+        Path::new("memory"),
+        Arc::new(Memory::new()),
+        &laybak::repo::Protection::Plaintext,
+    )
+    .expect("memory repo");
+    let id = LayerId(
+        repo.write_file(FileKind::Layer, data.to_vec())
+            .expect("memory write"),
+    );
     if let Ok(layer) = repo.read_layer(&id) {
         laybak_fuzz::check_chain(std::slice::from_ref(&layer));
     }

@@ -15,6 +15,151 @@ use laybak::repo::{self, Config, IndexPack, Snapshot};
 use serde::{Serialize, de::DeserializeOwned};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+/// A plaintext repository in memory: the pack decoders are its methods.
+fn plain_repo() -> &'static repo::Repo {
+    static R: OnceLock<repo::Repo> = OnceLock::new();
+    R.get_or_init(|| {
+        repo::Repo::create(
+            std::path::Path::new("memory"),
+            Arc::new(laybak::backend::testing::Memory::new()),
+            &repo::Protection::Plaintext,
+        )
+        .expect("memory repo")
+    })
+}
+
+/// An encrypted repository in memory (the fuzz key: cheap KDF).
+fn sealed_repo() -> &'static repo::Repo {
+    static R: OnceLock<repo::Repo> = OnceLock::new();
+    R.get_or_init(|| {
+        repo::Repo::create(
+            std::path::Path::new("memory"),
+            Arc::new(laybak::backend::testing::Memory::new()),
+            &repo::Protection::test("fuzz"),
+        )
+        .expect("memory repo")
+    })
+}
+
+fn keys() -> &'static laybak::crypt::Keys {
+    static K: OnceLock<laybak::crypt::Keys> = OnceLock::new();
+    K.get_or_init(|| laybak::crypt::Keys::new(laybak::crypt::Master::from_bytes([0x5a; 32])))
+}
+
+/// Kinds a sealed metadata file can be, by the fuzz input's first byte.
+const SEALED_KINDS: [FileKind; 6] = [
+    FileKind::Config,
+    FileKind::Index,
+    FileKind::Layer,
+    FileKind::Snapshot,
+    FileKind::Plan,
+    FileKind::Lock,
+];
+
+/// A version 3 file: the first byte picks the kind, the rest is read both
+/// as the whole file (authentication must refuse it, never panic) and as
+/// the payload of a file the harness seals with the fuzz key (so the
+/// fuzzer reaches the decoders behind authentication).
+pub fn check_sealed(data: &[u8]) {
+    let Some((&k, rest)) = data.split_first() else {
+        return;
+    };
+    let kind = SEALED_KINDS[k as usize % SEALED_KINDS.len()];
+    let bind = [k; 32];
+    let z = COMPRESSOR.with(|c| c.borrow_mut().compress(rest).expect("zstd compress"));
+    let mut file = format::header_v(kind, laybak::crypt::ENCRYPTED).to_vec();
+    let mut ad = file.clone();
+    ad.extend_from_slice(&bind);
+    file.extend_from_slice(&keys().seal(&ad, &z).expect("seal"));
+    for (input, must_open) in [(rest, false), (&file[..], true)] {
+        let r = match kind {
+            FileKind::Config => decode3::<Config>(kind, &bind, input),
+            FileKind::Index => decode3::<Vec<IndexPack>>(kind, &bind, input),
+            FileKind::Layer => {
+                laybak::crypt::decode::<Layer>(keys(), kind, &bind, input).map(|l| {
+                    if l.validate().is_ok() {
+                        let view = layer::restack(std::slice::from_ref(&l));
+                        check_view(std::slice::from_ref(&l), &view);
+                    }
+                })
+            }
+            FileKind::Snapshot => laybak::crypt::decode::<Snapshot>(keys(), kind, &bind, input)
+                .map(|s| use_snapshot(&s)),
+            FileKind::Plan => decode3::<Plan>(kind, &bind, input),
+            _ => decode3::<LockInfo>(kind, &bind, input),
+        };
+        if let Err(e) = r
+            && must_open
+        {
+            assert!(
+                !e.to_string().contains("failed authentication"),
+                "a file sealed with the key failed authentication: {e}"
+            );
+        }
+    }
+}
+
+fn decode3<T: Serialize + DeserializeOwned + std::fmt::Debug>(
+    kind: FileKind,
+    bind: &[u8],
+    data: &[u8],
+) -> anyhow::Result<()> {
+    let v: T = laybak::crypt::decode(keys(), kind, bind, data)?;
+    let _ = format!("{v:?}");
+    let again = laybak::crypt::encode(keys(), kind, bind, &v).expect("re-encodes");
+    let back: T = laybak::crypt::decode(keys(), kind, bind, &again).expect("decodes");
+    assert_eq!(
+        postcard::to_stdvec(&back).expect("serializes"),
+        postcard::to_stdvec(&v).expect("serializes")
+    );
+    Ok(())
+}
+
+/// `keys/ID`: parse; parameters cheap enough are also run, with a wrong
+/// password (never a panic, never a master key).
+pub fn check_key_file(data: &[u8]) {
+    let Ok(kf) = laybak::crypt::KeyFile::decode(data) else {
+        return;
+    };
+    let again = laybak::crypt::KeyFile::decode(&kf.encode().expect("re-encodes")).expect("decodes");
+    assert_eq!(again.salt, kf.salt);
+    if kf.kdf.memory_kib <= 256 && kf.kdf.iterations <= 2 {
+        let r = kf
+            .unwrap(b"not the password")
+            .expect("valid parameters derive");
+        assert!(r.is_none(), "a fuzzed key file opened");
+    }
+}
+
+/// A version 3 pack framed like [`frame_pack`], its table sealed with the
+/// fuzz repository's key or not: parse, then decode every blob.
+pub fn check_sealed_pack(data: &[u8]) {
+    let repo = sealed_repo();
+    let framed = frame_pack(data);
+    let mut p = framed.clone();
+    p[7] = laybak::crypt::ENCRYPTED;
+    check_pack_with(repo, &p);
+    // The same table, sealed as laybak seals it.
+    let n = p.len();
+    let tl = u32::from_le_bytes(p[n - 12..n - 8].try_into().expect("4")) as usize;
+    let table = p[n - 12 - tl..n - 12].to_vec();
+    if let Some(k) = repo_keys(repo) {
+        let sealed = k
+            .seal(&laybak::crypt::pack_table_ad(&p[..8]), &table)
+            .expect("seal");
+        let mut q = p[..n - 12 - tl].to_vec();
+        q.extend_from_slice(&sealed);
+        q.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+        q.extend_from_slice(repo::PACK_TAIL);
+        check_pack_with(repo, &q);
+    }
+}
+
+fn repo_keys(repo: &repo::Repo) -> Option<&laybak::crypt::Keys> {
+    repo.crypt().keys()
+}
 
 thread_local! {
     static COMPRESSOR: RefCell<zstd::bulk::Compressor<'static>> = RefCell::new({
@@ -169,7 +314,11 @@ pub fn check_chain(layers: &[Layer]) {
             .map(|(k, m)| (k.clone(), m.entry.node.letter(), m.entry.meta.clone()))
             .collect()
     };
-    assert_eq!(shape(&view), shape(&again), "bottom squash changes the view");
+    assert_eq!(
+        shape(&view),
+        shape(&again),
+        "bottom squash changes the view"
+    );
 }
 
 /// The invariants `restack` documents for validated layers (FORMAT.md §5):
@@ -238,7 +387,11 @@ pub fn check_view(chain: &[Layer], view: &layer::View<'_>) {
 
 /// `packs/xx/ID`: parse the trailer, then decode every blob it lists.
 pub fn check_pack(data: &[u8]) {
-    let Ok(blobs) = repo::parse_pack_tail(data) else {
+    check_pack_with(plain_repo(), data);
+}
+
+fn check_pack_with(repo: &repo::Repo, data: &[u8]) {
+    let Ok(blobs) = repo.parse_pack_tail(data) else {
         return;
     };
     for b in &blobs {
@@ -250,7 +403,7 @@ pub fn check_pack(data: &[u8]) {
         let Some(slice) = slice else {
             panic!("parse_pack_tail accepted a blob outside the pack: {b:?}");
         };
-        if let Ok(out) = repo::decode_blob(b, slice.to_vec()) {
+        if let Ok(out) = repo.decode_blob(b, slice.to_vec()) {
             assert_eq!(out.len(), b.raw_len as usize);
         }
     }
@@ -345,6 +498,32 @@ mod tests {
     }
 
     #[test]
+    fn sealed_seeds_open_and_key_seeds_parse() {
+        for raw in seeds("sealed") {
+            let (&k, rest) = raw.split_first().unwrap();
+            let kind = SEALED_KINDS[k as usize % SEALED_KINDS.len()];
+            let z = COMPRESSOR.with(|c| c.borrow_mut().compress(rest).unwrap());
+            let mut file = format::header_v(kind, laybak::crypt::ENCRYPTED).to_vec();
+            let mut ad = file.clone();
+            ad.extend_from_slice(&[k; 32]);
+            file.extend_from_slice(&keys().seal(&ad, &z).unwrap());
+            let ok = match kind {
+                FileKind::Config => decode3::<Config>(kind, &[k; 32], &file).is_ok(),
+                FileKind::Index => decode3::<Vec<IndexPack>>(kind, &[k; 32], &file).is_ok(),
+                FileKind::Layer => decode3::<Layer>(kind, &[k; 32], &file).is_ok(),
+                FileKind::Snapshot => decode3::<Snapshot>(kind, &[k; 32], &file).is_ok(),
+                FileKind::Plan => decode3::<Plan>(kind, &[k; 32], &file).is_ok(),
+                _ => decode3::<LockInfo>(kind, &[k; 32], &file).is_ok(),
+            };
+            assert!(ok, "a {} seed does not decode", kind.name());
+        }
+        for raw in seeds("key_file") {
+            laybak::crypt::KeyFile::decode(&raw).unwrap();
+        }
+        assert!(!seeds("pack_sealed").is_empty());
+    }
+
+    #[test]
     fn seeds_decode() {
         for (kind, k) in [
             (FileKind::Config, "config"),
@@ -377,11 +556,11 @@ mod tests {
         }
         for (file, framed) in seeds("pack").iter().zip(seeds("pack_framed")) {
             assert_eq!(file, &frame_pack(&framed));
-            let blobs = repo::parse_pack_tail(file).unwrap();
+            let blobs = plain_repo().parse_pack_tail(file).unwrap();
             assert!(!blobs.is_empty());
             for b in blobs {
                 let s = &file[b.offset as usize..(b.offset + b.len as u64) as usize];
-                repo::decode_blob(&b, s.to_vec()).unwrap();
+                plain_repo().decode_blob(&b, s.to_vec()).unwrap();
             }
             check_pack(file);
         }
