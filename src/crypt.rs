@@ -38,6 +38,7 @@ const CTX_NONCE: &str = "laybak 2026-12-02 format 3 synthetic nonce key";
 const CTX_BLOB_ID: &str = "laybak 2026-12-02 format 3 blob id key";
 const CTX_NAME: &str = "laybak 2026-12-02 format 3 record name key";
 const CTX_CHUNKER: &str = "laybak 2026-12-02 format 3 chunker seed";
+const CTX_PAD: &str = "laybak 2026-12-02 format 3 pack padding key";
 
 /// The repository's master secret.
 pub struct Master(Zeroizing<[u8; 32]>);
@@ -74,6 +75,7 @@ pub struct Keys {
     nonce_key: Zeroizing<[u8; 32]>,
     blob_id_key: Zeroizing<[u8; 32]>,
     name_key: Zeroizing<[u8; 32]>,
+    pad_key: Zeroizing<[u8; 32]>,
     chunker_seed: u64,
 }
 
@@ -93,6 +95,7 @@ impl Keys {
             nonce_key: Zeroizing::new(blake3::derive_key(CTX_NONCE, m)),
             blob_id_key: Zeroizing::new(blake3::derive_key(CTX_BLOB_ID, m)),
             name_key: Zeroizing::new(blake3::derive_key(CTX_NAME, m)),
+            pad_key: Zeroizing::new(blake3::derive_key(CTX_PAD, m)),
             chunker_seed,
             master,
         }
@@ -157,6 +160,19 @@ impl Keys {
         h.update(what);
         h.update(content);
         Id(*h.finalize().as_bytes())
+    }
+
+    /// `n` padding bytes for a pack whose sealed table is `table`:
+    /// keyed BLAKE3 output, as indistinguishable from ciphertext as the
+    /// rest, and deterministic (a pack rebuilt from the same blobs is the
+    /// same file).
+    pub fn padding(&self, table: &[u8], n: usize) -> Vec<u8> {
+        let mut out = vec![0u8; n];
+        blake3::Hasher::new_keyed(&self.pad_key)
+            .update(table)
+            .finalize_xof()
+            .fill(&mut out);
+        out
     }
 
     /// The chunker seed (never 0).
@@ -296,6 +312,20 @@ pub fn open_blob(
 ) -> Result<Vec<u8>> {
     keys.open(&blob_ad(id, raw_len, compressed), record)
         .map_err(|_| anyhow!("blob {} is corrupt (failed authentication)", id.short()))
+}
+
+/// Padmé (Nikitin et al., "Reducing metadata leakage from encrypted files
+/// and communication with PURBs", PETS 2019): `len` rounded up so that
+/// only O(log log len) of its bits show, at most 12 % more (about 3 % at
+/// pack sizes).
+pub fn padme(len: u64) -> u64 {
+    if len < 2 {
+        return len;
+    }
+    let e = 63 - u64::from(len.leading_zeros());
+    let s = 64 - u64::from(e.leading_zeros());
+    let mask = (1u64 << (e - s)) - 1;
+    (len + mask) & !mask
 }
 
 /// Associated data of a pack's blob table.
@@ -550,6 +580,23 @@ mod tests {
         let other = Keys::new(Master(Zeroizing::new([8u8; 32])));
         assert!(other.open(b"ad", &s).is_err());
         assert!(k.open(b"ad", &s[..OVERHEAD - 1]).is_err());
+    }
+
+    #[test]
+    fn padme_rounds_up_a_little() {
+        assert_eq!(padme(0), 0);
+        assert_eq!(padme(1), 1);
+        assert_eq!(padme(9), 10);
+        assert_eq!(padme(16 << 20), 16 << 20);
+        assert_eq!(padme((16 << 20) + 1), (16 << 20) + (1 << 19));
+        for n in [3u64, 100, 1000, 12345, 1 << 20, (1 << 24) + 12345, u32::MAX as u64] {
+            let p = padme(n);
+            assert!(p >= n && (p - n) as f64 <= 0.12 * n as f64, "{n} -> {p}");
+            assert_eq!(padme(p), p);
+        }
+        let k = keys();
+        assert_eq!(k.padding(b"t", 10), k.padding(b"t", 10));
+        assert_ne!(k.padding(b"t", 10), k.padding(b"u", 10));
     }
 
     #[test]

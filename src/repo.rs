@@ -1385,6 +1385,11 @@ fn seal(mut p: PackBuf, c: &Crypt) -> Result<Option<SealedPack>> {
     let mut table = postcard::to_stdvec(&p.blobs).context("serializing a pack table")?;
     if let Crypt::Keyed(k) = c {
         table = k.seal(&crypt::pack_table_ad(&p.data[..8]), &table)?;
+        // Pad to Padmé of the whole file: a pack's size says little about
+        // the sizes of the chunks in it.
+        let len = (p.data.len() + table.len() + 12) as u64;
+        let pad = (crypt::padme(len) - len) as usize;
+        p.data.extend_from_slice(&k.padding(&table, pad));
     }
     p.data.extend_from_slice(&table);
     p.data
@@ -1640,6 +1645,8 @@ mod tests {
                 let n = t.len();
                 t[n - 20] ^= 1;
                 assert!(repo.parse_pack_tail(&t).is_err());
+                // Padded to Padmé; nothing of the plaintext is in the pack.
+                assert_eq!(data.len() as u64, crypt::padme(data.len() as u64));
                 // Nothing of the plaintext is in the pack.
                 assert!(!data.windows(16).any(|w| w == &b[..16]));
             }
