@@ -265,7 +265,7 @@ mod tests {
         let blobs: Vec<Vec<u8>> = (0..300u32).map(|i| i.to_le_bytes().repeat(10)).collect();
         let p = Packer::new(&repo);
         for b in &blobs[..100] {
-            p.add(BlobId(Id::of(b)), b).unwrap();
+            p.add(repo.blob_id(b), b).unwrap();
         }
         p.finish().unwrap();
         let repo = Repo::open(
@@ -277,17 +277,17 @@ mod tests {
         assert!(
             blobs[..100]
                 .iter()
-                .all(|b| c.contains(&BlobId(Id::of(b))).unwrap())
+                .all(|b| c.contains(&repo.blob_id(b)).unwrap())
         );
         assert!(
             !blobs[100..]
                 .iter()
-                .any(|b| c.contains(&BlobId(Id::of(b))).unwrap())
+                .any(|b| c.contains(&repo.blob_id(b)).unwrap())
         );
         // More index files: merged forward.
         let p = Packer::new(&repo);
         for b in &blobs[100..200] {
-            p.add(BlobId(Id::of(b)), b).unwrap();
+            p.add(repo.blob_id(b), b).unwrap();
         }
         p.finish().unwrap();
         let repo = Repo::open(
@@ -300,12 +300,12 @@ mod tests {
         assert!(
             blobs[..200]
                 .iter()
-                .all(|b| c.contains(&BlobId(Id::of(b))).unwrap())
+                .all(|b| c.contains(&repo.blob_id(b)).unwrap())
         );
         assert!(
             !blobs[200..]
                 .iter()
-                .any(|b| c.contains(&BlobId(Id::of(b))).unwrap())
+                .any(|b| c.contains(&repo.blob_id(b)).unwrap())
         );
         // ... and merged into the file once they are many.
         let c = BlobCache::open_merging_at(&state, &repo, 10).unwrap();
@@ -313,12 +313,12 @@ mod tests {
         assert!(
             blobs[..200]
                 .iter()
-                .all(|b| c.contains(&BlobId(Id::of(b))).unwrap())
+                .all(|b| c.contains(&repo.blob_id(b)).unwrap())
         );
         assert!(
             !blobs[200..]
                 .iter()
-                .any(|b| c.contains(&BlobId(Id::of(b))).unwrap())
+                .any(|b| c.contains(&repo.blob_id(b)).unwrap())
         );
         // A torn cache file is rebuilt.
         let ids = state
@@ -336,7 +336,7 @@ mod tests {
         assert!(
             blobs[..200]
                 .iter()
-                .all(|b| c.contains(&BlobId(Id::of(b))).unwrap())
+                .all(|b| c.contains(&repo.blob_id(b)).unwrap())
         );
         // An index file disappears (as after prune): rebuilt, never stale.
         let first = repo.index_ids().unwrap()[0];
@@ -349,7 +349,7 @@ mod tests {
         let c = BlobCache::open(&state, &repo).unwrap();
         let present = blobs[..200]
             .iter()
-            .filter(|b| c.contains(&BlobId(Id::of(b))).unwrap())
+            .filter(|b| c.contains(&repo.blob_id(b)).unwrap())
             .count();
         assert_eq!(present, 100);
     }

@@ -82,12 +82,20 @@ impl Checker<'_> {
             return Ok(());
         }
         self.r.protection = "encrypted".into();
-        for (id, _) in keys {
-            match self
-                .repo
-                .read_file(&id)
-                .and_then(|d| crate::crypt::KeyFile::decode(&d))
-            {
+        let Some(k) = self.repo.crypt().keys() else {
+            return Ok(());
+        };
+        for (id, size) in keys {
+            // Its metadata opens with this repository's keys: it is ours.
+            let r = if size > crate::crypt::MAX_KEY_FILE as u64 {
+                Err(anyhow::anyhow!("{size} bytes, too big for a key file"))
+            } else {
+                self.repo
+                    .read_file(&id)
+                    .and_then(|d| crate::crypt::KeyFile::decode(&d))
+                    .and_then(|kf| kf.meta(k))
+            };
+            match r {
                 Ok(_) => self.r.keys += 1,
                 Err(e) => self.r.errors.push(format!("key {}: {e:#}", id.short())),
             }

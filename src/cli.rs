@@ -12,7 +12,6 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::time::Duration;
 
 /// laybak: layered backups on OverlayFS.
@@ -623,8 +622,9 @@ fn cmd_init(cli: &Cli, a: &InitArgs) -> Result<()> {
         return Ok(());
     }
     let password = cli.passwords().new_password(&p.display().to_string())?;
-    let kdf = crate::crypt::Kdf::for_new_key()?;
+    let kdf = new_kdf()?;
     let r = Repo::init(&p, &crate::repo::Protection::Encrypted { password, kdf })?;
+    warn_weak_kdf(&kdf);
     eprintln!(
         "created encrypted repository {} at {} (key {}). Keep the password safe: without it, or the password of another key, nobody can read the data, laybak included",
         r.config.id.short(),
@@ -648,22 +648,22 @@ fn cmd_key(cli: &Cli, a: &KeyArgs) -> Result<()> {
             if *json {
                 let v: Vec<_> = keys
                     .iter()
-                    .map(|(id, k)| {
+                    .map(|(id, k, m)| {
                         json!({"id": id.hex(), "current": repo.key == Some(*id),
-                               "created": k.created.rfc3339(), "host": k.host,
+                               "created": m.created.rfc3339(), "host": m.host,
                                "kdf": {"algorithm": "argon2id", "memory_kib": k.kdf.memory_kib,
                                        "iterations": k.kdf.iterations, "lanes": k.kdf.lanes}})
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                for (id, k) in &keys {
+                for (id, k, m) in &keys {
                     println!(
                         "{} {}  {}  {}  argon2id {} MiB x{}",
                         if repo.key == Some(*id) { "*" } else { " " },
                         id.short(),
-                        k.created.rfc3339(),
-                        k.host,
+                        m.created.rfc3339(),
+                        m.host,
                         k.kdf.memory_kib / 1024,
                         k.kdf.iterations
                     );
@@ -674,7 +674,9 @@ fn cmd_key(cli: &Cli, a: &KeyArgs) -> Result<()> {
         KeyCmd::Add(n) => {
             let pw = crate::password::new_key_password(n.new_password_file.as_deref())?;
             let _l = crate::lock::exclusive(&repo, "key add")?;
-            let id = repo.add_key(pw.as_bytes(), crate::crypt::Kdf::for_new_key()?)?;
+            let kdf = new_kdf()?;
+            let id = repo.add_key(pw.as_bytes(), kdf)?;
+            warn_weak_kdf(&kdf);
             eprintln!("added key {}", id.short());
             Ok(())
         }
@@ -691,7 +693,9 @@ fn cmd_key(cli: &Cli, a: &KeyArgs) -> Result<()> {
             let old = repo
                 .key
                 .ok_or_else(|| anyhow!("internal error: no key in use"))?;
-            let new = repo.add_key(pw.as_bytes(), crate::crypt::Kdf::for_new_key()?)?;
+            let kdf = new_kdf()?;
+            let new = repo.add_key(pw.as_bytes(), kdf)?;
+            warn_weak_kdf(&kdf);
             // The new key is durable before the old one goes.
             repo.delete_file(&old).with_context(|| {
                 format!(
@@ -707,6 +711,21 @@ fn cmd_key(cli: &Cli, a: &KeyArgs) -> Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// Argon2id parameters for a new key.
+fn new_kdf() -> Result<crate::crypt::Kdf> {
+    crate::crypt::Kdf::for_new_key()
+}
+
+/// Say so when `LAYBAK_KDF` made a new key weaker (after it was made).
+fn warn_weak_kdf(kdf: &crate::crypt::Kdf) {
+    if std::env::var_os("LAYBAK_KDF").is_some() {
+        eprintln!(
+            "laybak: warning: LAYBAK_KDF is set ({} KiB, {} passes): this key is no harder to guess than its password",
+            kdf.memory_kib, kdf.iterations
+        );
     }
 }
 
@@ -793,16 +812,23 @@ fn cmd_snapshot(cli: &Cli, a: &SnapshotArgs) -> Result<()> {
     }
     let mut results = Vec::new();
     let mut failures = Vec::new();
-    // One open (one key derivation) per repository, not per volume.
-    let mut opened: std::collections::HashMap<PathBuf, Rc<Repo>> = Default::default();
-    for mut v in vols {
-        let repo_res = match opened.get(&v.st.repo) {
-            Some(r) => Ok(r.clone()),
-            None => Repo::open(&v.st.repo, &cli.passwords()).map(Rc::new),
-        };
-        if let Ok(r) = &repo_res {
-            opened.insert(v.st.repo.clone(), r.clone());
+    // One key derivation per repository, not per volume; but a fresh
+    // handle for each volume (and for its forget), so nothing of an index
+    // read before another host's prune is trusted.
+    let mut opened: std::collections::HashMap<PathBuf, Repo> = Default::default();
+    let mut open = |path: &Path| -> Result<Repo> {
+        match opened.get(path) {
+            Some(r) => r.reopen(),
+            None => {
+                let r = Repo::open(path, &cli.passwords())?;
+                let fresh = r.reopen();
+                opened.insert(path.to_path_buf(), r);
+                fresh
+            }
         }
+    };
+    for mut v in vols {
+        let repo_res = open(&v.st.repo);
         match snapshot_one(
             &mut v,
             repo_res,
@@ -812,17 +838,13 @@ fn cmd_snapshot(cli: &Cli, a: &SnapshotArgs) -> Result<()> {
         )
         .and_then(|a| {
             if *forget {
-                apply_policy(&v, &cli.passwords(), *prune)?;
+                apply_policy(&v, &open(&v.st.repo)?, *prune)?;
             }
             Ok(a)
         }) {
             Ok(a) => results.push(a),
             Err(e) if *all => failures.push((v.st.name.clone(), e)),
             Err(e) => return Err(e),
-        }
-        // A prune may have repacked what the handle's index points at.
-        if *prune {
-            opened.remove(&v.st.repo);
         }
         // Told to stop while a volume's hooks ran: no further volume.
         if crate::hooks::stop_requested() {
@@ -1274,7 +1296,7 @@ fn cmd_check(cli: &Cli, a: &CheckArgs) -> Result<()> {
 
 const LOCK_WAIT: Duration = Duration::from_secs(60);
 
-fn apply_policy(v: &Volume, pw: &dyn crate::password::Passwords, prune: bool) -> Result<()> {
+fn apply_policy(v: &Volume, repo: &Repo, prune: bool) -> Result<()> {
     let Some(policy) = v.st.policy.clone().filter(|p| !p.is_empty()) else {
         bail!(
             "volume {} has no retention policy: set one with `laybak policy {} --keep-daily 7 ...`",
@@ -1282,18 +1304,18 @@ fn apply_policy(v: &Volume, pw: &dyn crate::password::Passwords, prune: bool) ->
             v.st.path.display()
         );
     };
-    let repo = Repo::open(&v.st.repo, pw)?;
+    volume::check_protection(v, repo)?;
     let report = {
         let host = Repo::hostname();
         let scope = crate::reclaim::Scope {
             volume: Some(&v.st.name),
             host: Some(&host),
         };
-        crate::reclaim::forget(&repo, &crate::reclaim::keep_by(policy), scope, false)?.report
+        crate::reclaim::forget(repo, &crate::reclaim::keep_by(policy), scope, false)?.report
     };
-    volume::note_squashed(&v.state_dir, &repo, &report.squashed)?;
+    volume::note_squashed(&v.state_dir, repo, &report.squashed)?;
     if prune {
-        crate::reclaim::prune(&repo, 0.05, false, None)?;
+        crate::reclaim::prune(repo, 0.05, false, None)?;
     }
     Ok(())
 }
@@ -1303,7 +1325,7 @@ fn apply_policy(v: &Volume, pw: &dyn crate::password::Passwords, prune: bool) ->
 /// unreachable repository still gets the layer sealed locally).
 fn snapshot_one(
     v: &mut Volume,
-    repo_res: Result<Rc<Repo>>,
+    repo_res: Result<Repo>,
     tags: &[String],
     wait: Duration,
     lock_wait: Duration,
@@ -1336,7 +1358,7 @@ fn snapshot_one(
 
 fn archive_sealed(
     v: &mut Volume,
-    repo_res: Result<Rc<Repo>>,
+    repo_res: Result<Repo>,
     lock_wait: Duration,
 ) -> Result<volume::Archived> {
     let repo = repo_res.with_context(|| {

@@ -333,6 +333,11 @@ pub fn pack_table_ad(header: &[u8]) -> Vec<u8> {
     file_ad(header, b"pack table")
 }
 
+/// Associated data of a pack's sealed table length.
+pub fn pack_trailer_ad(header: &[u8]) -> Vec<u8> {
+    file_ad(header, b"pack trailer")
+}
+
 /// Argon2id parameters of one key file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Kdf {
@@ -352,9 +357,9 @@ pub const TEST_KDF: Kdf = Kdf {
     lanes: 1,
 };
 
-/// Largest Argon2 memory a key file may ask for (2 GiB): a crafted key
-/// file must not exhaust the machine.
-pub const MAX_KDF_MEMORY_KIB: u32 = 2 << 20;
+/// Largest Argon2 memory a key file may ask for (256 MiB, four times what
+/// laybak uses): a crafted key file must not exhaust the machine.
+pub const MAX_KDF_MEMORY_KIB: u32 = 256 << 10;
 
 impl Kdf {
     /// Parameters for a new key: `LAYBAK_KDF=MEMORY_KIB,ITERATIONS` if
@@ -409,7 +414,7 @@ impl Kdf {
     /// Out of range.
     pub fn validate(&self) -> Result<()> {
         if !(1..=16).contains(&self.lanes)
-            || !(1..=64).contains(&self.iterations)
+            || !(1..=32).contains(&self.iterations)
             || self.memory_kib < 8 * self.lanes
             || self.memory_kib > MAX_KDF_MEMORY_KIB
         {
@@ -439,76 +444,111 @@ impl Kdf {
     }
 }
 
-/// A key file: the master secret wrapped under one password.
+/// A key file: the master secret wrapped under one password, and who made
+/// it when, sealed under the master secret (only holders of some key of
+/// the repository can read it).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KeyFile {
-    /// When it was made.
-    pub created: Time,
-    /// Host it was made on (for `key list`).
-    pub host: String,
     /// Argon2id parameters.
     pub kdf: Kdf,
     /// Argon2 salt.
     pub salt: [u8; 32],
     /// `nonce ‖ XChaCha20-Poly1305(master) ‖ tag`, 72 bytes.
     pub wrapped: Vec<u8>,
+    /// [`KeyMeta`], sealed with the repository's keys.
+    pub meta: Vec<u8>,
+}
+
+/// What `key list` shows about a key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyMeta {
+    /// When it was made.
+    pub created: Time,
+    /// Host it was made on.
+    pub host: String,
 }
 
 /// Length of [`KeyFile::wrapped`].
 pub const WRAPPED_LEN: usize = NONCE_LEN + 32 + TAG_LEN;
+/// Largest key file read (a crafted one must not cost memory).
+pub const MAX_KEY_FILE: usize = 4096;
 
 impl KeyFile {
-    fn ad(&self) -> Result<Vec<u8>> {
-        let mut ad = format::header_v(FileKind::Key, ENCRYPTED).to_vec();
-        let meta = postcard::to_stdvec(&(&self.created, &self.host, &self.kdf, &self.salt))
-            .map_err(|e| anyhow!("serializing a key file: {e}"))?;
-        ad.extend_from_slice(&meta);
+    fn header() -> [u8; 8] {
+        format::header_v(FileKind::Key, ENCRYPTED)
+    }
+
+    fn wrap_ad(kdf: &Kdf, salt: &[u8; 32]) -> Result<Vec<u8>> {
+        let mut ad = Self::header().to_vec();
+        ad.extend_from_slice(
+            &postcard::to_stdvec(&(kdf, salt))
+                .map_err(|e| anyhow!("serializing a key file: {e}"))?,
+        );
         Ok(ad)
     }
 
-    /// Wrap `master` under `password`.
+    fn meta_ad(salt: &[u8; 32]) -> Vec<u8> {
+        let mut ad = Self::header().to_vec();
+        ad.extend_from_slice(b"key meta");
+        ad.extend_from_slice(salt);
+        ad
+    }
+
+    /// Wrap the master secret of `keys` under `password`.
     ///
     /// # Errors
     /// No randomness, or invalid parameters.
-    pub fn wrap(master: &Keys, password: &[u8], kdf: Kdf, host: String) -> Result<KeyFile> {
+    pub fn wrap(keys: &Keys, password: &[u8], kdf: Kdf, host: String) -> Result<KeyFile> {
         let mut salt = [0u8; 32];
         random(&mut salt)?;
         let mut nonce = [0u8; NONCE_LEN];
         random(&mut nonce)?;
-        let mut kf = KeyFile {
-            created: Time::now(),
-            host,
-            kdf,
-            salt,
-            wrapped: Vec::new(),
-        };
         let kek = kdf.derive(password, &salt)?;
         let ct = XChaCha20Poly1305::new((&*kek).into())
             .encrypt(
                 XNonce::from_slice(&nonce),
                 Payload {
-                    msg: &master.master.0[..],
-                    aad: &kf.ad()?,
+                    msg: &keys.master.0[..],
+                    aad: &Self::wrap_ad(&kdf, &salt)?,
                 },
             )
             .map_err(|_| anyhow!("cannot wrap the master key"))?;
-        kf.wrapped = nonce.to_vec();
-        kf.wrapped.extend_from_slice(&ct);
-        Ok(kf)
+        let mut wrapped = nonce.to_vec();
+        wrapped.extend_from_slice(&ct);
+        let meta = KeyMeta {
+            created: Time::now(),
+            host,
+        };
+        let meta = keys.seal(
+            &Self::meta_ad(&salt),
+            &postcard::to_stdvec(&meta).map_err(|e| anyhow!("serializing a key file: {e}"))?,
+        )?;
+        Ok(KeyFile {
+            kdf,
+            salt,
+            wrapped,
+            meta,
+        })
     }
 
     /// The master secret, if `password` is this key's.
     ///
     /// # Errors
-    /// Invalid parameters (a damaged key file).
+    /// Invalid parameters or a malformed wrapped key (a damaged key file).
     pub fn unwrap(&self, password: &[u8]) -> Result<Option<Master>> {
+        if self.wrapped.len() != WRAPPED_LEN {
+            bail!(
+                "key file is corrupt: wrapped key of {} bytes",
+                self.wrapped.len()
+            );
+        }
         let kek = self.kdf.derive(password, &self.salt)?;
-        let (nonce, ct) = self.wrapped.split_at(NONCE_LEN.min(self.wrapped.len()));
+        let (nonce, ct) = self.wrapped.split_at(NONCE_LEN);
         let Ok(plain) = XChaCha20Poly1305::new((&*kek).into()).decrypt(
             XNonce::from_slice(nonce),
             Payload {
                 msg: ct,
-                aad: &self.ad()?,
+                aad: &Self::wrap_ad(&self.kdf, &self.salt)?,
             },
         ) else {
             return Ok(None);
@@ -519,12 +559,29 @@ impl KeyFile {
         Ok(Some(Master(m)))
     }
 
+    /// Who made the key when; opening it proves the key belongs to the
+    /// repository of `keys`.
+    ///
+    /// # Errors
+    /// The key file is another repository's, or damaged.
+    pub fn meta(&self, keys: &Keys) -> Result<KeyMeta> {
+        let plain = keys
+            .open(&Self::meta_ad(&self.salt), &self.meta)
+            .map_err(|_| anyhow!("key file is not this repository's, or damaged"))?;
+        let (m, rest): (KeyMeta, _) =
+            postcard::take_from_bytes(&plain).map_err(|e| anyhow!("key file is corrupt: {e}"))?;
+        if !rest.is_empty() {
+            bail!("key file is corrupt: {} trailing bytes", rest.len());
+        }
+        Ok(m)
+    }
+
     /// The key file's bytes: header (kind `Y`, version 3), then postcard.
     ///
     /// # Errors
     /// Serialization failure.
     pub fn encode(&self) -> Result<Vec<u8>> {
-        let mut out = format::header_v(FileKind::Key, ENCRYPTED).to_vec();
+        let mut out = Self::header().to_vec();
         out.extend_from_slice(
             &postcard::to_stdvec(self).map_err(|e| anyhow!("serializing a key file: {e}"))?,
         );
@@ -534,8 +591,11 @@ impl KeyFile {
     /// Parse and validate a key file.
     ///
     /// # Errors
-    /// Not a key file, a newer version, or malformed.
+    /// Not a key file, a newer version, too big, or malformed.
     pub fn decode(data: &[u8]) -> Result<KeyFile> {
+        if data.len() > MAX_KEY_FILE {
+            bail!("key file is corrupt: {} bytes", data.len());
+        }
         let body = format::check_header(FileKind::Key, data)?;
         if data[7] != ENCRYPTED {
             bail!("key file has format version {}, expected 3", data[7]);
@@ -546,11 +606,8 @@ impl KeyFile {
             bail!("key file is corrupt: {} trailing bytes", rest.len());
         }
         kf.kdf.validate()?;
-        if kf.wrapped.len() != WRAPPED_LEN {
-            bail!(
-                "key file is corrupt: wrapped key of {} bytes",
-                kf.wrapped.len()
-            );
+        if kf.wrapped.len() != WRAPPED_LEN || kf.meta.len() < OVERHEAD {
+            bail!("key file is corrupt: wrapped key or metadata of the wrong size");
         }
         Ok(kf)
     }
@@ -597,7 +654,15 @@ mod tests {
         assert_eq!(padme(9), 10);
         assert_eq!(padme(16 << 20), 16 << 20);
         assert_eq!(padme((16 << 20) + 1), (16 << 20) + (1 << 19));
-        for n in [3u64, 100, 1000, 12345, 1 << 20, (1 << 24) + 12345, u32::MAX as u64] {
+        for n in [
+            3u64,
+            100,
+            1000,
+            12345,
+            1 << 20,
+            (1 << 24) + 12345,
+            u32::MAX as u64,
+        ] {
             let p = padme(n);
             assert!(p >= n && (p - n) as f64 <= 0.12 * n as f64, "{n} -> {p}");
             assert_eq!(padme(p), p);
@@ -649,16 +714,24 @@ mod tests {
     #[test]
     fn key_files_wrap_and_refuse_wrong_passwords() {
         let k = keys();
-        let kf = KeyFile::wrap(&k, b"secret", CHEAP, "h".into()).unwrap();
+        let kf = KeyFile::wrap(&k, b"secret", CHEAP, "laybak-host-marker".into()).unwrap();
         let bytes = kf.encode().unwrap();
         let back = KeyFile::decode(&bytes).unwrap();
         let m = back.unwrap(b"secret").unwrap().expect("right password");
         assert_eq!(&m.0[..], &[7u8; 32]);
         assert!(back.unwrap(b"Secret").unwrap().is_none());
-        // Metadata is authenticated with the wrapped key.
+        assert_eq!(back.meta(&k).unwrap().host, "laybak-host-marker");
+        // The host is not in the clear; the metadata is this repository's.
+        assert!(!bytes.windows(18).any(|w| w == b"laybak-host-marker"));
+        let other = Keys::new(Master(Zeroizing::new([8u8; 32])));
+        assert!(back.meta(&other).is_err());
+        // The parameters are authenticated with the wrapped key.
         let mut changed = back.clone();
-        changed.host = "other".into();
+        changed.kdf.iterations = 2;
         assert!(changed.unwrap(b"secret").unwrap().is_none());
+        let mut short = back.clone();
+        short.wrapped.pop();
+        assert!(short.unwrap(b"secret").is_err());
         // Crafted parameters are refused before any work.
         let mut greedy = back.clone();
         greedy.kdf.memory_kib = u32::MAX;

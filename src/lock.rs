@@ -7,7 +7,7 @@
 //! theirs while they run, every [`REFRESH_EVERY`]); stale locks are removed
 //! by whoever finds them.
 
-use crate::format::{self, Id, LockId, Time};
+use crate::format::{self, LockId, Time};
 use crate::repo::{LockStore, Repo};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -116,10 +116,8 @@ fn take<'r>(repo: &'r Repo, exclusive: bool, what: &str) -> Result<Lock<'r>> {
     };
     // Unique per taker (never overwritten by another), so locking is
     // correct on stores whose create-if-absent is not atomic.
-    let id = LockId(Id::of(
-        format!("{:?}{}{}", info.time, info.pid, info.host).as_bytes(),
-    ));
     let store = repo.locks();
+    let id = store.new_id(&format!("{:?}{}{}", info.time, info.pid, info.host));
     let data = store.encode(&id, &info)?;
     store
         .write(&id, &data)

@@ -56,14 +56,17 @@ pub struct Source {
 
 impl Source {
     /// The password from the first source given, without a prompt.
+    /// A source that fails (a missing file, a failing command) is a
+    /// password problem ([`Kind::Password`]): nothing is done without one.
     fn given(&self) -> Result<Option<Password>> {
-        if let Some(f) = &self.file {
-            return read_file(f).map(Some);
-        }
-        if let Some(c) = &self.command {
-            return run_command(c).map(Some);
-        }
-        Ok(std::env::var("LAYBAK_PASSWORD").ok().map(Zeroizing::new))
+        let got = if let Some(f) = &self.file {
+            read_file(f).map(Some)
+        } else if let Some(c) = &self.command {
+            run_command(c).map(Some)
+        } else {
+            Ok(std::env::var("LAYBAK_PASSWORD").ok().map(Zeroizing::new))
+        };
+        got.map_err(|e| Error::new(Kind::Password, format!("{e:#}")).into())
     }
 
     /// The password for a new repository: from the sources, or asked

@@ -300,6 +300,15 @@ pub struct LockStore {
 }
 
 impl LockStore {
+    /// The id of a new lock taken by `who` (time, pid and host): keyed in
+    /// an encrypted repository, so the name tells nothing about the host.
+    pub fn new_id(&self, who: &str) -> LockId {
+        match &self.crypt {
+            Crypt::Plain => LockId(Id::of(who.as_bytes())),
+            Crypt::Keyed(k) => LockId(k.name_of(b"lock", who.as_bytes())),
+        }
+    }
+
     /// Encode a lock file for lock `id`.
     ///
     /// # Errors
@@ -431,11 +440,13 @@ fn remote(location: &Path, creating: bool) -> Result<Option<Arc<dyn Backend>>> {
     ))))
 }
 
-/// The keys of an encrypted repository: the first key file `passwords`
-/// opens.
+/// The keys of an encrypted repository: the first key file that opens
+/// with the password and belongs to this repository (its metadata and
+/// `config` open with the master secret it wraps).
 fn unlock(
     backend: &dyn Backend,
     location: &Path,
+    config: &[u8],
     passwords: &dyn Passwords,
 ) -> Result<(Keys, KeyId)> {
     let files = list_kind(backend, FileKind::Key)
@@ -448,10 +459,14 @@ fn unlock(
         );
     }
     let password = passwords.current(&location.display().to_string())?;
-    let mut tried = 0;
+    let (mut tried, mut opened) = (0, 0);
     let mut damaged = Vec::new();
     for f in files {
         let id = KeyId(f.id);
+        if f.size > crypt::MAX_KEY_FILE as u64 {
+            damaged.push(format!("{} ({} bytes)", id.short(), f.size));
+            continue;
+        }
         let data = backend
             .get(&name_of(&id))
             .with_context(|| format!("cannot read key {}", id.short()))?;
@@ -466,19 +481,53 @@ fn unlock(
                 continue;
             }
         };
+        let master = match kf.unwrap(password.as_bytes()) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                tried += 1;
+                continue;
+            }
+            Err(e) => {
+                damaged.push(format!("{} ({e:#})", id.short()));
+                continue;
+            }
+        };
         tried += 1;
-        if let Some(master) = kf.unwrap(password.as_bytes())? {
-            return Ok((Keys::new(master), id));
+        opened += 1;
+        let keys = Keys::new(master);
+        if kf.meta(&keys).is_err()
+            || crypt::decode::<Config>(&keys, FileKind::Config, b"", config).is_err()
+        {
+            // Another repository's key (or this config is damaged).
+            continue;
         }
+        return Ok((keys, id));
     }
-    let mut msg = format!(
-        "wrong password for {}: none of its {tried} keys opens with it; nothing was changed",
-        location.display()
-    );
-    if !damaged.is_empty() {
-        msg.push_str(&format!(" (damaged key files: {})", damaged.join(", ")));
+    if opened > 0 {
+        bail!(
+            "{}: config is corrupt: it fails authentication with every key this password opens ({opened}), or those keys are another repository's; restore config from a copy",
+            location.display()
+        );
     }
-    Err(crate::error::Error::new(crate::error::Kind::Password, msg).into())
+    let note = if damaged.is_empty() {
+        String::new()
+    } else {
+        format!(" (unusable key files: {})", damaged.join(", "))
+    };
+    if tried == 0 {
+        bail!(
+            "{} has no usable key file{note}: put back keys/ from a copy",
+            location.display()
+        );
+    }
+    Err(crate::error::Error::new(
+        crate::error::Kind::Password,
+        format!(
+            "wrong password for {}: none of its {tried} keys opens with it; nothing was changed{note}",
+            location.display()
+        ),
+    )
+    .into())
 }
 
 fn no_repository(msg: String) -> anyhow::Error {
@@ -665,7 +714,7 @@ impl Repo {
         format::check_header(FileKind::Config, &data)
             .with_context(|| format!("repository {}", path.display()))?;
         let (crypt, key) = if data[7] == crypt::ENCRYPTED {
-            let (keys, key) = unlock(backend.as_ref(), path, passwords)?;
+            let (keys, key) = unlock(backend.as_ref(), path, &data, passwords)?;
             (Crypt::Keyed(Arc::new(keys)), Some(key))
         } else {
             // Key files beside a plaintext config: someone replaced the
@@ -712,18 +761,57 @@ impl Repo {
         self.crypt.chunker_seed()
     }
 
-    /// The key files, with their ids.
+    /// The key files, with their ids and what they say about
+    /// themselves (which proves they are this repository's).
     ///
     /// # Errors
-    /// Listing or reading failed, or a key file is damaged.
-    pub fn key_files(&self) -> Result<Vec<(KeyId, KeyFile)>> {
+    /// A plaintext repository, listing or reading failed, or a key file is
+    /// damaged or another repository's.
+    pub fn key_files(&self) -> Result<Vec<(KeyId, KeyFile, crypt::KeyMeta)>> {
+        let Some(keys) = self.crypt.keys() else {
+            bail!(
+                "{} is not encrypted: it has no keys",
+                self.location.display()
+            );
+        };
         let mut out = Vec::new();
-        for (id, _) in self.ids::<KeyId>()? {
+        for (id, size) in self.ids::<KeyId>()? {
+            if size > crypt::MAX_KEY_FILE as u64 {
+                bail!("key {} is corrupt ({size} bytes)", id.short());
+            }
             let data = self.read_file(&id)?;
             let kf = KeyFile::decode(&data).with_context(|| format!("key {}", id.short()))?;
-            out.push((id, kf));
+            let meta = kf
+                .meta(keys)
+                .with_context(|| format!("key {}", id.short()))?;
+            out.push((id, kf, meta));
         }
         Ok(out)
+    }
+
+    /// A fresh handle on the same repository with the same keys: config
+    /// read again, nothing of the index remembered (a prune may have run
+    /// since), no key derivation.
+    ///
+    /// # Errors
+    /// The config cannot be read, or no longer opens with these keys.
+    pub fn reopen(&self) -> Result<Repo> {
+        let data = self
+            .backend
+            .get("config")
+            .with_context(|| format!("cannot read {}/config", self.location.display()))?;
+        let config: Config = decode_meta(&self.crypt, FileKind::Config, b"", &data)
+            .with_context(|| format!("repository {}", self.location.display()))?;
+        Ok(Repo {
+            location: self.location.clone(),
+            backend: self.backend.clone(),
+            config,
+            index: OnceLock::new(),
+            added: Mutex::new(HashMap::new()),
+            packs: PackCache::default(),
+            crypt: self.crypt.clone(),
+            key: self.key,
+        })
     }
 
     /// Add a key file wrapping this repository's master secret under
@@ -1011,10 +1099,10 @@ impl Repo {
             let slot = self.packs.slot(&loc.pack);
             let whole =
                 slot.get_or_init(|| self.backend.get(&pack_name(&loc.pack)).ok().map(Arc::new));
-            if let Some(raw) = whole
-                .as_ref()
-                .and_then(|d| d.get(start as usize..(start + len) as usize))
-            {
+            if let Some(raw) = whole.as_ref().and_then(|d| {
+                let end = start.checked_add(len)?;
+                d.get(usize::try_from(start).ok()?..usize::try_from(end).ok()?)
+            }) {
                 return self
                     .decode_blob(&loc.blob, raw.to_vec())
                     .with_context(|| format!("in pack {}", loc.pack.short()));
@@ -1303,14 +1391,32 @@ impl Repo {
             _ => {}
         }
         let n = data.len();
-        if n < 8 + 12 || &data[n - 8..] != PACK_TAIL {
+        // The length field: 4 bytes, sealed in an encrypted repository.
+        let field = match &self.crypt {
+            Crypt::Plain => 4,
+            Crypt::Keyed(_) => 4 + crypt::OVERHEAD,
+        };
+        if n < 8 + field + 8 || &data[n - 8..] != PACK_TAIL {
             bail!("pack is truncated (no trailer)");
         }
-        let tl = u32::from_le_bytes(data[n - 12..n - 8].try_into().expect("4 bytes")) as usize;
-        if tl > n - 20 {
+        let at = n - 8 - field;
+        let tl = match &self.crypt {
+            Crypt::Plain => u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes")),
+            Crypt::Keyed(k) => {
+                let l = k
+                    .open(&crypt::pack_trailer_ad(&data[..8]), &data[at..n - 8])
+                    .map_err(|_| anyhow!("pack trailer is corrupt (failed authentication)"))?;
+                u32::from_le_bytes(
+                    l.as_slice()
+                        .try_into()
+                        .map_err(|_| anyhow!("pack trailer is corrupt"))?,
+                )
+            }
+        } as usize;
+        if tl > at - 8 {
             bail!("pack trailer length {tl} is out of range");
         }
-        let table = &data[n - 12 - tl..n - 12];
+        let table = &data[at - tl..at];
         let opened;
         let table = match &self.crypt {
             Crypt::Plain => table,
@@ -1326,7 +1432,7 @@ impl Repo {
         if !rest.is_empty() {
             bail!("pack trailer is corrupt: {} trailing bytes", rest.len());
         }
-        let limit = (n - 12 - tl) as u64;
+        let limit = (at - tl) as u64;
         for b in &blobs {
             if b.offset < 8
                 || b.offset
@@ -1383,17 +1489,22 @@ fn seal(mut p: PackBuf, c: &Crypt) -> Result<Option<SealedPack>> {
         return Ok(None);
     }
     let mut table = postcard::to_stdvec(&p.blobs).context("serializing a pack table")?;
+    let mut field = (table.len() as u32).to_le_bytes().to_vec();
     if let Crypt::Keyed(k) = c {
         table = k.seal(&crypt::pack_table_ad(&p.data[..8]), &table)?;
+        // The table's length (so the number of blobs) is sealed too.
+        field = k.seal(
+            &crypt::pack_trailer_ad(&p.data[..8]),
+            &(table.len() as u32).to_le_bytes(),
+        )?;
         // Pad to Padmé of the whole file: a pack's size says little about
         // the sizes of the chunks in it.
-        let len = (p.data.len() + table.len() + 12) as u64;
+        let len = (p.data.len() + table.len() + field.len() + 8) as u64;
         let pad = (crypt::padme(len) - len) as usize;
         p.data.extend_from_slice(&k.padding(&table, pad));
     }
     p.data.extend_from_slice(&table);
-    p.data
-        .extend_from_slice(&(table.len() as u32).to_le_bytes());
+    p.data.extend_from_slice(&field);
     p.data.extend_from_slice(PACK_TAIL);
     let file = Sealed::new(FileKind::Pack, p.data);
     let index = IndexPack {
@@ -1509,6 +1620,7 @@ impl<'r> Packer<'r> {
         if present {
             return Ok(());
         }
+        debug_assert_eq!(id, self.blob_id(data), "a blob id not of this repository");
         if !lock(&self.seen).insert(id) {
             return Ok(());
         }

@@ -32,13 +32,16 @@ fn with_repo<'a>(repo: &'a Path, args: &[&'a str]) -> Vec<&'a OsStr> {
 }
 
 const MARKER: &str = "ZQX-laybak-plaintext-marker-7391";
+/// A host name that must not appear either (key files, locks, records).
+const HOST: &str = "zqx-host-marker-5528";
 
 #[test]
 fn nothing_written_into_a_volume_appears_in_the_repository() {
     if !need_root() {
         return;
     }
-    let env = Env::new();
+    let mut env = Env::new();
+    env.host = Some(HOST.into());
     env.init();
     // The marker as a volume name, directory and file names, a symlink
     // target, an xattr name and value, compressible and incompressible
@@ -103,6 +106,11 @@ fn nothing_written_into_a_volume_appears_in_the_repository() {
         assert!(
             !contains(b, MARKER.as_bytes()),
             "{} holds the marker",
+            p.display()
+        );
+        assert!(
+            !contains(b, HOST.as_bytes()),
+            "{} holds the host name",
             p.display()
         );
         assert!(
@@ -304,8 +312,20 @@ fn a_wrong_or_missing_password_changes_nothing() {
         &[OsStr::new("snapshots")],
         &[("LAYBAK_PASSWORD_COMMAND", "false")],
     );
-    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.code, 14, "{}", r.stderr);
     assert!(r.stderr.contains("password command"), "{}", r.stderr);
+    // A password file that is not there, or a failing command: exit 14
+    // and the volume is not touched (no seal, no rotation).
+    fs::write(vol.join("c"), "pending too").unwrap();
+    let before = (contents(&env.repo), contents(&env.state));
+    for (k, v) in [
+        ("LAYBAK_PASSWORD_FILE", "/nonexistent/laybak-password"),
+        ("LAYBAK_PASSWORD_COMMAND", "exit 3"),
+    ] {
+        env.run_env(&[OsStr::new("snapshot"), os(&vol)], &[(k, v)])
+            .fails(14, "password");
+    }
+    assert!(before == (contents(&env.repo), contents(&env.state)));
 }
 
 #[test]
@@ -586,4 +606,33 @@ fn repository_fixture_v3_still_restores() {
     assert_eq!(fs::read(t.join("pictures/top")).unwrap(), b"top\n");
     assert!(!t.join("photos").exists());
     run("laybak fixture v2", &["snapshots"]).fails(14, "wrong password");
+}
+
+#[test]
+fn a_key_file_of_another_repository_is_named_and_skipped() {
+    let env = Env::new();
+    env.init();
+    let other = env.path("other");
+    env.run(&[OsStr::new("init"), OsStr::new("--repo"), os(&other)])
+        .ok();
+    // Same password, other master key: laybak must not take it for ours.
+    for f in files_below(&other.join("keys")) {
+        fs::copy(&f, env.repo.join("keys").join(f.file_name().unwrap())).unwrap();
+    }
+    for _ in 0..3 {
+        env.lb(&["snapshots"]).ok();
+    }
+    let r = env.lb(&["check"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("not this repository's"), "{}", r.stderr);
+    env.lb(&["key", "list"]).fails(1, "not this repository's");
+    // Only the foreign key left: said so, not "wrong password".
+    for f in files_below(&env.repo.join("keys")) {
+        if !other.join("keys").join(f.file_name().unwrap()).exists() {
+            fs::remove_file(&f).unwrap();
+        }
+    }
+    let r = env.lb(&["snapshots"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("config is corrupt"), "{}", r.stderr);
 }

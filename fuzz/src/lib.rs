@@ -125,6 +125,7 @@ pub fn check_key_file(data: &[u8]) {
     };
     let again = laybak::crypt::KeyFile::decode(&kf.encode().expect("re-encodes")).expect("decodes");
     assert_eq!(again.salt, kf.salt);
+    assert!(kf.meta(keys()).is_err(), "fuzzed key metadata opened");
     if kf.kdf.memory_kib <= 256 && kf.kdf.iterations <= 2 {
         let r = kf
             .unwrap(b"not the password")
@@ -133,15 +134,14 @@ pub fn check_key_file(data: &[u8]) {
     }
 }
 
-/// A version 3 pack framed like [`frame_pack`], its table sealed with the
-/// fuzz repository's key or not: parse, then decode every blob.
+/// A version 3 pack framed like [`frame_pack`] (as a fuzzed file, and
+/// with its table and length field sealed as laybak seals them, blob
+/// records left as fuzzed): parse, then decode every blob.
 pub fn check_sealed_pack(data: &[u8]) {
     let repo = sealed_repo();
-    let framed = frame_pack(data);
-    let mut p = framed.clone();
+    let mut p = frame_pack(data);
     p[7] = laybak::crypt::ENCRYPTED;
     check_pack_with(repo, &p);
-    // The same table, sealed as laybak seals it.
     let n = p.len();
     let tl = u32::from_le_bytes(p[n - 12..n - 8].try_into().expect("4")) as usize;
     let table = p[n - 12 - tl..n - 12].to_vec();
@@ -149,9 +149,15 @@ pub fn check_sealed_pack(data: &[u8]) {
         let sealed = k
             .seal(&laybak::crypt::pack_table_ad(&p[..8]), &table)
             .expect("seal");
+        let field = k
+            .seal(
+                &laybak::crypt::pack_trailer_ad(&p[..8]),
+                &(sealed.len() as u32).to_le_bytes(),
+            )
+            .expect("seal");
         let mut q = p[..n - 12 - tl].to_vec();
         q.extend_from_slice(&sealed);
-        q.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+        q.extend_from_slice(&field);
         q.extend_from_slice(repo::PACK_TAIL);
         check_pack_with(repo, &q);
     }

@@ -4,6 +4,23 @@ use super::*;
 
 pub use crate::archive::Archived;
 
+/// Refuse a plaintext repository where this volume once archived to an
+/// encrypted one (its config and keys were replaced, or `--repo` points
+/// elsewhere): nothing of the volume may be written in the clear.
+///
+/// # Errors
+/// That case.
+pub fn check_protection(vol: &Volume, repo: &Repo) -> Result<()> {
+    if vol.st.repo_encrypted && !repo.is_encrypted() {
+        bail!(
+            "{} was encrypted when volume {} last archived to it and is plaintext now (its config was replaced, or --repo points elsewhere): nothing was written",
+            repo.location.display(),
+            vol.st.name
+        );
+    }
+    Ok(())
+}
+
 /// Archive every pending sealed layer of `vol` in order, one snapshot each.
 ///
 /// # Errors
@@ -19,13 +36,7 @@ pub fn archive_pending(
     if vol.st.layers.iter().all(|l| !l.archived.is_empty()) {
         return Ok(out);
     }
-    if vol.st.repo_encrypted && !repo.is_encrypted() {
-        bail!(
-            "{} was encrypted when volume {} last archived to it and is plaintext now (its config was replaced, or --repo points elsewhere): nothing was archived",
-            repo.location.display(),
-            vol.st.name
-        );
-    }
+    check_protection(vol, repo)?;
     if repo.is_encrypted() && !vol.st.repo_encrypted {
         vol.st.repo_encrypted = true;
         vol.save()?;
@@ -149,6 +160,8 @@ pub fn snapshot_unchanged(
     let (Some(parent), Some(top)) = (st.last_snapshot, st.layers.last()) else {
         return Ok(None);
     };
+    check_protection(vol, repo)?;
+    let st = &vol.st;
     let upper = crate::fsx::open_dir_path(&vol.layer_dir(st.upper))?;
     if !crate::fsx::names(&upper)?.is_empty() {
         return Ok(None);
