@@ -828,10 +828,9 @@ fn cmd_snapshot(cli: &Cli, a: &SnapshotArgs) -> Result<()> {
         }
     };
     for mut v in vols {
-        let repo_res = open(&v.st.repo);
         match snapshot_one(
             &mut v,
-            repo_res,
+            &mut open,
             tags,
             Duration::from_secs(*wait),
             Duration::from_secs(*lock_wait),
@@ -1320,21 +1319,30 @@ fn apply_policy(v: &Volume, repo: &Repo, prune: bool) -> Result<()> {
     Ok(())
 }
 
-/// `repo_res` is the volume's repository, opened before anything of the
-/// volume is touched: a wrong or missing password changes nothing (an
-/// unreachable repository still gets the layer sealed locally).
+/// `open` opens the volume's repository. That happens before anything of
+/// the volume changes, so a wrong or missing password changes nothing (an
+/// unreachable repository still gets the layer sealed locally); meanwhile,
+/// under the volume lock, another thread does the rotation's slow first
+/// step, which changes nothing either.
 fn snapshot_one(
     v: &mut Volume,
-    repo_res: Result<Repo>,
+    open: &mut dyn FnMut(&Path) -> Result<Repo>,
     tags: &[String],
     wait: Duration,
     lock_wait: Duration,
 ) -> Result<volume::Archived> {
+    let _lock = v.lock()?;
+    let vol: &Volume = v;
+    let repo_res = std::thread::scope(|s| {
+        let early = s.spawn(|| volume::prepare_rotation(vol));
+        let r = open(&vol.st.repo);
+        let _ = early.join();
+        r
+    });
     let repo_res = match repo_res {
         Err(e) if crate::error::kind(&e) == Kind::Password => return Err(e),
         r => r,
     };
-    let _lock = v.lock()?;
     volume::finish_interrupted(v)?;
     if let Ok(repo) = &repo_res
         && let Some(done) = volume::snapshot_unchanged(v, repo, tags, lock_wait)?

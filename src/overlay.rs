@@ -350,6 +350,48 @@ fn mount_beneath(new: &OwnedFd, top: &OwnedFd) -> std::result::Result<(), SwapEr
     }
 }
 
+/// While writers still write, do what a superblock freeze would otherwise
+/// do inside its read-only window: write dirty data out (syncfs needs a
+/// real descriptor, not `top`'s O_PATH one), and let the kernel drop the
+/// superblock's unused dentries with a reconfigure that changes nothing
+/// (reconfiguring a superblock always shrinks its dentry cache, which on a
+/// tree a user just walked takes ~100 ms per 100k entries).
+fn prepare_freeze(top: &OwnedFd) {
+    if let Ok(fd) = rustix::fs::openat(
+        top,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        let _ = rustix::fs::syncfs(&fd);
+    }
+    let t = Instant::now();
+    let _ = freeze(top, false);
+    if std::env::var_os("LAYBAK_DEBUG").is_some() {
+        eprintln!(
+            "laybak: dentry shrink before the freeze took {:?}",
+            t.elapsed()
+        );
+    }
+}
+
+/// [`prepare_freeze`] on the overlay `source` mounted on top of `target`,
+/// early: the caller overlaps it with other work before a rotation
+/// (opening the repository), so the rotation's own, second one finds
+/// little to do. Nothing else on top is touched.
+pub fn prepare_rotation(target: &Target, source: &str) {
+    let Ok(top) = target.fresh() else {
+        return;
+    };
+    let ours = mount_id(&top)
+        .ok()
+        .and_then(|id| mount_by_id(id).ok().flatten())
+        .is_some_and(|m| m.fstype == "overlay" && m.source == source);
+    if ours {
+        prepare_freeze(&top);
+    }
+}
+
 /// Replace the live overlay at `target` (mount id `live`) by a new
 /// generation built from `spec`, with no moment at which the directory is
 /// missing: the new one is created detached, the old one's superblock is
@@ -407,22 +449,7 @@ pub fn swap_generation(
         // reconfiguring a superblock always shrinks its dentry cache, which
         // on a tree a user just walked takes ~100 ms per 100k entries and
         // would otherwise happen inside the read-only one.
-        if let Ok(fd) = rustix::fs::openat(
-            &top,
-            ".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) {
-            let _ = rustix::fs::syncfs(&fd);
-        }
-        let t = Instant::now();
-        let _ = freeze(&top, false);
-        if std::env::var_os("LAYBAK_DEBUG").is_some() {
-            eprintln!(
-                "laybak: dentry shrink before the freeze took {:?}",
-                t.elapsed()
-            );
-        }
+        prepare_freeze(&top);
         Freeze::Superblock
     } else {
         Freeze::Mount

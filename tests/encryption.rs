@@ -10,10 +10,12 @@ use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// Every file below `d`, with its bytes.
+/// Every file below `d`, with its bytes (a volume's lock file, an empty
+/// file that `flock` uses, is not state).
 fn contents(d: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     files_below(d)
         .into_iter()
+        .filter(|p| p.extension().is_none_or(|e| e != "lock"))
         .map(|p| {
             let b = fs::read(&p).unwrap();
             (p, b)
