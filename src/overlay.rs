@@ -375,10 +375,11 @@ fn prepare_freeze(top: &OwnedFd) {
     }
 }
 
-/// [`prepare_freeze`] on the overlay `source` mounted on top of `target`,
-/// early: the caller overlaps it with other work before a rotation
-/// (opening the repository), so the rotation's own, second one finds
-/// little to do. Nothing else on top is touched.
+/// The pre-freeze work of a rotation (syncfs, dentry shrink) on the
+/// overlay `source` mounted on top of `target`, early: the caller overlaps
+/// it with other work before a rotation (opening the repository), so the
+/// rotation's own, second one finds little to do. Nothing else on top is
+/// touched.
 pub fn prepare_rotation(target: &Target, source: &str) {
     let Ok(top) = target.fresh() else {
         return;
