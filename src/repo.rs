@@ -495,9 +495,7 @@ fn unlock(
         tried += 1;
         opened += 1;
         let keys = Keys::new(master);
-        if kf.meta(&keys).is_err()
-            || crypt::decode::<Config>(&keys, FileKind::Config, b"", config).is_err()
-        {
+        if crypt::decode::<Config>(&keys, FileKind::Config, b"", config).is_err() {
             // Another repository's key (or this config is damaged).
             continue;
         }
