@@ -387,7 +387,12 @@ pub fn prepare_rotation(target: &Target, source: &str) {
     let ours = mount_id(&top)
         .ok()
         .and_then(|id| mount_by_id(id).ok().flatten())
-        .is_some_and(|m| m.fstype == "overlay" && m.source == source);
+        .is_some_and(|m| {
+            // A reconfigure sets `rw`: never on a superblock made read-only.
+            m.fstype == "overlay"
+                && m.source == source
+                && !m.super_options.split(',').any(|o| o == "ro")
+        });
     if ours {
         prepare_freeze(&top);
     }
