@@ -1401,8 +1401,15 @@ impl Repo {
         let tl = match &self.crypt {
             Crypt::Plain => u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes")),
             Crypt::Keyed(k) => {
+                if at < 8 + crypt::OVERHEAD {
+                    bail!("pack is truncated (no blob table)");
+                }
+                let sealed = &data[at..n - 8];
+                let tag = &data[at - crypt::TAG_LEN..at];
                 let l = k
-                    .open(&crypt::pack_trailer_ad(&data[..8]), &data[at..n - 8])
+                    .open(&crypt::pack_trailer_ad(&data[..8], tag), sealed)
+                    // The form written before 2026-12-02 (FORMAT.md §9.4).
+                    .or_else(|_| k.open(&crypt::pack_trailer_ad(&data[..8], &[]), sealed))
                     .map_err(|_| anyhow!("pack trailer is corrupt (failed authentication)"))?;
                 u32::from_le_bytes(
                     l.as_slice()
@@ -1490,9 +1497,10 @@ fn seal(mut p: PackBuf, c: &Crypt) -> Result<Option<SealedPack>> {
     let mut field = (table.len() as u32).to_le_bytes().to_vec();
     if let Crypt::Keyed(k) = c {
         table = k.seal(&crypt::pack_table_ad(&p.data[..8]), &table)?;
-        // The table's length (so the number of blobs) is sealed too.
+        // The table's length (so the number of blobs) is sealed too, bound
+        // to the table's tag so that equal lengths give different fields.
         field = k.seal(
-            &crypt::pack_trailer_ad(&p.data[..8]),
+            &crypt::pack_trailer_ad(&p.data[..8], &table[table.len() - crypt::TAG_LEN..]),
             &(table.len() as u32).to_le_bytes(),
         )?;
         // Pad to Padmé of the whole file: a pack's size says little about
@@ -1718,6 +1726,29 @@ mod tests {
     }
 
     #[test]
+    fn packs_with_equal_blob_counts_end_differently() {
+        // The sealed length field binds the table's tag: two packs with
+        // one blob each must not share their last 52 bytes.
+        let c = Crypt::Keyed(std::sync::Arc::new(crypt::Keys::new(
+            crypt::Master::from_bytes([3; 32]),
+        )));
+        let tail = |byte: u8| {
+            let mut p = PackBuf::new(&c);
+            p.blobs.push(PackBlob {
+                id: BlobId(Id([byte; 32])),
+                offset: 8,
+                len: 1,
+                raw_len: 1,
+                compressed: false,
+            });
+            p.data.push(byte);
+            let data = seal(p, &c).unwrap().unwrap().file.data;
+            data[data.len() - 52..].to_vec()
+        };
+        assert_ne!(tail(1), tail(2));
+    }
+
+    #[test]
     fn pack_round_trip_and_corruption() {
         for protection in [Protection::Plaintext, Protection::test("pw")] {
             let d = tempfile::tempdir().unwrap();
@@ -1750,11 +1781,33 @@ mod tests {
             assert!(repo.read_blob(&ib).is_err());
             assert!(repo.parse_pack_tail(&data[..data.len() - 1]).is_err());
             if repo.is_encrypted() {
-                // The table is authenticated: a flip in it is refused.
-                let mut t = data.clone();
-                let n = t.len();
-                t[n - 20] ^= 1;
-                assert!(repo.parse_pack_tail(&t).is_err());
+                // The table and its sealed length are authenticated: a
+                // flip in either is refused.
+                let n = data.len();
+                let field = n - 8 - 4 - crypt::OVERHEAD;
+                for at in [field - 5, field + 3, n - 20] {
+                    let mut t = data.clone();
+                    t[at] ^= 1;
+                    assert!(repo.parse_pack_tail(&t).is_err(), "flip at {at} of {n}");
+                }
+                // The form written before 2026-12-02 (length sealed
+                // without the table's tag) is still read.
+                let keys = repo.crypt().keys().unwrap();
+                let tag = &data[field - crypt::TAG_LEN..field];
+                let tl = keys
+                    .open(
+                        &crypt::pack_trailer_ad(&data[..8], tag),
+                        &data[field..n - 8],
+                    )
+                    .unwrap();
+                let mut old = data[..field].to_vec();
+                old.extend_from_slice(
+                    &keys
+                        .seal(&crypt::pack_trailer_ad(&data[..8], &[]), &tl)
+                        .unwrap(),
+                );
+                old.extend_from_slice(PACK_TAIL);
+                assert_eq!(repo.parse_pack_tail(&old).unwrap().len(), 2);
                 // Padded to Padmé; nothing of the plaintext is in the pack.
                 assert_eq!(data.len() as u64, crypt::padme(data.len() as u64));
                 // Nothing of the plaintext is in the pack.

@@ -151,7 +151,10 @@ pub fn check_sealed_pack(data: &[u8]) {
             .expect("seal");
         let field = k
             .seal(
-                &laybak::crypt::pack_trailer_ad(&p[..8]),
+                &laybak::crypt::pack_trailer_ad(
+                    &p[..8],
+                    &sealed[sealed.len() - laybak::crypt::TAG_LEN..],
+                ),
                 &(sealed.len() as u32).to_le_bytes(),
             )
             .expect("seal");
