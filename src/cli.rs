@@ -815,19 +815,22 @@ fn cmd_snapshot(cli: &Cli, a: &SnapshotArgs) -> Result<()> {
     // One key derivation per repository, not per volume; but a fresh
     // handle for each volume (and for its forget), so nothing of an index
     // read before another host's prune is trusted.
-    let mut opened: std::collections::HashMap<PathBuf, Repo> = Default::default();
-    let mut open = |path: &Path| -> Result<Repo> {
-        match opened.get(path) {
-            Some(r) => r.reopen(),
-            None => {
-                let r = Repo::open(path, &cli.passwords())?;
-                let fresh = r.reopen();
-                opened.insert(path.to_path_buf(), r);
-                fresh
-            }
-        }
+    let mut repos = Opener {
+        source: cli.passwords(),
+        known: Default::default(),
+        opened: Default::default(),
     };
     for mut v in vols {
+        // The password is got before the volume is locked: a prompt or a
+        // slow password command must not keep other runs off the volume.
+        if let Err(e) = repos.password_for(&v) {
+            if *all {
+                failures.push((v.st.name.clone(), e));
+                continue;
+            }
+            return Err(e);
+        }
+        let mut open = |p: &Path| repos.open(p);
         match snapshot_one(
             &mut v,
             &mut open,
@@ -855,6 +858,42 @@ fn cmd_snapshot(cli: &Cli, a: &SnapshotArgs) -> Result<()> {
         return Err(e.context(format!("volume {name}")));
     }
     Ok(())
+}
+
+/// Opens the repositories of `snapshot`: each password is got once, each
+/// key derived once, and every volume gets a fresh handle.
+struct Opener {
+    source: crate::password::Source,
+    known: std::collections::HashMap<PathBuf, crate::password::Password>,
+    opened: std::collections::HashMap<PathBuf, Repo>,
+}
+
+impl Opener {
+    /// Get the password of `v`'s repository now, if it is encrypted and not
+    /// open yet.
+    fn password_for(&mut self, v: &Volume) -> Result<()> {
+        let path = &v.st.repo;
+        if v.st.repo_encrypted && !self.opened.contains_key(path) && !self.known.contains_key(path)
+        {
+            use crate::password::Passwords;
+            let p = self.source.current(&path.display().to_string())?;
+            self.known.insert(path.clone(), p);
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, path: &Path) -> Result<Repo> {
+        if let Some(r) = self.opened.get(path) {
+            return r.reopen();
+        }
+        let r = match self.known.remove(path) {
+            Some(p) => Repo::open(path, &crate::password::Given(p))?,
+            None => Repo::open(path, &self.source)?,
+        };
+        let fresh = r.reopen();
+        self.opened.insert(path.to_path_buf(), r);
+        fresh
+    }
 }
 
 fn cmd_snapshots(cli: &Cli, a: &SnapshotsArgs) -> Result<()> {

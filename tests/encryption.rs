@@ -638,3 +638,56 @@ fn a_key_file_of_another_repository_is_named_and_skipped() {
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("config is corrupt"), "{}", r.stderr);
 }
+
+#[test]
+fn a_slow_password_source_does_not_hold_the_volume() {
+    // A password command that takes its time (a vault, a prompt) must not
+    // keep the volume locked: other snapshots of it go on meanwhile.
+    if !need_root() {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let vol = env.path("home");
+    fs::create_dir(&vol).unwrap();
+    fs::write(vol.join("a"), "one").unwrap();
+    env.run(&[OsStr::new("attach"), os(&vol)]).ok();
+    fs::write(vol.join("b"), "two").unwrap();
+    let started = env.path("started");
+    let go = env.path("go");
+    let cmd = format!(
+        "touch '{}'; while [ ! -e '{}' ]; do sleep 0.05; done; echo '{PASSWORD}'",
+        started.display(),
+        go.display()
+    );
+    let mut slow = env.cmd();
+    slow.args([OsStr::new("snapshot"), os(&vol)])
+        .env_remove("LAYBAK_PASSWORD")
+        .env("LAYBAK_PASSWORD_COMMAND", &cmd);
+    let slow = slow
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !started.exists() {
+        assert!(t0.elapsed().as_secs() < 60, "password command never ran");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The slow run is waiting for its password: this one is not locked out.
+    let other = env.run(&[OsStr::new("snapshot"), os(&vol)]);
+    fs::write(&go, "").unwrap();
+    other.ok();
+    let o = slow.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = env.path("out");
+    let ids = env.snapshot_ids();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    env.run(&[
+        OsStr::new("restore"),
+        OsStr::new(ids.last().unwrap()),
+        os(&t),
+    ])
+    .ok();
+    assert_eq!(fs::read_to_string(t.join("b")).unwrap(), "two");
+}
