@@ -59,6 +59,9 @@ pub fn archive_layer(
     };
     crate::failpoint::hit("scan")?;
     let (layer, mut summary) = scan::scan(dir, source, &packer, &repo.config, bar.as_ref())?;
+    // A large manifest's pages go into the same packs as the data.
+    let layer_file = repo.stage_layer(&layer, &packer)?;
+    drop(layer);
     let added = packer.finish()?;
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -66,7 +69,7 @@ pub fn archive_layer(
     summary.new_blobs = added.blobs;
     summary.new_bytes = added.bytes;
     crate::failpoint::hit("manifest-write")?;
-    let layer_id = repo.write_layer(&layer)?;
+    let layer_id = repo.put_layer(layer_file)?;
     let mut layers = record.below;
     layers.push(layer_id);
     let snap = Snapshot {

@@ -241,8 +241,23 @@ pub fn encode<T: Serialize>(
     bind: &[u8],
     value: &T,
 ) -> Result<Vec<u8>> {
+    encode_v(keys, kind, ENCRYPTED, bind, value)
+}
+
+/// As [`encode`], with the header's version `version` (a paged layer
+/// manifest is version [`format::LAYER_PAGES`]).
+///
+/// # Errors
+/// As [`encode`].
+pub fn encode_v<T: Serialize>(
+    keys: &Keys,
+    kind: FileKind,
+    version: u8,
+    bind: &[u8],
+    value: &T,
+) -> Result<Vec<u8>> {
     let z = format::compress_payload(value)?;
-    let h = format::header_v(kind, ENCRYPTED);
+    let h = format::header_v(kind, version);
     let mut out = h.to_vec();
     out.extend_from_slice(&keys.seal(&file_ad(&h, bind), &z)?);
     Ok(out)
@@ -258,8 +273,30 @@ pub fn decode<T: DeserializeOwned>(
     bind: &[u8],
     data: &[u8],
 ) -> Result<T> {
+    if data.get(7) == Some(&format::LAYER_PAGES) {
+        bail!(
+            "{} has format version {}, where one of version {ENCRYPTED} is expected: it is corrupt",
+            kind.name(),
+            format::LAYER_PAGES
+        );
+    }
+    decode_any(keys, kind, bind, data)
+}
+
+/// As [`decode`], accepting version 3 and, for a layer file, version
+/// [`format::LAYER_PAGES`]; the caller tells them apart by `data[7]`.
+///
+/// # Errors
+/// As [`decode`].
+pub fn decode_any<T: DeserializeOwned>(
+    keys: &Keys,
+    kind: FileKind,
+    bind: &[u8],
+    data: &[u8],
+) -> Result<T> {
     let body = format::check_header(kind, data)?;
-    if data[7] != ENCRYPTED {
+    let paged = kind == FileKind::Layer && data[7] == format::LAYER_PAGES;
+    if data[7] != ENCRYPTED && !paged {
         bail!(
             "{} is not encrypted (format version {}) in an encrypted repository: it is damaged or was put there by someone else",
             kind.name(),

@@ -10,8 +10,9 @@ use std::io::Read;
 /// First six bytes of every laybak repository file.
 pub const MAGIC: &[u8; 6] = b"LAYBAK";
 /// The newest repository format version this build reads (3: every file
-/// of an encrypted repository, see [`crate::crypt`]).
-pub const FORMAT_VERSION: u8 = 3;
+/// of an encrypted repository, see [`crate::crypt`]; 4: a layer manifest
+/// stored as pages, [`LAYER_PAGES`]).
+pub const FORMAT_VERSION: u8 = 4;
 /// The version every file is written with unless its content needs a newer
 /// one: a repository that never needed version 2 stays readable by
 /// laybak 0.1.
@@ -20,6 +21,10 @@ pub const BASE_VERSION: u8 = 1;
 /// are written with this version, so that an older laybak refuses them in
 /// one line instead of misreading them.
 pub const LAYER_REDIRECTS: u8 = 2;
+/// Layer manifests too large for one file are written as a list of pages
+/// ([`crate::layer::Pages`]) with this version, in plaintext and encrypted
+/// repositories alike; every other file keeps its version.
+pub const LAYER_PAGES: u8 = 4;
 /// Upper bound on a decompressed metadata file (config, index, manifest,
 /// snapshot), enforced while decompressing, so a crafted file cannot make
 /// us allocate unbounded memory.
@@ -314,8 +319,37 @@ pub fn encode_layer(layer: &crate::layer::Layer) -> Result<Vec<u8>> {
     encode_v(FileKind::Layer, v, layer)
 }
 
-/// Decode and validate a layer manifest; a version 1 manifest cannot hold
-/// a renamed directory.
+/// Encode the list of pages of a layer manifest too large for one file.
+///
+/// # Errors
+/// As [`encode`].
+pub fn encode_pages(pages: &crate::layer::Pages) -> Result<Vec<u8>> {
+    encode_v(FileKind::Layer, LAYER_PAGES, pages)
+}
+
+/// A layer file of a plaintext repository: a whole manifest, or the list
+/// of its pages.
+pub enum LayerFile {
+    /// Versions 1 and 2: the manifest itself (not yet validated).
+    Whole(crate::layer::Layer),
+    /// Version 4: where its pages are.
+    Pages(crate::layer::Pages),
+}
+
+/// Decode a plaintext layer file without validating the layer.
+///
+/// # Errors
+/// As [`decode`].
+pub fn decode_layer_file(data: &[u8]) -> Result<LayerFile> {
+    let body = check_header(FileKind::Layer, data)?;
+    if data[7] == LAYER_PAGES {
+        return Ok(LayerFile::Pages(decode_payload(FileKind::Layer, body)?));
+    }
+    Ok(LayerFile::Whole(decode(FileKind::Layer, data)?))
+}
+
+/// Decode and validate a whole layer manifest; a version 1 manifest
+/// cannot hold a renamed directory.
 ///
 /// # Errors
 /// As [`decode`], or an invalid layer.
@@ -372,6 +406,12 @@ pub fn decode_payload<T: DeserializeOwned>(kind: FileKind, z: &[u8]) -> Result<T
 /// not a valid encoding of `T`.
 pub fn decode<T: DeserializeOwned>(kind: FileKind, data: &[u8]) -> Result<T> {
     let body = check_header(kind, data)?;
+    if data[7] == LAYER_PAGES {
+        bail!(
+            "{} has format version {LAYER_PAGES}, which only paged layer manifests use: it is corrupt",
+            kind.name()
+        );
+    }
     if data[7] >= crate::crypt::ENCRYPTED {
         bail!(
             "{} is encrypted (format version {}) in a plaintext repository: it is damaged or was put there by someone else",

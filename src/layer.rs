@@ -181,6 +181,68 @@ pub struct Layer {
     pub entries: Vec<Entry>,
 }
 
+/// A layer manifest too large for one file, stored as pages (format
+/// version 4): each page is a blob holding `postcard(Vec<Entry>)` of
+/// consecutive entries, so no single object grows with the layer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pages {
+    /// Entries in all pages together.
+    pub entries: u64,
+    /// The pages, in entry order.
+    pub pages: Vec<PageRef>,
+}
+
+/// One page of a [`Pages`] manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRef {
+    /// The blob holding the page.
+    pub blob: BlobId,
+    /// Entries in the page (at least one).
+    pub entries: u32,
+    /// Path of the page's first entry, so a reader can find the page of a
+    /// path without reading the others.
+    pub first: Vec<u8>,
+}
+
+/// Most entries in one page.
+pub const PAGE_ENTRIES: usize = 32_768;
+/// A page is cut once its encoding reaches this many bytes.
+pub const PAGE_BYTES: usize = 4 << 20;
+/// Readers refuse a page blob larger than this (a writer's page is at most
+/// [`PAGE_BYTES`] plus one entry).
+pub const MAX_PAGE_BYTES: usize = 256 << 20;
+
+/// Cut `entries` into pages of at most `max_entries` entries, each cut
+/// once its encoding reaches [`PAGE_BYTES`]: `(entries in the page,
+/// postcard(Vec<Entry>) of them)`. One page when everything fits.
+///
+/// # Errors
+/// Serialization failure (not expected).
+pub fn paginate(entries: &[Entry], max_entries: usize) -> Result<Vec<(usize, Vec<u8>)>> {
+    let max_entries = max_entries.max(1);
+    let mut pages = Vec::new();
+    let mut body = Vec::new();
+    let mut n = 0usize;
+    let flush = |n: &mut usize, body: &mut Vec<u8>, pages: &mut Vec<(usize, Vec<u8>)>| {
+        // postcard(Vec<Entry>) is varint(len) followed by the entries.
+        let mut page = postcard::to_stdvec(&(*n as u64)).expect("a u64 serializes");
+        page.append(body);
+        pages.push((*n, page));
+        *n = 0;
+    };
+    for e in entries {
+        body = postcard::to_extend(e, body)?;
+        n += 1;
+        if n >= max_entries || body.len() >= PAGE_BYTES {
+            flush(&mut n, &mut body, &mut pages);
+        }
+    }
+    if n > 0 {
+        flush(&mut n, &mut body, &mut pages);
+    }
+    Ok(pages)
+}
+
 /// Check that a path is relative, has no empty, `.` or `..` components and no
 /// NUL bytes. The empty path (the root) is allowed.
 pub fn path_is_safe(path: &[u8]) -> bool {

@@ -454,6 +454,14 @@ struct PrunePlan {
 }
 
 /// Blobs the file entries of `layer` use.
+/// The blobs a stored layer uses: its file data and its pages.
+fn layer_blobs(repo: &Repo, id: &LayerId, out: &mut HashSet<BlobId>) -> Result<()> {
+    let (layer, pages) = repo.read_layer_parts(id)?;
+    out.extend(pages);
+    blobs_of(&layer, out);
+    Ok(())
+}
+
 fn blobs_of(layer: &Layer, out: &mut HashSet<BlobId>) {
     for e in &layer.entries {
         if let Node::File { extents, .. } = &e.node {
@@ -498,8 +506,11 @@ fn mark(repo: &Repo, extra: Option<(&Plan, &[(LayerId, Layer)])>) -> Result<Mark
     let mut used_blobs: HashSet<BlobId> = HashSet::new();
     for l in &used_layers {
         match extra_layers.get(l) {
-            Some(x) => blobs_of(x, &mut used_blobs),
-            None => blobs_of(&repo.read_layer(l)?, &mut used_blobs),
+            Some(x) => {
+                blobs_of(x, &mut used_blobs);
+                used_blobs.extend(repo.page_blobs(x)?);
+            }
+            None => layer_blobs(repo, l, &mut used_blobs)?,
         }
     }
     Ok(Marked {
@@ -720,7 +731,7 @@ impl PrunePlan {
         self.dead_layers.retain(|(l, _)| !now_used.contains(l));
         let mut blobs = HashSet::new();
         for l in &fresh_layers {
-            blobs_of(&repo.read_layer(l)?, &mut blobs);
+            layer_blobs(repo, l, &mut blobs)?;
         }
         let mut keep: HashSet<PackId> = HashSet::new();
         // Indexes written since (a snapshot that finished meanwhile).

@@ -1115,41 +1115,179 @@ impl Repo {
             .with_context(|| format!("in pack {}", loc.pack.short()))
     }
 
-    /// Store a layer manifest (after validating it).
+    /// Store a layer manifest (after validating it): its pages, if it
+    /// needs them, in a pack of their own, then its file.
     ///
     /// # Errors
     /// Invalid layer or write failure.
     pub fn write_layer(&self, layer: &Layer) -> Result<LayerId> {
-        layer.validate()?;
-        let data = self.encode_layer(layer)?;
-        Ok(LayerId(self.write_file(FileKind::Layer, data)?))
+        let packer = Packer::new(self);
+        let file = self.stage_layer(layer, &packer)?;
+        packer.finish()?;
+        self.put_layer(file)
     }
 
-    /// The bytes of a layer manifest (its id is their blake3): the oldest
-    /// version that can hold it in a plaintext repository, version 3 in an
-    /// encrypted one.
+    /// Validate `layer`, hand its pages (if it is too large for one file)
+    /// to `packer`, and return the bytes of its file, to be stored with
+    /// [`Repo::put_layer`] once `packer` has finished: the file never
+    /// names a page that is not stored.
+    ///
+    /// # Errors
+    /// Invalid layer or write failure.
+    pub fn stage_layer(&self, layer: &Layer, packer: &Packer<'_>) -> Result<Vec<u8>> {
+        layer.validate()?;
+        let (file, pages) = self.layer_files(layer)?;
+        for (id, bytes) in &pages {
+            packer.add(*id, bytes)?;
+        }
+        Ok(file)
+    }
+
+    /// Store the file [`Repo::stage_layer`] made.
+    ///
+    /// # Errors
+    /// Write failure.
+    pub fn put_layer(&self, file: Vec<u8>) -> Result<LayerId> {
+        Ok(LayerId(self.write_file(FileKind::Layer, file)?))
+    }
+
+    /// The bytes of a layer manifest's file (its id is their blake3): the
+    /// oldest version that can hold it in a plaintext repository, version
+    /// 3 in an encrypted one, and version 4 (the list of its pages) for a
+    /// layer of more than one page.
     ///
     /// # Errors
     /// Serialization failure.
     pub fn encode_layer(&self, layer: &Layer) -> Result<Vec<u8>> {
-        match &self.crypt {
-            Crypt::Plain => format::encode_layer(layer),
-            Crypt::Keyed(k) => crypt::encode(k, FileKind::Layer, b"", layer),
+        Ok(self.layer_files(layer)?.0)
+    }
+
+    /// The blobs that would hold `layer`'s pages (none when it fits one
+    /// file).
+    ///
+    /// # Errors
+    /// Serialization failure.
+    pub fn page_blobs(&self, layer: &Layer) -> Result<Vec<BlobId>> {
+        Ok(self
+            .layer_files(layer)?
+            .1
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// A layer's file and its pages (none when it fits one file).
+    fn layer_files(&self, layer: &Layer) -> Result<(Vec<u8>, Vec<(BlobId, Vec<u8>)>)> {
+        self.layer_files_paged(layer, page_entries())
+    }
+
+    fn layer_files_paged(
+        &self,
+        layer: &Layer,
+        max_entries: usize,
+    ) -> Result<(Vec<u8>, Vec<(BlobId, Vec<u8>)>)> {
+        let cut = crate::layer::paginate(&layer.entries, max_entries)?;
+        if cut.len() <= 1 {
+            let file = match &self.crypt {
+                Crypt::Plain => format::encode_layer(layer)?,
+                Crypt::Keyed(k) => crypt::encode(k, FileKind::Layer, b"", layer)?,
+            };
+            return Ok((file, Vec::new()));
         }
+        let mut list = crate::layer::Pages {
+            entries: layer.entries.len() as u64,
+            pages: Vec::with_capacity(cut.len()),
+        };
+        let mut pages = Vec::with_capacity(cut.len());
+        let mut at = 0;
+        for (n, bytes) in cut {
+            let blob = self.blob_id(&bytes);
+            list.pages.push(crate::layer::PageRef {
+                blob,
+                entries: n as u32,
+                first: layer.entries[at].path.clone(),
+            });
+            at += n;
+            pages.push((blob, bytes));
+        }
+        let file = match &self.crypt {
+            Crypt::Plain => format::encode_pages(&list)?,
+            Crypt::Keyed(k) => {
+                crypt::encode_v(k, FileKind::Layer, format::LAYER_PAGES, b"", &list)?
+            }
+        };
+        Ok((file, pages))
     }
 
     /// Load and validate a layer manifest.
     ///
     /// # Errors
-    /// Missing, corrupt or structurally invalid.
+    /// Missing, corrupt or structurally invalid, or a page missing.
     pub fn read_layer(&self, id: &LayerId) -> Result<Layer> {
+        self.read_layer_parts(id).map(|(l, _)| l)
+    }
+
+    /// Load and validate a layer manifest, and say which blobs hold its
+    /// pages (none for a layer in one file): prune keeps them.
+    ///
+    /// # Errors
+    /// As [`Repo::read_layer`].
+    pub fn read_layer_parts(&self, id: &LayerId) -> Result<(Layer, Vec<BlobId>)> {
         let data = self.read_file(id)?;
-        match &self.crypt {
-            Crypt::Plain => format::decode_layer(&data),
-            Crypt::Keyed(k) => crypt::decode::<Layer>(k, FileKind::Layer, b"", &data)
-                .and_then(|l| l.validate().map(|()| l)),
+        self.decode_layer_file(&data)
+            .with_context(|| format!("layer {}", id.short()))
+    }
+
+    fn decode_layer_file(&self, data: &[u8]) -> Result<(Layer, Vec<BlobId>)> {
+        if data.get(7) != Some(&format::LAYER_PAGES) {
+            let layer = match &self.crypt {
+                Crypt::Plain => format::decode_layer(data)?,
+                Crypt::Keyed(k) => {
+                    let l: Layer = crypt::decode(k, FileKind::Layer, b"", data)?;
+                    l.validate()?;
+                    l
+                }
+            };
+            return Ok((layer, Vec::new()));
         }
-        .with_context(|| format!("layer {}", id.short()))
+        let list: crate::layer::Pages = match &self.crypt {
+            Crypt::Plain => match format::decode_layer_file(data)? {
+                format::LayerFile::Pages(p) => p,
+                format::LayerFile::Whole(_) => bail!("layer manifest is corrupt"),
+            },
+            Crypt::Keyed(k) => crypt::decode_any(k, FileKind::Layer, b"", data)?,
+        };
+        let total = usize::try_from(list.entries).unwrap_or(usize::MAX);
+        let mut entries = Vec::with_capacity(total.min(1 << 20));
+        for (i, p) in list.pages.iter().enumerate() {
+            let raw = self
+                .read_blob(&p.blob)
+                .with_context(|| format!("page {} of {}", i + 1, list.pages.len()))?;
+            if raw.len() > crate::layer::MAX_PAGE_BYTES {
+                bail!("page {} is {} bytes: it is corrupt", i + 1, raw.len());
+            }
+            let (page, rest): (Vec<crate::layer::Entry>, _) = postcard::take_from_bytes(&raw)
+                .map_err(|e| anyhow!("page {} is corrupt: {e}", i + 1))?;
+            if !rest.is_empty()
+                || page.len() != p.entries as usize
+                || page.first().map(|e| &e.path) != Some(&p.first)
+            {
+                bail!(
+                    "page {} does not match the layer's list of pages: it is corrupt",
+                    i + 1
+                );
+            }
+            if entries.len() + page.len() > total {
+                bail!("layer manifest has more entries than its list of pages says");
+            }
+            entries.extend(page);
+        }
+        if entries.len() != total {
+            bail!("layer manifest has fewer entries than its list of pages says");
+        }
+        let layer = Layer { entries };
+        layer.validate()?;
+        Ok((layer, list.pages.iter().map(|p| p.blob).collect()))
     }
 
     /// Encode a new snapshot record; its id comes from these bytes.
@@ -1712,6 +1850,19 @@ pub struct Added {
     pub bytes: u64,
 }
 
+/// Entries per layer page: [`crate::layer::PAGE_ENTRIES`], or
+/// `LAYBAK_PAGE_ENTRIES` (for tests: small pages on small trees).
+fn page_entries() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("LAYBAK_PAGE_ENTRIES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(crate::layer::PAGE_ENTRIES)
+    })
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -1723,6 +1874,100 @@ mod tests {
 
     fn pw() -> Given {
         Given("pw".to_string().into())
+    }
+
+    #[test]
+    fn a_layer_of_many_pages_round_trips_and_its_list_is_checked() {
+        use crate::layer::{Entry, Meta, Node, PageRef, Pages};
+        let entry = |p: String, dir: bool| Entry {
+            path: p.into_bytes(),
+            node: if dir {
+                Node::dir(crate::layer::DirKind::Merge)
+            } else {
+                Node::Symlink {
+                    target: b"t".to_vec(),
+                }
+            },
+            meta: Meta::default(),
+            link: None,
+        };
+        let mut entries = vec![entry(String::new(), true), entry("d".into(), true)];
+        entries.extend((0..50).map(|i| entry(format!("d/{i:03}"), false)));
+        let layer = Layer { entries };
+        for protection in [Protection::Plaintext, Protection::test("pw")] {
+            let d = tempfile::tempdir().unwrap();
+            let repo = Repo::init(&d.path().join("r"), &protection).unwrap();
+            // One page: today's single file.
+            let (one, none) = repo.layer_files_paged(&layer, 1000).unwrap();
+            assert!(none.is_empty());
+            assert_ne!(one[7], format::LAYER_PAGES);
+            let (file, pages) = repo.layer_files_paged(&layer, 7).unwrap();
+            assert_eq!(file[7], format::LAYER_PAGES);
+            assert_eq!(pages.len(), 8);
+            let put = |file: Vec<u8>, pages: &[(BlobId, Vec<u8>)]| {
+                let p = Packer::new(&repo);
+                for (id, b) in pages {
+                    p.add(*id, b).unwrap();
+                }
+                p.finish().unwrap();
+                repo.put_layer(file).unwrap()
+            };
+            let id = put(file, &pages);
+            let (back, blobs) = repo.read_layer_parts(&id).unwrap();
+            assert_eq!(back, layer);
+            assert_eq!(blobs, pages.iter().map(|(b, _)| *b).collect::<Vec<_>>());
+            // A list that does not match its pages is refused.
+            let refs: Vec<PageRef> = pages
+                .iter()
+                .zip(layer.entries.chunks(7))
+                .map(|((b, _), c)| PageRef {
+                    blob: *b,
+                    entries: c.len() as u32,
+                    first: c[0].path.clone(),
+                })
+                .collect();
+            let encode = |list: &Pages| match repo.crypt() {
+                Crypt::Plain => format::encode_pages(list).unwrap(),
+                Crypt::Keyed(k) => {
+                    crypt::encode_v(k, FileKind::Layer, format::LAYER_PAGES, b"", list).unwrap()
+                }
+            };
+            let good = Pages {
+                entries: 52,
+                pages: refs.clone(),
+            };
+            assert_eq!(repo.read_layer(&put(encode(&good), &[])).unwrap(), layer);
+            let mut bad = vec![
+                Pages {
+                    entries: 51,
+                    ..good.clone()
+                },
+                Pages {
+                    entries: 53,
+                    ..good.clone()
+                },
+                Pages {
+                    entries: 45,
+                    pages: refs[1..].to_vec(),
+                },
+            ];
+            let mut swapped = good.clone();
+            swapped.pages.swap(2, 3);
+            bad.push(swapped);
+            let mut miscounted = good.clone();
+            miscounted.pages[0].entries = 6;
+            bad.push(miscounted);
+            let mut misnamed = good.clone();
+            misnamed.pages[4].first = b"d/999".to_vec();
+            bad.push(misnamed);
+            let mut absent = good.clone();
+            absent.pages[5].blob = repo.blob_id(b"no such page");
+            bad.push(absent);
+            for (i, list) in bad.iter().enumerate() {
+                let id = put(encode(list), &[]);
+                assert!(repo.read_layer(&id).is_err(), "bad list {i} was accepted");
+            }
+        }
     }
 
     #[test]
