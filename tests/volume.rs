@@ -289,7 +289,7 @@ fn random_rounds(seed: u64, rounds: usize, ops: usize) {
 }
 
 fn random_rounds_with(seed: u64, rounds: usize, ops: usize, max_layers: Option<&str>) {
-    random_rounds_opts(seed, rounds, ops, max_layers, false, false)
+    random_rounds_opts(seed, rounds, ops, max_layers, false, &[])
 }
 
 fn random_rounds_opts(
@@ -298,15 +298,15 @@ fn random_rounds_opts(
     ops: usize,
     max_layers: Option<&str>,
     renames: bool,
-    strict: bool,
+    vars: &[(&str, &str)],
 ) {
     if !need_root() {
         return;
     }
     eprintln!("seed {seed}");
     let mut env = Env::new();
-    if strict {
-        env.vars.push(("LAYBAK_FORCE_MOUNT2".into(), "1".into()));
+    for (k, v) in vars {
+        env.vars.push((k.to_string(), v.to_string()));
     }
     env.init();
     let vol = env.path("vol");
@@ -389,6 +389,13 @@ fn random_rounds_opts(
         );
     }
     env.lb(&["check", "--read-data"]).ok();
+    if vars.iter().any(|(k, _)| *k == "LAYBAK_PAGE_ENTRIES") {
+        let paged = files_below(&env.repo.join("layers"))
+            .iter()
+            .filter(|f| fs::read(f).unwrap()[7] == laybak::format::LAYER_PAGES)
+            .count();
+        assert!(paged > 0, "no layer manifest was written as pages");
+    }
     if renames {
         // Squash renamed layers away, below a kept snapshot (into a base)
         // and between two kept ones (a layer with redirects of its own):
@@ -491,7 +498,7 @@ fn random_directory_renames_restore_identically() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     for k in 0..1 + extra {
-        random_rounds_opts(0x5eed_0000 + k, 8, 25, Some("3"), true, false);
+        random_rounds_opts(0x5eed_0000 + k, 8, 25, Some("3"), true, &[]);
     }
 }
 
@@ -499,7 +506,30 @@ fn random_directory_renames_restore_identically() {
 /// a layer with renamed directories is folded by building a fresh base.
 #[test]
 fn random_directory_renames_with_strict_rotation() {
-    random_rounds_opts(0xfeed_0001, 8, 25, Some("2"), true, true);
+    random_rounds_opts(
+        0xfeed_0001,
+        8,
+        25,
+        Some("2"),
+        true,
+        &[("LAYBAK_FORCE_MOUNT2", "1")],
+    );
+}
+
+/// The same with layer manifests cut into pages of three entries (format
+/// version 4), so every command meets paged layers: attach, snapshots,
+/// restore from the repository alone, squash and prune, historical
+/// mounts from the cache, detach.
+#[test]
+fn random_directory_renames_with_paged_manifests() {
+    random_rounds_opts(
+        0x9a9e_0001,
+        8,
+        25,
+        Some("3"),
+        true,
+        &[("LAYBAK_PAGE_ENTRIES", "3")],
+    );
 }
 
 #[test]
