@@ -691,3 +691,58 @@ fn a_slow_password_source_does_not_hold_the_volume() {
     .ok();
     assert_eq!(fs::read_to_string(t.join("b")).unwrap(), "two");
 }
+
+#[test]
+fn repository_fixtures_v4_still_restore() {
+    // Paged layer manifests (format version 4), encrypted and plaintext,
+    // made by tests/fixtures/make-repo-v4.sh with pages of three entries.
+    let env = Env::new();
+    for name in ["repo-v4", "repo-v4-plain"] {
+        let fixture = env.path(name);
+        copy_dir(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures")
+                .join(name),
+            &fixture,
+        );
+        let paged = contents(&fixture)
+            .into_iter()
+            .filter(|(p, b)| p.starts_with(fixture.join("layers")) && b[7] == 4)
+            .count();
+        assert_eq!(paged, 2, "{name}");
+        let run = |args: &[&str]| {
+            env.run_env(
+                &with_repo(&fixture, args),
+                &[("LAYBAK_PASSWORD", "laybak fixture v4")],
+            )
+        };
+        let out = run(&["check", "--read-data"]).ok().stdout;
+        assert!(
+            out.contains(if name == "repo-v4" {
+                "encrypted"
+            } else {
+                "plaintext"
+            }),
+            "{out}"
+        );
+        let out = run(&["snapshots", "--json"]).ok().stdout;
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v[0]["tags"][0], "base");
+        assert_eq!(v[1]["tags"][0], "third");
+        let t = env.path(&format!("{name}-out"));
+        run(&["restore", v[1]["id"].as_str().unwrap(), t.to_str().unwrap()]).ok();
+        for i in 0..3 {
+            assert_eq!(
+                fs::read(t.join(format!("x/2023-archive/img{i}"))).unwrap(),
+                format!("image {i}\n").as_bytes()
+            );
+        }
+        assert_eq!(fs::read(t.join("x/2023-archive/new")).unwrap(), b"new\n");
+        assert_eq!(fs::read(t.join("x/third")).unwrap(), b"third\n");
+        assert_eq!(fs::read(t.join("pictures/top")).unwrap(), b"top\n");
+        assert!(!t.join("photos").exists());
+        let b = env.path(&format!("{name}-base"));
+        run(&["restore", v[0]["id"].as_str().unwrap(), b.to_str().unwrap()]).ok();
+        assert_eq!(fs::read(b.join("photos/2023/img1")).unwrap(), b"image 1\n");
+    }
+}
