@@ -1177,15 +1177,11 @@ impl Repo {
     }
 
     /// A layer's file and its pages (none when it fits one file).
-    fn layer_files(&self, layer: &Layer) -> Result<(Vec<u8>, Vec<(BlobId, Vec<u8>)>)> {
+    fn layer_files(&self, layer: &Layer) -> Result<(Vec<u8>, PageBlobs)> {
         self.layer_files_paged(layer, page_entries())
     }
 
-    fn layer_files_paged(
-        &self,
-        layer: &Layer,
-        max_entries: usize,
-    ) -> Result<(Vec<u8>, Vec<(BlobId, Vec<u8>)>)> {
+    fn layer_files_paged(&self, layer: &Layer, max_entries: usize) -> Result<(Vec<u8>, PageBlobs)> {
         let cut = crate::layer::paginate(&layer.entries, max_entries)?;
         if cut.len() <= 1 {
             let file = match &self.crypt {
@@ -1849,6 +1845,9 @@ pub struct Added {
     /// Their stored (compressed) bytes.
     pub bytes: u64,
 }
+
+/// The pages of a layer manifest: each blob's id and bytes.
+type PageBlobs = Vec<(BlobId, Vec<u8>)>;
 
 /// Entries per layer page: [`crate::layer::PAGE_ENTRIES`], or
 /// `LAYBAK_PAGE_ENTRIES` (for tests: small pages on small trees).

@@ -643,27 +643,37 @@ fn archive_fd(
             Ok((i, ext))
         })
         .collect::<Result<_>>()?;
-    let mut by_index: HashMap<usize, Vec<Extent>> = results.into_iter().collect();
+    drop(todo);
+    // The extents go into the walk's entries in place (results are in
+    // `todo`'s order, which is index order): no second table of every
+    // file, and the entries reuse the walk's allocation.
+    let mut found = found;
+    for (i, ext) in results {
+        if let Node::File { extents, .. } = &mut found[i].entry.node {
+            *extents = ext;
+        }
+    }
+    for i in 0..found.len() {
+        let src = match (found[i].entry.link, &found[i].entry.node) {
+            (Some(g), Node::File { .. }) => first_of_group.get(&g).copied(),
+            _ => None,
+        };
+        let from = match src.map(|s| &found[s].entry.node) {
+            Some(Node::File { extents, .. }) if src != Some(i) => extents.clone(),
+            _ => continue,
+        };
+        if let Node::File { extents, .. } = &mut found[i].entry.node {
+            *extents = from;
+        }
+    }
     let mut summary = Summary::default();
-    let mut entries = Vec::with_capacity(found.len());
-    for (i, f) in found.into_iter().enumerate() {
-        let mut e = f.entry;
-        if let Node::File { extents, .. } = &mut e.node {
-            let src = match e.link {
-                Some(g) => first_of_group[&g],
-                None => i,
-            };
-            *extents = if e.link.is_some() {
-                by_index.get(&src).cloned().unwrap_or_default()
-            } else {
-                by_index.remove(&i).unwrap_or_default()
-            };
-            summary.files += 1;
+    let entries: Vec<Entry> = found.into_iter().map(|f| f.entry).collect();
+    for e in &entries {
+        match e.node {
+            Node::File { .. } => summary.files += 1,
+            Node::Whiteout => summary.whiteouts += 1,
+            _ => {}
         }
-        if e.node == Node::Whiteout {
-            summary.whiteouts += 1;
-        }
-        entries.push(e);
     }
     let layer = Layer { entries };
     summary.entries = layer.entries.len() as u64;
