@@ -213,34 +213,47 @@ pub const PAGE_BYTES: usize = 4 << 20;
 pub const MAX_PAGE_BYTES: usize = 256 << 20;
 
 /// Cut `entries` into pages of at most `max_entries` entries, each cut
-/// once its encoding reaches [`PAGE_BYTES`]: `(entries in the page,
-/// postcard(Vec<Entry>) of them)`. One page when everything fits.
-///
-/// # Errors
-/// Serialization failure (not expected).
-pub fn paginate(entries: &[Entry], max_entries: usize) -> Result<Vec<(usize, Vec<u8>)>> {
-    let max_entries = max_entries.max(1);
-    let mut pages = Vec::new();
-    let mut body = Vec::new();
-    let mut n = 0usize;
-    let flush = |n: &mut usize, body: &mut Vec<u8>, pages: &mut Vec<(usize, Vec<u8>)>| {
-        // postcard(Vec<Entry>) is varint(len) followed by the entries.
-        let mut page = postcard::to_stdvec(&(*n as u64)).expect("a u64 serializes");
-        page.append(body);
-        pages.push((*n, page));
-        *n = 0;
-    };
-    for e in entries {
-        body = postcard::to_extend(e, body)?;
-        n += 1;
-        if n >= max_entries || body.len() >= PAGE_BYTES {
-            flush(&mut n, &mut body, &mut pages);
+/// once its encoding reaches [`PAGE_BYTES`]: yields `(entries in the
+/// page, postcard(Vec<Entry>) of them)`, one page at a time, so a caller
+/// that stores each page as it comes holds one page's encoding at most.
+pub fn pages(entries: &[Entry], max_entries: usize) -> Pager<'_> {
+    Pager {
+        entries,
+        max: max_entries.max(1),
+    }
+}
+
+/// The iterator of [`pages`].
+pub struct Pager<'a> {
+    entries: &'a [Entry],
+    max: usize,
+}
+
+impl Iterator for Pager<'_> {
+    type Item = Result<(usize, Vec<u8>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.entries.is_empty() {
+            return None;
         }
+        let mut body = Vec::new();
+        let mut n = 0;
+        for e in self.entries {
+            body = match postcard::to_extend(e, body) {
+                Ok(b) => b,
+                Err(e) => return Some(Err(e.into())),
+            };
+            n += 1;
+            if n >= self.max || body.len() >= PAGE_BYTES {
+                break;
+            }
+        }
+        self.entries = &self.entries[n..];
+        // postcard(Vec<Entry>) is varint(len) followed by the entries.
+        let mut page = postcard::to_stdvec(&(n as u64)).expect("a u64 serializes");
+        page.append(&mut body);
+        Some(Ok((n, page)))
     }
-    if n > 0 {
-        flush(&mut n, &mut body, &mut pages);
-    }
-    Ok(pages)
 }
 
 /// Check that a path is relative, has no empty, `.` or `..` components and no

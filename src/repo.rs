@@ -1128,19 +1128,17 @@ impl Repo {
     }
 
     /// Validate `layer`, hand its pages (if it is too large for one file)
-    /// to `packer`, and return the bytes of its file, to be stored with
-    /// [`Repo::put_layer`] once `packer` has finished: the file never
-    /// names a page that is not stored.
+    /// to `packer` one at a time, and return the bytes of its file, to be
+    /// stored with [`Repo::put_layer`] once `packer` has finished: the file
+    /// never names a page that is not stored.
     ///
     /// # Errors
     /// Invalid layer or write failure.
     pub fn stage_layer(&self, layer: &Layer, packer: &Packer<'_>) -> Result<Vec<u8>> {
         layer.validate()?;
-        let (file, pages) = self.layer_files(layer)?;
-        for (id, bytes) in &pages {
-            packer.add(*id, bytes)?;
-        }
-        Ok(file)
+        self.layer_file(layer, page_entries(), &mut |id, bytes| {
+            packer.add(id, &bytes)
+        })
     }
 
     /// Store the file [`Repo::stage_layer`] made.
@@ -1159,7 +1157,7 @@ impl Repo {
     /// # Errors
     /// Serialization failure.
     pub fn encode_layer(&self, layer: &Layer) -> Result<Vec<u8>> {
-        Ok(self.layer_files(layer)?.0)
+        self.layer_file(layer, page_entries(), &mut |_, _| Ok(()))
     }
 
     /// The blobs that would hold `layer`'s pages (none when it fits one
@@ -1168,35 +1166,37 @@ impl Repo {
     /// # Errors
     /// Serialization failure.
     pub fn page_blobs(&self, layer: &Layer) -> Result<Vec<BlobId>> {
-        Ok(self
-            .layer_files(layer)?
-            .1
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect())
+        let mut ids = Vec::new();
+        self.layer_file(layer, page_entries(), &mut |id, _| {
+            ids.push(id);
+            Ok(())
+        })?;
+        Ok(ids)
     }
 
-    /// A layer's file and its pages (none when it fits one file).
-    fn layer_files(&self, layer: &Layer) -> Result<(Vec<u8>, PageBlobs)> {
-        self.layer_files_paged(layer, page_entries())
-    }
-
-    fn layer_files_paged(&self, layer: &Layer, max_entries: usize) -> Result<(Vec<u8>, PageBlobs)> {
-        let cut = crate::layer::paginate(&layer.entries, max_entries)?;
-        if cut.len() <= 1 {
-            let file = match &self.crypt {
-                Crypt::Plain => format::encode_layer(layer)?,
-                Crypt::Keyed(k) => crypt::encode(k, FileKind::Layer, b"", layer)?,
+    /// A layer's file; each page, if it needs more than one, goes to
+    /// `page` as it is cut.
+    fn layer_file(
+        &self,
+        layer: &Layer,
+        max_entries: usize,
+        page: &mut dyn FnMut(BlobId, Vec<u8>) -> Result<()>,
+    ) -> Result<Vec<u8>> {
+        let mut cut = crate::layer::pages(&layer.entries, max_entries).peekable();
+        let first = cut.next().transpose()?;
+        let Some(first) = first.filter(|_| cut.peek().is_some()) else {
+            return match &self.crypt {
+                Crypt::Plain => format::encode_layer(layer),
+                Crypt::Keyed(k) => crypt::encode(k, FileKind::Layer, b"", layer),
             };
-            return Ok((file, Vec::new()));
-        }
+        };
         let mut list = crate::layer::Pages {
             entries: layer.entries.len() as u64,
-            pages: Vec::with_capacity(cut.len()),
+            pages: Vec::new(),
         };
-        let mut pages = Vec::with_capacity(cut.len());
         let mut at = 0;
-        for (n, bytes) in cut {
+        for p in std::iter::once(Ok(first)).chain(cut) {
+            let (n, bytes) = p?;
             let blob = self.blob_id(&bytes);
             list.pages.push(crate::layer::PageRef {
                 blob,
@@ -1204,15 +1204,12 @@ impl Repo {
                 first: layer.entries[at].path.clone(),
             });
             at += n;
-            pages.push((blob, bytes));
+            page(blob, bytes)?;
         }
-        let file = match &self.crypt {
-            Crypt::Plain => format::encode_pages(&list)?,
-            Crypt::Keyed(k) => {
-                crypt::encode_v(k, FileKind::Layer, format::LAYER_PAGES, b"", &list)?
-            }
-        };
-        Ok((file, pages))
+        match &self.crypt {
+            Crypt::Plain => format::encode_pages(&list),
+            Crypt::Keyed(k) => crypt::encode_v(k, FileKind::Layer, format::LAYER_PAGES, b"", &list),
+        }
     }
 
     /// Load and validate a layer manifest.
@@ -1846,9 +1843,6 @@ pub struct Added {
     pub bytes: u64,
 }
 
-/// The pages of a layer manifest: each blob's id and bytes.
-type PageBlobs = Vec<(BlobId, Vec<u8>)>;
-
 /// Entries per layer page: [`crate::layer::PAGE_ENTRIES`], or
 /// `LAYBAK_PAGE_ENTRIES` (for tests: small pages on small trees).
 fn page_entries() -> usize {
@@ -1897,10 +1891,22 @@ mod tests {
             let d = tempfile::tempdir().unwrap();
             let repo = Repo::init(&d.path().join("r"), &protection).unwrap();
             // One page: today's single file.
-            let (one, none) = repo.layer_files_paged(&layer, 1000).unwrap();
+            let cut = |max| {
+                let mut pages = Vec::new();
+                let file = repo
+                    .layer_file(&layer, max, &mut |id, b| {
+                        pages.push((id, b));
+                        Ok(())
+                    })
+                    .unwrap();
+                (file, pages)
+            };
+            let (one, none) = cut(1000);
             assert!(none.is_empty());
             assert_ne!(one[7], format::LAYER_PAGES);
-            let (file, pages) = repo.layer_files_paged(&layer, 7).unwrap();
+            assert_eq!(cut(52).1.len(), 0, "52 entries make one page of 52");
+            assert_eq!(cut(51).1.len(), 2);
+            let (file, pages) = cut(7);
             assert_eq!(file[7], format::LAYER_PAGES);
             assert_eq!(pages.len(), 8);
             let put = |file: Vec<u8>, pages: &[(BlobId, Vec<u8>)]| {
