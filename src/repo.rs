@@ -1777,6 +1777,14 @@ impl<'r> Packer<'r> {
         };
         let full = {
             let mut cur = lock(&self.cur);
+            let target = self.repo.config.pack_size as usize;
+            if cur.data.capacity() < target {
+                // Room for a full pack and its last chunk, once: growing by
+                // doubling would copy the pack and leave it twice its size.
+                let room = target + (4 << 20) + 4096;
+                let len = cur.data.len();
+                cur.data.reserve_exact(room.saturating_sub(len));
+            }
             let offset = cur.data.len() as u64;
             cur.data.extend_from_slice(stored);
             cur.blobs.push(PackBlob {
