@@ -281,26 +281,34 @@ impl Checker<'_> {
 
     /// Whether one layer reads and all its chunks are there.
     fn layer(&mut self, lid: &LayerId) -> bool {
-        let layer = match self.repo.read_layer(lid) {
+        let (layer, pages) = match self.repo.read_layer_parts(lid) {
             Ok(l) => l,
             Err(e) => {
                 self.r.errors.push(format!("layer {}: {e:#}", lid.short()));
                 return false;
             }
         };
-        let mut missing = 0usize;
-        for e in &layer.entries {
-            if let Node::File { extents, .. } = &e.node {
-                for c in extents.iter().flat_map(|x| &x.chunks) {
-                    let gone = match self.blobs.get(&c.id) {
-                        None => true,
-                        Some(l) => {
-                            self.bad_packs.contains(&l.pack) || self.bad_blobs.contains(&c.id)
-                        }
-                    };
-                    missing += usize::from(gone);
-                }
-            }
+        let gone = |id: &crate::format::BlobId| match self.blobs.get(id) {
+            None => true,
+            Some(l) => self.bad_packs.contains(&l.pack) || self.bad_blobs.contains(id),
+        };
+        // Its pages read, but one in a damaged pack is named too.
+        let bad_pages = pages.iter().filter(|p| gone(p)).count();
+        let missing: usize = layer
+            .entries
+            .iter()
+            .filter_map(|e| match &e.node {
+                Node::File { extents, .. } => Some(extents),
+                _ => None,
+            })
+            .flat_map(|x| x.iter().flat_map(|x| &x.chunks))
+            .filter(|c| gone(&c.id))
+            .count();
+        if bad_pages > 0 {
+            self.r.errors.push(format!(
+                "layer {}: {bad_pages} pages of its manifest are in damaged packs",
+                lid.short()
+            ));
         }
         if missing > 0 {
             self.r.errors.push(format!(
@@ -308,6 +316,6 @@ impl Checker<'_> {
                 lid.short()
             ));
         }
-        missing == 0
+        missing == 0 && bad_pages == 0
     }
 }

@@ -208,10 +208,6 @@ pub struct PageRef {
 pub const PAGE_ENTRIES: usize = 32_768;
 /// A page is cut once its encoding reaches this many bytes.
 pub const PAGE_BYTES: usize = 4 << 20;
-/// Readers refuse a page blob larger than this (a writer's page is at most
-/// [`PAGE_BYTES`] plus one entry).
-pub const MAX_PAGE_BYTES: usize = 256 << 20;
-
 /// Cut `entries` into pages of at most `max_entries` entries, each cut
 /// once its encoding reaches [`PAGE_BYTES`]: yields `(entries in the
 /// page, postcard(Vec<Entry>) of them)`, one page at a time, so a caller

@@ -454,7 +454,9 @@ struct PrunePlan {
 }
 
 /// Blobs the file entries of `layer` use.
-/// The blobs a stored layer uses: its file data and its pages.
+/// The blobs a stored layer uses: its file data and its pages (read
+/// through `repo`'s index: a handle opened before the layer was written
+/// may not know its pages).
 fn layer_blobs(repo: &Repo, id: &LayerId, out: &mut HashSet<BlobId>) -> Result<()> {
     let (layer, pages) = repo.read_layer_parts(id)?;
     out.extend(pages);
@@ -730,8 +732,13 @@ impl PrunePlan {
         }
         self.dead_layers.retain(|(l, _)| !now_used.contains(l));
         let mut blobs = HashSet::new();
-        for l in &fresh_layers {
-            layer_blobs(repo, l, &mut blobs)?;
+        if !fresh_layers.is_empty() {
+            // A fresh handle: the pages of a layer written since the plan
+            // are in an index this handle has not loaded.
+            let now = repo.reopen()?;
+            for l in &fresh_layers {
+                layer_blobs(&now, l, &mut blobs)?;
+            }
         }
         let mut keep: HashSet<PackId> = HashSet::new();
         // Indexes written since (a snapshot that finished meanwhile).
@@ -952,6 +959,54 @@ pub fn repair_index(repo: &Repo) -> Result<RepairReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_paged_layer_written_after_the_plan_is_read_through_a_fresh_index() {
+        use crate::layer::{DirKind, Entry, Meta};
+        use crate::repo::{Protection, Snapshot};
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repo::init(&d.path().join("r"), &Protection::test("pw")).unwrap();
+        // More than one page of entries at the default page size.
+        let layer_of = |tag: &str| Layer {
+            entries: std::iter::once(Entry {
+                path: Vec::new(),
+                node: Node::dir(DirKind::Merge),
+                meta: Meta::default(),
+                link: None,
+            })
+            .chain((0..crate::layer::PAGE_ENTRIES + 10).map(|i| Entry {
+                path: format!("{tag}{i:06}").into_bytes(),
+                node: Node::Symlink {
+                    target: b"t".to_vec(),
+                },
+                meta: Meta::default(),
+                link: None,
+            }))
+            .collect(),
+        };
+        let snap = |r: &Repo, lid| {
+            r.write_snapshot(&Snapshot {
+                time: Time { secs: 1, nanos: 0 },
+                volume: "v".into(),
+                hostname: "h".into(),
+                tags: Vec::new(),
+                parent: None,
+                layers: vec![lid],
+                summary: Default::default(),
+            })
+            .unwrap()
+        };
+        let first = repo.write_layer(&layer_of("a")).unwrap();
+        snap(&repo, first);
+        // The plan reads the first layer's pages: this handle's index is
+        // loaded now.
+        let mut plan = plan_prune(&repo, 0.0, None).unwrap();
+        // Meanwhile another run stores a paged layer and its snapshot.
+        let other = repo.reopen().unwrap();
+        let second = other.write_layer(&layer_of("b")).unwrap();
+        snap(&other, second);
+        plan.recheck(&repo).unwrap();
+    }
 
     fn t(secs: i64) -> (Time, Vec<String>) {
         (Time { secs, nanos: 0 }, Vec::new())

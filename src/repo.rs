@@ -1197,6 +1197,17 @@ impl Repo {
         let mut at = 0;
         for p in std::iter::once(Ok(first)).chain(cut) {
             let (n, bytes) = p?;
+            if bytes.len() > MAX_BLOB as usize {
+                // An entry of more than 60 MiB (a file of millions of
+                // chunks or extents) does not fit a blob: such a layer is
+                // one file, as before pages existed (bounded at 1 GiB).
+                // Pages already handed over are unreferenced; prune
+                // removes them.
+                return match &self.crypt {
+                    Crypt::Plain => format::encode_layer(layer),
+                    Crypt::Keyed(k) => crypt::encode(k, FileKind::Layer, b"", layer),
+                };
+            }
             let blob = self.blob_id(&bytes);
             list.pages.push(crate::layer::PageRef {
                 blob,
@@ -1251,19 +1262,36 @@ impl Repo {
             Crypt::Keyed(k) => crypt::decode_any(k, FileKind::Layer, b"", data)?,
         };
         let total = usize::try_from(list.entries).unwrap_or(usize::MAX);
-        let mut entries = Vec::with_capacity(total.min(1 << 20));
+        // Before reading any page: distinct pages in strictly ascending
+        // order of their first paths, none empty, so a crafted list cannot
+        // name one page many times to make the reader allocate without end.
+        let mut ids = HashSet::with_capacity(list.pages.len());
+        for (i, p) in list.pages.iter().enumerate() {
+            if p.entries == 0
+                || !ids.insert(p.blob)
+                || (i > 0 && list.pages[i - 1].first >= p.first)
+            {
+                bail!(
+                    "layer manifest's list of pages is corrupt (page {} of {})",
+                    i + 1,
+                    list.pages.len()
+                );
+            }
+        }
+        let mut entries: Vec<crate::layer::Entry> = Vec::new();
         for (i, p) in list.pages.iter().enumerate() {
             let raw = self
                 .read_blob(&p.blob)
                 .with_context(|| format!("page {} of {}", i + 1, list.pages.len()))?;
-            if raw.len() > crate::layer::MAX_PAGE_BYTES {
-                bail!("page {} is {} bytes: it is corrupt", i + 1, raw.len());
-            }
             let (page, rest): (Vec<crate::layer::Entry>, _) = postcard::take_from_bytes(&raw)
                 .map_err(|e| anyhow!("page {} is corrupt: {e}", i + 1))?;
             if !rest.is_empty()
                 || page.len() != p.entries as usize
                 || page.first().map(|e| &e.path) != Some(&p.first)
+                || list
+                    .pages
+                    .get(i + 1)
+                    .is_some_and(|n| page.last().is_some_and(|l| l.path >= n.first))
             {
                 bail!(
                     "page {} does not match the layer's list of pages: it is corrupt",
@@ -1777,7 +1805,8 @@ impl<'r> Packer<'r> {
         };
         let full = {
             let mut cur = lock(&self.cur);
-            let target = self.repo.config.pack_size as usize;
+            // (Capped: `pack_size` comes from the repository's config.)
+            let target = (self.repo.config.pack_size as usize).min(256 << 20);
             if cur.data.capacity() < target {
                 // Room for a full pack and its last chunk, once: growing by
                 // doubling would copy the pack and leave it twice its size.
@@ -1877,6 +1906,18 @@ mod tests {
         Given("pw".to_string().into())
     }
 
+    /// A layer's file and the pages it handed over, cut at `max` entries.
+    fn cut_of(repo: &Repo, layer: &Layer, max: usize) -> (Vec<u8>, Vec<(BlobId, Vec<u8>)>) {
+        let mut pages = Vec::new();
+        let file = repo
+            .layer_file(layer, max, &mut |id, b| {
+                pages.push((id, b));
+                Ok(())
+            })
+            .unwrap();
+        (file, pages)
+    }
+
     #[test]
     fn a_layer_of_many_pages_round_trips_and_its_list_is_checked() {
         use crate::layer::{Entry, Meta, Node, PageRef, Pages};
@@ -1899,16 +1940,7 @@ mod tests {
             let d = tempfile::tempdir().unwrap();
             let repo = Repo::init(&d.path().join("r"), &protection).unwrap();
             // One page: today's single file.
-            let cut = |max| {
-                let mut pages = Vec::new();
-                let file = repo
-                    .layer_file(&layer, max, &mut |id, b| {
-                        pages.push((id, b));
-                        Ok(())
-                    })
-                    .unwrap();
-                (file, pages)
-            };
+            let cut = |max| cut_of(&repo, &layer, max);
             let (one, none) = cut(1000);
             assert!(none.is_empty());
             assert_ne!(one[7], format::LAYER_PAGES);
@@ -1973,6 +2005,13 @@ mod tests {
             let mut misnamed = good.clone();
             misnamed.pages[4].first = b"d/999".to_vec();
             bad.push(misnamed);
+            let mut repeated = good.clone();
+            repeated.entries += 7;
+            repeated.pages.push(refs[0].clone());
+            bad.push(repeated);
+            let mut empty = good.clone();
+            empty.pages[7].entries = 0;
+            bad.push(empty);
             let mut absent = good.clone();
             absent.pages[5].blob = repo.blob_id(b"no such page");
             bad.push(absent);
@@ -1980,6 +2019,15 @@ mod tests {
                 let id = put(encode(list), &[]);
                 assert!(repo.read_layer(&id).is_err(), "bad list {i} was accepted");
             }
+            // An entry too large for a blob: the layer stays one file.
+            let mut big = layer.clone();
+            big.entries[5].node = Node::Symlink {
+                target: vec![b'x'; MAX_BLOB as usize + 1],
+            };
+            let (file, pages) = cut_of(&repo, &big, 1);
+            assert_ne!(file[7], format::LAYER_PAGES);
+            let id = put(file, &pages);
+            assert_eq!(repo.read_layer_parts(&id).unwrap(), (big, Vec::new()));
         }
     }
 

@@ -660,6 +660,14 @@ fn a_slow_password_source_does_not_hold_the_volume() {
         started.display(),
         go.display()
     );
+    // However the test ends, the password command is let go.
+    struct Release(std::path::PathBuf);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            let _ = fs::write(&self.0, "");
+        }
+    }
+    let release = Release(go.clone());
     let mut slow = env.cmd();
     slow.args([OsStr::new("snapshot"), os(&vol)])
         .env_remove("LAYBAK_PASSWORD")
@@ -676,7 +684,7 @@ fn a_slow_password_source_does_not_hold_the_volume() {
     }
     // The slow run is waiting for its password: this one is not locked out.
     let other = env.run(&[OsStr::new("snapshot"), os(&vol)]);
-    fs::write(&go, "").unwrap();
+    drop(release);
     other.ok();
     let o = slow.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
