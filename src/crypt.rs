@@ -374,7 +374,7 @@ pub fn pack_table_ad(header: &[u8]) -> Vec<u8> {
 /// bytes in front of the field: in a pack this writer made, the sealed
 /// table's tag, so the field's synthetic nonce differs per table and
 /// packs with equal blob counts do not carry equal fields. Packs written
-/// before 2026-12-02 sealed the field with `before` empty (FORMAT.md §9.4);
+/// before commit 521b68b sealed the field with `before` empty (FORMAT.md §9.4);
 /// readers accept both.
 pub fn pack_trailer_ad(header: &[u8], before: &[u8]) -> Vec<u8> {
     let mut ad = file_ad(header, b"pack trailer");

@@ -327,25 +327,20 @@ pub fn encode_pages(pages: &crate::layer::Pages) -> Result<Vec<u8>> {
     encode_v(FileKind::Layer, LAYER_PAGES, pages)
 }
 
-/// A layer file of a plaintext repository: a whole manifest, or the list
-/// of its pages.
-pub enum LayerFile {
-    /// Versions 1 and 2: the manifest itself (not yet validated).
-    Whole(crate::layer::Layer),
-    /// Version 4: where its pages are.
-    Pages(crate::layer::Pages),
-}
-
-/// Decode a plaintext layer file without validating the layer.
+/// Decode the list of pages of a plaintext paged layer file (version
+/// [`LAYER_PAGES`]).
 ///
 /// # Errors
-/// As [`decode`].
-pub fn decode_layer_file(data: &[u8]) -> Result<LayerFile> {
+/// Wrong header or version, or a corrupt payload.
+pub fn decode_pages(data: &[u8]) -> Result<crate::layer::Pages> {
     let body = check_header(FileKind::Layer, data)?;
-    if data[7] == LAYER_PAGES {
-        return Ok(LayerFile::Pages(decode_payload(FileKind::Layer, body)?));
+    if data[7] != LAYER_PAGES {
+        bail!(
+            "layer manifest of format version {} is not a list of pages",
+            data[7]
+        );
     }
-    Ok(LayerFile::Whole(decode(FileKind::Layer, data)?))
+    decode_payload(FileKind::Layer, body)
 }
 
 /// Decode and validate a whole layer manifest; a version 1 manifest

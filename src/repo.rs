@@ -1185,10 +1185,7 @@ impl Repo {
         let mut cut = crate::layer::pages(&layer.entries, max_entries).peekable();
         let first = cut.next().transpose()?;
         let Some(first) = first.filter(|_| cut.peek().is_some()) else {
-            return match &self.crypt {
-                Crypt::Plain => format::encode_layer(layer),
-                Crypt::Keyed(k) => crypt::encode(k, FileKind::Layer, b"", layer),
-            };
+            return self.whole_layer_file(layer);
         };
         let mut list = crate::layer::Pages {
             entries: layer.entries.len() as u64,
@@ -1203,10 +1200,7 @@ impl Repo {
                 // one file, as before pages existed (bounded at 1 GiB).
                 // Pages already handed over are unreferenced; prune
                 // removes them.
-                return match &self.crypt {
-                    Crypt::Plain => format::encode_layer(layer),
-                    Crypt::Keyed(k) => crypt::encode(k, FileKind::Layer, b"", layer),
-                };
+                return self.whole_layer_file(layer);
             }
             let blob = self.blob_id(&bytes);
             list.pages.push(crate::layer::PageRef {
@@ -1217,9 +1211,22 @@ impl Repo {
             at += n;
             page(blob, bytes)?;
         }
+        self.pages_file(&list)
+    }
+
+    /// A layer manifest in one file (version 1/2, or 3 when encrypted).
+    fn whole_layer_file(&self, layer: &Layer) -> Result<Vec<u8>> {
         match &self.crypt {
-            Crypt::Plain => format::encode_pages(&list),
-            Crypt::Keyed(k) => crypt::encode_v(k, FileKind::Layer, format::LAYER_PAGES, b"", &list),
+            Crypt::Plain => format::encode_layer(layer),
+            Crypt::Keyed(k) => crypt::encode(k, FileKind::Layer, b"", layer),
+        }
+    }
+
+    /// The file of a paged layer manifest: its list of pages (version 4).
+    fn pages_file(&self, list: &crate::layer::Pages) -> Result<Vec<u8>> {
+        match &self.crypt {
+            Crypt::Plain => format::encode_pages(list),
+            Crypt::Keyed(k) => crypt::encode_v(k, FileKind::Layer, format::LAYER_PAGES, b"", list),
         }
     }
 
@@ -1255,10 +1262,7 @@ impl Repo {
             return Ok((layer, Vec::new()));
         }
         let list: crate::layer::Pages = match &self.crypt {
-            Crypt::Plain => match format::decode_layer_file(data)? {
-                format::LayerFile::Pages(p) => p,
-                format::LayerFile::Whole(_) => bail!("layer manifest is corrupt"),
-            },
+            Crypt::Plain => format::decode_pages(data)?,
             Crypt::Keyed(k) => crypt::decode_any(k, FileKind::Layer, b"", data)?,
         };
         let total = usize::try_from(list.entries).unwrap_or(usize::MAX);
@@ -1567,7 +1571,7 @@ impl Repo {
                 let tag = &data[at - crypt::TAG_LEN..at];
                 let l = k
                     .open(&crypt::pack_trailer_ad(&data[..8], tag), sealed)
-                    // The form written before 2026-12-02 (FORMAT.md §9.4).
+                    // The form written before commit 521b68b (FORMAT.md §9.4).
                     .or_else(|_| k.open(&crypt::pack_trailer_ad(&data[..8], &[]), sealed))
                     .map_err(|_| anyhow!("pack trailer is corrupt (failed authentication)"))?;
                 u32::from_le_bytes(
@@ -1971,12 +1975,7 @@ mod tests {
                     first: c[0].path.clone(),
                 })
                 .collect();
-            let encode = |list: &Pages| match repo.crypt() {
-                Crypt::Plain => format::encode_pages(list).unwrap(),
-                Crypt::Keyed(k) => {
-                    crypt::encode_v(k, FileKind::Layer, format::LAYER_PAGES, b"", list).unwrap()
-                }
-            };
+            let encode = |list: &Pages| repo.pages_file(list).unwrap();
             let good = Pages {
                 entries: 52,
                 pages: refs.clone(),
