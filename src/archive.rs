@@ -58,10 +58,15 @@ pub fn archive_layer(
         None => Packer::new(repo),
     };
     crate::failpoint::hit("scan")?;
-    let (layer, mut summary) = scan::scan(dir, source, &packer, &repo.config, bar.as_ref())?;
+    // A large tree is sorted on disk, beside the blob cache (the volume's
+    // state directory, root's own).
+    let spill =
+        crate::spill::Spill::in_dir(&blob_cache.map_or_else(std::env::temp_dir, Path::to_path_buf));
+    let (scanned, mut summary) =
+        scan::scan(dir, source, &packer, &repo.config, bar.as_ref(), &spill)?;
     // A large manifest's pages go into the same packs as the data.
-    let layer_file = repo.stage_layer(&layer, &packer)?;
-    drop(layer);
+    let layer_file = repo.stage_entries(&|| Ok(scanned.entries()), &packer)?;
+    drop(scanned);
     let added = packer.finish()?;
     if let Some(b) = bar {
         b.finish_and_clear();

@@ -208,50 +208,6 @@ pub struct PageRef {
 pub const PAGE_ENTRIES: usize = 32_768;
 /// A page is cut once its encoding reaches this many bytes.
 pub const PAGE_BYTES: usize = 4 << 20;
-/// Cut `entries` into pages of at most `max_entries` entries, each cut
-/// once its encoding reaches [`PAGE_BYTES`]: yields `(entries in the
-/// page, postcard(Vec<Entry>) of them)`, one page at a time, so a caller
-/// that stores each page as it comes holds one page's encoding at most.
-pub fn pages(entries: &[Entry], max_entries: usize) -> Pager<'_> {
-    Pager {
-        entries,
-        max: max_entries.max(1),
-    }
-}
-
-/// The iterator of [`pages`].
-pub struct Pager<'a> {
-    entries: &'a [Entry],
-    max: usize,
-}
-
-impl Iterator for Pager<'_> {
-    type Item = Result<(usize, Vec<u8>)>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.entries.is_empty() {
-            return None;
-        }
-        let mut body = Vec::new();
-        let mut n = 0;
-        for e in self.entries {
-            body = match postcard::to_extend(e, body) {
-                Ok(b) => b,
-                Err(e) => return Some(Err(e.into())),
-            };
-            n += 1;
-            if n >= self.max || body.len() >= PAGE_BYTES {
-                break;
-            }
-        }
-        self.entries = &self.entries[n..];
-        // postcard(Vec<Entry>) is varint(len) followed by the entries.
-        let mut page = postcard::to_stdvec(&(n as u64)).expect("a u64 serializes");
-        page.append(&mut body);
-        Some(Ok((n, page)))
-    }
-}
-
 /// Check that a path is relative, has no empty, `.` or `..` components and no
 /// NUL bytes. The empty path (the root) is allowed.
 pub fn path_is_safe(path: &[u8]) -> bool {
@@ -309,6 +265,121 @@ pub fn show(path: &[u8]) -> String {
     String::from_utf8_lossy(path).into_owned()
 }
 
+/// The rules of [`Layer::validate`], checked one entry at a time in
+/// order, in memory that follows the depth of the tree, not its size: a
+/// layer too large to hold is checked as it is written or read.
+#[derive(Default)]
+pub struct Checker {
+    /// Entries checked so far.
+    seen: u64,
+    /// The previous entry's path.
+    prev: Vec<u8>,
+    /// The directories that may still have entries below them. In path
+    /// byte order the entries below `d` come after every name that
+    /// continues `d` with a byte below `/` (`d-x` sorts between `d` and
+    /// `d/x`), so they are not always next to `d`; but a directory can
+    /// still have entries to come only while the current path starts with
+    /// it followed by a byte below `0` (the byte after `/`). Those
+    /// directories are prefixes of one another: a stack.
+    open: Vec<Vec<u8>>,
+    /// The node kind of each hard-link group.
+    groups: HashMap<u32, std::mem::Discriminant<Node>>,
+}
+
+impl Checker {
+    /// Check the next entry.
+    ///
+    /// # Errors
+    /// The first violation, naming the path.
+    pub fn check(&mut self, e: &Entry) -> Result<()> {
+        self.seen += 1;
+        if self.seen == 1 {
+            if !e.path.is_empty() || !e.node.is_dir() {
+                bail!("layer manifest does not start with the root directory");
+            }
+            if e.node != Node::dir(DirKind::Merge) {
+                bail!("layer manifest has an opaque or renamed root");
+            }
+            return Ok(());
+        }
+        if self.prev >= e.path {
+            bail!(
+                "layer manifest entries out of order or duplicated at {}",
+                show(&e.path)
+            );
+        }
+        if e.path.is_empty() || !path_is_safe(&e.path) {
+            bail!("layer manifest has an unsafe path {:?}", show(&e.path));
+        }
+        let path = &e.path;
+        while let Some(d) = self.open.last() {
+            if path.starts_with(d) && path.get(d.len()).is_some_and(|&b| b < b'0') {
+                break;
+            }
+            self.open.pop();
+        }
+        let p = parent(path);
+        if !p.is_empty() && !self.open.iter().rev().any(|d| d[..] == *p) {
+            bail!(
+                "layer manifest entry {} has no parent directory in the layer",
+                show(path)
+            );
+        }
+        if let Some(r) = e.node.redirect()
+            && !redirect_is_valid(r)
+        {
+            bail!(
+                "layer manifest has an invalid redirect {:?} at {}",
+                show(r),
+                show(path)
+            );
+        }
+        if let Some(g) = e.link {
+            if e.node.is_dir() || e.node == Node::Whiteout {
+                bail!("hard-linked directory or whiteout at {}", show(path));
+            }
+            let kind = std::mem::discriminant(&e.node);
+            if *self.groups.entry(g).or_insert(kind) != kind {
+                bail!("hard-link group {g} mixes file types at {}", show(path));
+            }
+        }
+        if let Node::File { size, extents } = &e.node {
+            let mut end = 0u64;
+            for x in extents {
+                if x.offset < end {
+                    bail!("overlapping extents in {}", show(path));
+                }
+                let len: u64 = x.chunks.iter().map(|c| c.len as u64).sum();
+                end = x.offset.saturating_add(len);
+            }
+            if end > *size {
+                bail!("extents beyond the file size in {}", show(path));
+            }
+        }
+        if e.node.is_dir() {
+            self.open.push(e.path.clone());
+        }
+        self.prev.clone_from(&e.path);
+        Ok(())
+    }
+
+    /// Entries checked so far.
+    pub fn count(&self) -> u64 {
+        self.seen
+    }
+
+    /// After the last entry: the layer had one.
+    ///
+    /// # Errors
+    /// An empty layer.
+    pub fn finish(&self) -> Result<()> {
+        if self.seen == 0 {
+            bail!("layer manifest has no root entry");
+        }
+        Ok(())
+    }
+}
+
 impl Layer {
     /// Validate the structural rules every reader relies on: safe paths,
     /// strictly ascending order (no duplicates), the root first and a
@@ -318,75 +389,11 @@ impl Layer {
     /// # Errors
     /// The first violation, naming the path.
     pub fn validate(&self) -> Result<()> {
-        let Some(root) = self.entries.first() else {
-            bail!("layer manifest has no root entry");
-        };
-        if !root.path.is_empty() || !root.node.is_dir() {
-            bail!("layer manifest does not start with the root directory");
+        let mut check = Checker::default();
+        for e in &self.entries {
+            check.check(e)?;
         }
-        if root.node != Node::dir(DirKind::Merge) {
-            bail!("layer manifest has an opaque or renamed root");
-        }
-        let mut dirs: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
-        dirs.insert(b"");
-        let mut groups: HashMap<u32, &Node> = HashMap::new();
-        for w in self.entries.windows(2) {
-            if w[0].path >= w[1].path {
-                bail!(
-                    "layer manifest entries out of order or duplicated at {}",
-                    show(&w[1].path)
-                );
-            }
-        }
-        for e in &self.entries[1..] {
-            if e.path.is_empty() || !path_is_safe(&e.path) {
-                bail!("layer manifest has an unsafe path {:?}", show(&e.path));
-            }
-            if !dirs.contains(parent(&e.path)) {
-                bail!(
-                    "layer manifest entry {} has no parent directory in the layer",
-                    show(&e.path)
-                );
-            }
-            if e.node.is_dir() {
-                dirs.insert(&e.path);
-            }
-            if let Some(r) = e.node.redirect()
-                && !redirect_is_valid(r)
-            {
-                bail!(
-                    "layer manifest has an invalid redirect {:?} at {}",
-                    show(r),
-                    show(&e.path)
-                );
-            }
-            if let Some(g) = e.link {
-                if e.node.is_dir() || e.node == Node::Whiteout {
-                    bail!("hard-linked directory or whiteout at {}", show(&e.path));
-                }
-                if let Some(first) = groups.get(&g) {
-                    if std::mem::discriminant(*first) != std::mem::discriminant(&e.node) {
-                        bail!("hard-link group {g} mixes file types at {}", show(&e.path));
-                    }
-                } else {
-                    groups.insert(g, &e.node);
-                }
-            }
-            if let Node::File { size, extents } = &e.node {
-                let mut end = 0u64;
-                for x in extents {
-                    if x.offset < end {
-                        bail!("overlapping extents in {}", show(&e.path));
-                    }
-                    let len: u64 = x.chunks.iter().map(|c| c.len as u64).sum();
-                    end = x.offset.saturating_add(len);
-                }
-                if end > *size {
-                    bail!("extents beyond the file size in {}", show(&e.path));
-                }
-            }
-        }
-        Ok(())
+        check.finish()
     }
 
     /// Whether any directory of this layer is a renamed one.

@@ -32,5 +32,6 @@ pub mod progress;
 pub mod reclaim;
 pub mod repo;
 pub mod scan;
+pub mod spill;
 pub mod stack;
 pub mod volume;

@@ -17,6 +17,7 @@ use crate::layer::Layer;
 use crate::password::{Password, Passwords};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -1135,8 +1136,22 @@ impl Repo {
     /// # Errors
     /// Invalid layer or write failure.
     pub fn stage_layer(&self, layer: &Layer, packer: &Packer<'_>) -> Result<Vec<u8>> {
-        layer.validate()?;
-        self.layer_file(layer, page_entries(), &mut |id, bytes| {
+        self.stage_entries(&|| Ok(borrowed(layer)), packer)
+    }
+
+    /// As [`Repo::stage_layer`], for a layer given as its entries in
+    /// order, checked as they pass: `open` yields them from the start
+    /// (it is called a second time only for a layer holding an entry too
+    /// large for a page). Only the page being cut is held in memory.
+    ///
+    /// # Errors
+    /// An invalid entry, an error of `open`, or a write failure.
+    pub fn stage_entries<'e>(
+        &self,
+        open: &dyn Fn() -> Result<Entries<'e>>,
+        packer: &Packer<'_>,
+    ) -> Result<Vec<u8>> {
+        self.layer_file(open, true, page_entries(), &mut |id, bytes| {
             packer.add(id, &bytes)
         })
     }
@@ -1157,7 +1172,12 @@ impl Repo {
     /// # Errors
     /// Serialization failure.
     pub fn encode_layer(&self, layer: &Layer) -> Result<Vec<u8>> {
-        self.layer_file(layer, page_entries(), &mut |_, _| Ok(()))
+        self.layer_file(
+            &|| Ok(borrowed(layer)),
+            false,
+            page_entries(),
+            &mut |_, _| Ok(()),
+        )
     }
 
     /// The blobs that would hold `layer`'s pages (none when it fits one
@@ -1167,51 +1187,127 @@ impl Repo {
     /// Serialization failure.
     pub fn page_blobs(&self, layer: &Layer) -> Result<Vec<BlobId>> {
         let mut ids = Vec::new();
-        self.layer_file(layer, page_entries(), &mut |id, _| {
-            ids.push(id);
-            Ok(())
-        })?;
+        self.layer_file(
+            &|| Ok(borrowed(layer)),
+            false,
+            page_entries(),
+            &mut |id, _| {
+                ids.push(id);
+                Ok(())
+            },
+        )?;
         Ok(ids)
     }
 
-    /// A layer's file; each page, if it needs more than one, goes to
-    /// `page` as it is cut.
-    fn layer_file(
+    /// A layer's file from its entries, each checked as it passes when
+    /// `checked`: one file when they fit one page, else each page goes to
+    /// `page` as it is cut (at `max_entries` entries, or once its encoding
+    /// reaches [`PAGE_BYTES`](crate::layer::PAGE_BYTES)) and the file
+    /// lists them.
+    fn layer_file<'e>(
         &self,
-        layer: &Layer,
+        open: &dyn Fn() -> Result<Entries<'e>>,
+        checked: bool,
         max_entries: usize,
         page: &mut dyn FnMut(BlobId, Vec<u8>) -> Result<()>,
     ) -> Result<Vec<u8>> {
-        let mut cut = crate::layer::pages(&layer.entries, max_entries).peekable();
-        let first = cut.next().transpose()?;
-        let Some(first) = first.filter(|_| cut.peek().is_some()) else {
-            return self.whole_layer_file(layer);
-        };
+        let max_entries = max_entries.max(1);
+        let mut entries = open()?.peekable();
+        let mut check = crate::layer::Checker::default();
+        // The first page's entries, kept until a second page begins: a
+        // layer of one page is one file.
+        let mut first_page: Option<Vec<crate::layer::Entry>> = Some(Vec::new());
         let mut list = crate::layer::Pages {
-            entries: layer.entries.len() as u64,
+            entries: 0,
             pages: Vec::new(),
         };
-        let mut at = 0;
-        for p in std::iter::once(Ok(first)).chain(cut) {
-            let (n, bytes) = p?;
-            if bytes.len() > MAX_BLOB as usize {
-                // An entry of more than 60 MiB (a file of millions of
-                // chunks or extents) does not fit a blob: such a layer is
-                // one file, as before pages existed (bounded at 1 GiB).
-                // Pages already handed over are unreferenced; prune
-                // removes them.
-                return self.whole_layer_file(layer);
+        let mut body = Vec::new();
+        let mut n = 0usize;
+        let mut first_path = Vec::new();
+        while let Some(e) = entries.next() {
+            let e = e?;
+            if checked {
+                check.check(&e)?;
             }
-            let blob = self.blob_id(&bytes);
-            list.pages.push(crate::layer::PageRef {
-                blob,
-                entries: n as u32,
-                first: layer.entries[at].path.clone(),
-            });
-            at += n;
-            page(blob, bytes)?;
+            if n == 0 {
+                first_path.clone_from(&e.path);
+            }
+            body = postcard::to_extend(&*e, body).context("serializing a layer manifest")?;
+            n += 1;
+            if let Some(f) = &mut first_page {
+                f.push(e.into_owned());
+            }
+            if n < max_entries && body.len() < crate::layer::PAGE_BYTES {
+                continue;
+            }
+            if first_page.is_some() {
+                if entries.peek().is_none() {
+                    break;
+                }
+                first_page = None;
+            }
+            if !self.add_page(&mut list, n, &mut body, &mut first_path, page)? {
+                return self.whole_layer_file_of(open, checked);
+            }
+            n = 0;
+        }
+        if checked {
+            check.finish()?;
+        }
+        if let Some(entries) = first_page {
+            return self.whole_layer_file(&Layer { entries });
+        }
+        if n > 0 && !self.add_page(&mut list, n, &mut body, &mut first_path, page)? {
+            return self.whole_layer_file_of(open, checked);
         }
         self.pages_file(&list)
+    }
+
+    /// Cut a page of `n` entries encoded in `body`, first path `first`:
+    /// hand it to `page` and list it. `false` when it is too large for a
+    /// blob (an entry of more than 60 MiB: a file of millions of chunks or
+    /// extents), and the layer must be one file.
+    fn add_page(
+        &self,
+        list: &mut crate::layer::Pages,
+        n: usize,
+        body: &mut Vec<u8>,
+        first: &mut Vec<u8>,
+        page: &mut dyn FnMut(BlobId, Vec<u8>) -> Result<()>,
+    ) -> Result<bool> {
+        // postcard(Vec<Entry>) is varint(len) followed by the entries.
+        let mut bytes = postcard::to_stdvec(&(n as u64)).context("serializing a page")?;
+        bytes.append(body);
+        if bytes.len() > MAX_BLOB as usize {
+            return Ok(false);
+        }
+        let blob = self.blob_id(&bytes);
+        list.entries += n as u64;
+        list.pages.push(crate::layer::PageRef {
+            blob,
+            entries: n as u32,
+            first: std::mem::take(first),
+        });
+        page(blob, bytes)?;
+        Ok(true)
+    }
+
+    /// A layer with an entry too large for a page, in one file, as before
+    /// pages existed (bounded at 1 GiB). Pages already handed over are
+    /// unreferenced; prune removes them.
+    fn whole_layer_file_of<'e>(
+        &self,
+        open: &dyn Fn() -> Result<Entries<'e>>,
+        checked: bool,
+    ) -> Result<Vec<u8>> {
+        let entries = open()?
+            .map(|e| e.map(Cow::into_owned))
+            .collect::<Result<Vec<_>>>()?;
+        let layer = Layer { entries };
+        if checked {
+            layer.validate()?;
+        }
+        self.whole_layer_file(&layer)
     }
 
     /// A layer manifest in one file (version 1/2, or 3 when encrypted).
@@ -1884,6 +1980,14 @@ pub struct Added {
     pub bytes: u64,
 }
 
+/// A layer's entries in order, as [`Repo::stage_entries`] takes them.
+pub type Entries<'e> = Box<dyn Iterator<Item = Result<Cow<'e, crate::layer::Entry>>> + 'e>;
+
+/// The entries of a layer in memory.
+fn borrowed(layer: &Layer) -> Entries<'_> {
+    Box::new(layer.entries.iter().map(|e| Ok(Cow::Borrowed(e))))
+}
+
 /// Entries per layer page: [`crate::layer::PAGE_ENTRIES`], or
 /// `LAYBAK_PAGE_ENTRIES` (for tests: small pages on small trees).
 fn page_entries() -> usize {
@@ -1914,7 +2018,7 @@ mod tests {
     fn cut_of(repo: &Repo, layer: &Layer, max: usize) -> (Vec<u8>, Vec<(BlobId, Vec<u8>)>) {
         let mut pages = Vec::new();
         let file = repo
-            .layer_file(layer, max, &mut |id, b| {
+            .layer_file(&|| Ok(borrowed(layer)), true, max, &mut |id, b| {
                 pages.push((id, b));
                 Ok(())
             })

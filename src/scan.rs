@@ -15,11 +15,13 @@
 
 use crate::fsx;
 use crate::layer::{Chunk, DirKind, Entry, Extent, Layer, Meta, Node, Xattrs, show};
-use crate::repo::{Packer, Summary};
+use crate::repo::{Entries, Packer, Summary};
+use crate::spill::{Sorted, Sorter, Spill};
 use anyhow::{Context, Result, anyhow, bail};
 use rayon::prelude::*;
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use rustix::fs::{FileType, Mode, OFlags, Stat};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -214,11 +216,47 @@ impl Frame {
 /// artefacts laybak refuses (see module docs).
 pub fn walk(root: &Path, source: Source) -> Result<Vec<Found>> {
     let fd = open_root(root)?;
-    walk_fd(fd.as_fd(), root, source)
+    let mut out = Vec::new();
+    walk_fd(fd.as_fd(), root, source, &mut |f| {
+        out.push(f);
+        Ok(())
+    })?;
+    out.sort_by(|a, b| a.entry.path.cmp(&b.entry.path));
+    // Hard-link groups: only inodes seen at least twice in this layer.
+    let mut count: HashMap<(u64, u64), u32> = HashMap::new();
+    for f in out.iter().filter(|f| f.multi) {
+        *count.entry(f.id).or_default() += 1;
+    }
+    let mut ids: HashMap<(u64, u64), u32> = HashMap::new();
+    for f in out.iter_mut().filter(|f| f.multi) {
+        if count[&f.id] > 1 {
+            let n = ids.len() as u32;
+            f.entry.link = Some(*ids.entry(f.id).or_insert(n));
+        }
+    }
+    Ok(out)
 }
 
-fn walk_fd(root: BorrowedFd<'_>, root_path: &Path, source: Source) -> Result<Vec<Found>> {
-    let mut out = Vec::new();
+/// Walk `root` as [`walk`] does, keeping nothing: whether it can be
+/// archived as `source` (no overlay artefacts in user data, nothing
+/// unreadable), in memory that follows the depth of the tree.
+///
+/// # Errors
+/// As [`walk`].
+pub fn check_tree(root: &Path, source: Source) -> Result<()> {
+    let fd = open_root(root)?;
+    walk_fd(fd.as_fd(), root, source, &mut |_| Ok(()))
+}
+
+/// The walk: every entry goes to `sink` as it is found, a directory before
+/// what is in it, the names of one directory in byte order (which is not
+/// the layer's order: `a-b` sorts between `a` and `a/x`).
+fn walk_fd(
+    root: BorrowedFd<'_>,
+    root_path: &Path,
+    source: Source,
+    sink: &mut dyn FnMut(Found) -> Result<()>,
+) -> Result<()> {
     let st =
         rustix::fs::fstat(root).with_context(|| format!("cannot stat {}", root_path.display()))?;
     let xattrs = fsx::xattrs_fd(root).with_context(|| {
@@ -228,7 +266,7 @@ fn walk_fd(root: BorrowedFd<'_>, root_path: &Path, source: Source) -> Result<Vec
         )
     })?;
     let (_, xattrs) = interpret_xattrs(b"", xattrs, source)?;
-    out.push(Found {
+    sink(Found {
         entry: Entry {
             path: Vec::new(),
             node: Node::dir(DirKind::Merge),
@@ -237,12 +275,12 @@ fn walk_fd(root: BorrowedFd<'_>, root_path: &Path, source: Source) -> Result<Vec
         },
         id: fsx::dev_ino(&st),
         multi: false,
-    });
+    })?;
     let mut stack = vec![Frame {
         rel: Vec::new(),
         id: fsx::dev_ino(&st),
         fd: None,
-        todo: list(root, b"", source, &mut out)?,
+        todo: list(root, b"", source, sink)?,
     }];
     while let Some(top) = stack.last_mut() {
         let Some(sub) = top.todo.pop() else {
@@ -263,7 +301,7 @@ fn walk_fd(root: BorrowedFd<'_>, root_path: &Path, source: Source) -> Result<Vec
         let xattrs = fsx::xattrs_fd(&fd)
             .with_context(|| format!("cannot read the extended attributes of {}", shown(&rel)))?;
         let (kind, xattrs) = interpret_xattrs(&rel, xattrs, source)?;
-        out.push(Found {
+        sink(Found {
             entry: Entry {
                 path: rel.clone(),
                 node: Node::dir(kind),
@@ -272,8 +310,8 @@ fn walk_fd(root: BorrowedFd<'_>, root_path: &Path, source: Source) -> Result<Vec
             },
             id: fsx::dev_ino(&sub.st),
             multi: false,
-        });
-        let todo = list(fd.as_fd(), &rel, source, &mut out)?;
+        })?;
+        let todo = list(fd.as_fd(), &rel, source, sink)?;
         stack.push(Frame {
             rel,
             id: fsx::dev_ino(&sub.st),
@@ -286,29 +324,16 @@ fn walk_fd(root: BorrowedFd<'_>, root_path: &Path, source: Source) -> Result<Vec
             stack[n].fd = None;
         }
     }
-    out.sort_by(|a, b| a.entry.path.cmp(&b.entry.path));
-    // Hard-link groups: only inodes seen at least twice in this layer.
-    let mut count: HashMap<(u64, u64), u32> = HashMap::new();
-    for f in out.iter().filter(|f| f.multi) {
-        *count.entry(f.id).or_default() += 1;
-    }
-    let mut ids: HashMap<(u64, u64), u32> = HashMap::new();
-    for f in out.iter_mut().filter(|f| f.multi) {
-        if count[&f.id] > 1 {
-            let n = ids.len() as u32;
-            f.entry.link = Some(*ids.entry(f.id).or_insert(n));
-        }
-    }
-    Ok(out)
+    Ok(())
 }
 
-/// Classify the entries of directory `dir` (at `rel`) into `out`, except
+/// Classify the entries of directory `dir` (at `rel`) into `sink`, except
 /// subdirectories, which are returned (sorted, last first) to be visited.
 fn list(
     dir: BorrowedFd<'_>,
     rel: &[u8],
     source: Source,
-    out: &mut Vec<Found>,
+    sink: &mut dyn FnMut(Found) -> Result<()>,
 ) -> Result<Vec<Pending>> {
     let mut subdirs = Vec::new();
     let names = fsx::names(dir).with_context(|| format!("cannot list {}", shown(rel)))?;
@@ -325,7 +350,7 @@ fn list(
                     shown(&path)
                 );
             }
-            out.push(Found {
+            sink(Found {
                 entry: Entry {
                     path,
                     node: Node::Whiteout,
@@ -334,7 +359,7 @@ fn list(
                 },
                 id: fsx::dev_ino(&st),
                 multi: false,
-            });
+            })?;
             continue;
         }
         if ft == FileType::Directory {
@@ -362,7 +387,7 @@ fn list(
             FileType::BlockDevice => Node::BlockDev { rdev: st.st_rdev },
             _ => bail!("{} has an unknown file type", shown(&path)),
         };
-        out.push(Found {
+        sink(Found {
             entry: Entry {
                 path,
                 node,
@@ -371,7 +396,7 @@ fn list(
             },
             id: fsx::dev_ino(&st),
             multi: st.st_nlink > 1,
-        });
+        })?;
     }
     subdirs.sort_by(|a, b| b.name.cmp(&a.name));
     Ok(subdirs)
@@ -559,8 +584,165 @@ fn chunk_file(
     Ok(extents)
 }
 
+/// Files whose data is read in parallel at a time.
+const BATCH: usize = 4096;
+
+/// A scanned layer: its entries sorted ([`crate::spill`]: in memory, or
+/// in runs on disk for a large tree), and its hard-link groups.
+pub struct Scanned {
+    sorted: Sorted,
+    groups: Vec<Group>,
+}
+
+/// An inode the walk met under more than one name (`st_nlink > 1`).
+struct Group {
+    /// Names it has in the layer.
+    names: u32,
+    /// Its data, read once from its first name found.
+    extents: Vec<Extent>,
+}
+
+impl Scanned {
+    /// The layer's entries in order. A name of an inode met more than once
+    /// carries its group (numbered in path order from 0) and the data read
+    /// from the first name found; an inode met once is no group.
+    pub fn entries(&self) -> Entries<'_> {
+        let mut numbers: HashMap<u32, u32> = HashMap::new();
+        Box::new(self.sorted.iter().map(move |e| {
+            let e = e?;
+            let Some(g) = e.link else {
+                return Ok(e);
+            };
+            let mut e = e.into_owned();
+            let group = &self.groups[g as usize];
+            if group.names < 2 {
+                e.link = None;
+                return Ok(Cow::Owned(e));
+            }
+            let n = numbers.len() as u32;
+            e.link = Some(*numbers.entry(g).or_insert(n));
+            if let Node::File { extents, .. } = &mut e.node {
+                extents.clone_from(&group.extents);
+            }
+            Ok(Cow::Owned(e))
+        }))
+    }
+
+    /// The whole layer in memory (small layers, tests).
+    ///
+    /// # Errors
+    /// Reading back the sorted runs failed.
+    pub fn layer(&self) -> Result<Layer> {
+        let entries = self
+            .entries()
+            .map(|e| e.map(Cow::into_owned))
+            .collect::<Result<_>>()?;
+        Ok(Layer { entries })
+    }
+
+    /// Sorted runs written to disk (0: the layer was sorted in memory).
+    pub fn runs(&self) -> usize {
+        self.sorted.runs()
+    }
+}
+
+/// Entries on their way from the walk to the sorter: files are read in
+/// batches of [`BATCH`], in parallel.
+struct Pipeline<'a, 'r> {
+    root: BorrowedFd<'a>,
+    packer: &'a Packer<'r>,
+    cfg: &'a crate::repo::Config,
+    progress: Option<&'a indicatif::ProgressBar>,
+    /// Found entries, and whether each is to be read.
+    batch: Vec<(Found, bool)>,
+    inodes: HashMap<(u64, u64), u32>,
+    groups: Vec<Group>,
+    sorter: Sorter,
+    summary: Summary,
+}
+
+impl Pipeline<'_, '_> {
+    fn push(&mut self, mut f: Found) -> Result<()> {
+        self.summary.entries += 1;
+        match f.entry.node {
+            Node::File { size, .. } => {
+                self.summary.files += 1;
+                self.summary.data_bytes += size;
+                if let Some(p) = self.progress {
+                    p.inc_length(size);
+                }
+            }
+            Node::Whiteout => self.summary.whiteouts += 1,
+            _ => {}
+        }
+        let mut read = matches!(f.entry.node, Node::File { .. });
+        f.entry.link = None;
+        if f.multi {
+            // One read per inode: later names share the first one's data.
+            let next = self.groups.len() as u32;
+            let g = *self.inodes.entry(f.id).or_insert(next);
+            if g == next {
+                self.groups.push(Group {
+                    names: 0,
+                    extents: Vec::new(),
+                });
+            } else {
+                read = false;
+            }
+            self.groups[g as usize].names += 1;
+            f.entry.link = Some(g);
+        }
+        self.batch.push((f, read));
+        if self.batch.len() >= BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let (root, packer, cfg, progress) = (self.root, self.packer, self.cfg, self.progress);
+        let read: Vec<Option<Vec<Extent>>> = self
+            .batch
+            .par_iter()
+            .map(|(f, read)| {
+                if !read {
+                    return Ok(None);
+                }
+                let ext = chunk_file(root, f, packer, cfg)?;
+                if let (Some(p), Node::File { size, .. }) = (progress, &f.entry.node) {
+                    p.inc(*size);
+                }
+                Ok(Some(ext))
+            })
+            .collect::<Result<_>>()?;
+        for ((mut f, _), ext) in self.batch.drain(..).zip(read) {
+            if let (Some(ext), Node::File { extents, .. }) = (ext, &mut f.entry.node) {
+                if let Some(g) = f.entry.link {
+                    self.groups[g as usize].extents.clone_from(&ext);
+                }
+                *extents = ext;
+            }
+            self.sorter.push(f.entry)?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(Scanned, Summary)> {
+        self.flush()?;
+        let scanned = Scanned {
+            sorted: self.sorter.finish()?,
+            groups: self.groups,
+        };
+        Ok((scanned, self.summary))
+    }
+}
+
 /// Scan a directory into a layer manifest, storing file data through
-/// `packer`. `progress` is advanced by file bytes.
+/// `packer`. `progress` is advanced by file bytes. Entries go from the
+/// walk to the reading of their data and on to a sorter as they are found,
+/// so memory follows a batch and a sorted run, not the tree; a large tree
+/// is sorted through an unnamed temporary file as `spill` says (see
+/// [`crate::spill`]).
 ///
 /// # Errors
 /// Walk errors, unreadable or changed files, or repository write failures.
@@ -570,18 +752,43 @@ pub fn scan(
     packer: &Packer<'_>,
     cfg: &crate::repo::Config,
     progress: Option<&indicatif::ProgressBar>,
-) -> Result<(Layer, Summary)> {
+    spill: &Spill,
+) -> Result<(Scanned, Summary)> {
     let fd = open_root(root)?;
-    let found = walk_fd(fd.as_fd(), root, source)?;
-    archive_fd(fd.as_fd(), found, packer, cfg, progress)
+    let mut pipe = pipeline(fd.as_fd(), packer, cfg, progress, spill);
+    walk_fd(fd.as_fd(), root, source, &mut |f| pipe.push(f))?;
+    pipe.finish()
 }
 
-/// The second half of [`scan`]: read the data of the regular files a
-/// [`walk`] of `root` found, store it through `packer`, and return the
-/// manifest. Each file is re-opened relative to `root`; one that is no
-/// longer the regular file the walk saw (another inode, another size,
-/// another type) fails the scan, and nothing but a regular file is ever
-/// opened for reading.
+fn pipeline<'a, 'r>(
+    root: BorrowedFd<'a>,
+    packer: &'a Packer<'r>,
+    cfg: &'a crate::repo::Config,
+    progress: Option<&'a indicatif::ProgressBar>,
+    spill: &Spill,
+) -> Pipeline<'a, 'r> {
+    if let Some(p) = progress {
+        p.set_length(0);
+    }
+    Pipeline {
+        root,
+        packer,
+        cfg,
+        progress,
+        batch: Vec::with_capacity(BATCH),
+        inodes: HashMap::new(),
+        groups: Vec::new(),
+        sorter: Sorter::new(spill),
+        summary: Summary::default(),
+    }
+}
+
+/// The second half of [`scan`], for a [`walk`] made earlier: read the
+/// data of the regular files it found, store it through `packer`, and
+/// return the manifest. Each file is re-opened relative to `root`; one
+/// that is no longer the regular file the walk saw (another inode,
+/// another size, another type) fails the scan, and nothing but a regular
+/// file is ever opened for reading.
 ///
 /// # Errors
 /// `root` is no longer the walked directory, a file changed, or a read or
@@ -601,84 +808,13 @@ pub fn archive(
             root.display()
         );
     }
-    archive_fd(fd.as_fd(), found, packer, cfg, progress)
-}
-
-fn archive_fd(
-    root: BorrowedFd<'_>,
-    found: Vec<Found>,
-    packer: &Packer<'_>,
-    cfg: &crate::repo::Config,
-    progress: Option<&indicatif::ProgressBar>,
-) -> Result<(Layer, Summary)> {
-    if let Some(p) = progress {
-        let total: u64 = found
-            .iter()
-            .map(|f| match f.entry.node {
-                Node::File { size, .. } => size,
-                _ => 0,
-            })
-            .sum();
-        p.set_length(total);
+    let spill = Spill::in_dir(&std::env::temp_dir());
+    let mut pipe = pipeline(fd.as_fd(), packer, cfg, progress, &spill);
+    for f in found {
+        pipe.push(f)?;
     }
-    // One read per inode: hard-linked names share the first name's chunks.
-    let mut first_of_group: HashMap<u32, usize> = HashMap::new();
-    let todo: Vec<usize> = found
-        .iter()
-        .enumerate()
-        .filter(|(_, f)| matches!(f.entry.node, Node::File { .. }))
-        .filter(|(i, f)| match f.entry.link {
-            Some(g) => *first_of_group.entry(g).or_insert(*i) == *i,
-            None => true,
-        })
-        .map(|(i, _)| i)
-        .collect();
-    let results: Vec<(usize, Vec<Extent>)> = todo
-        .par_iter()
-        .map(|&i| {
-            let ext = chunk_file(root, &found[i], packer, cfg)?;
-            if let (Some(p), Node::File { size, .. }) = (progress, &found[i].entry.node) {
-                p.inc(*size);
-            }
-            Ok((i, ext))
-        })
-        .collect::<Result<_>>()?;
-    drop(todo);
-    // The extents go into the walk's entries in place (results are in
-    // `todo`'s order, which is index order): no second table of every
-    // file, and the entries reuse the walk's allocation.
-    let mut found = found;
-    for (i, ext) in results {
-        if let Node::File { extents, .. } = &mut found[i].entry.node {
-            *extents = ext;
-        }
-    }
-    for i in 0..found.len() {
-        let src = match (found[i].entry.link, &found[i].entry.node) {
-            (Some(g), Node::File { .. }) => first_of_group.get(&g).copied(),
-            _ => None,
-        };
-        let from = match src.map(|s| &found[s].entry.node) {
-            Some(Node::File { extents, .. }) if src != Some(i) => extents.clone(),
-            _ => continue,
-        };
-        if let Node::File { extents, .. } = &mut found[i].entry.node {
-            *extents = from;
-        }
-    }
-    let mut summary = Summary::default();
-    let entries: Vec<Entry> = found.into_iter().map(|f| f.entry).collect();
-    for e in &entries {
-        match e.node {
-            Node::File { .. } => summary.files += 1,
-            Node::Whiteout => summary.whiteouts += 1,
-            _ => {}
-        }
-    }
-    let layer = Layer { entries };
-    summary.entries = layer.entries.len() as u64;
-    summary.data_bytes = layer.data_bytes();
-    Ok((layer, summary))
+    let (scanned, summary) = pipe.finish()?;
+    Ok((scanned.layer()?, summary))
 }
 
 #[cfg(test)]

@@ -99,9 +99,11 @@ fn content(repo: &Repo, node: &Node) -> Vec<u8> {
 
 fn scan_into(repo: &Repo, root: &Path, source: Source) -> anyhow::Result<Layer> {
     let packer = Packer::new(repo);
-    let (layer, _) = scan::scan(root, source, &packer, &repo.config, None)?;
+    let dir = tempfile::tempdir()?;
+    let spill = laybak::spill::Spill::in_dir(dir.path());
+    let (scanned, _) = scan::scan(root, source, &packer, &repo.config, None, &spill)?;
     packer.finish()?;
-    Ok(layer)
+    scanned.layer()
 }
 
 /// Run `f` on another thread; fail the test (instead of hanging it) if it
@@ -487,4 +489,108 @@ fn an_ordinary_tree_scans_as_an_independent_listing_sees_it() {
         })
         .collect();
     assert_eq!(groups, [Some(0), Some(0), Some(1), Some(1), Some(0)]);
+}
+
+/// A tree large enough to be sorted through runs on disk gives the layer
+/// the in-memory sort gives: the same entries in path order (names that
+/// sort between a directory and its contents, `d-1` between `d` and
+/// `d/x`, among them), hard-link groups numbered in path order across
+/// runs, every name of a group carrying the data read once, an inode met
+/// once no group; and the layer is written as pages and read back whole.
+#[test]
+fn a_tree_sorted_through_runs_on_disk_is_the_tree_sorted_in_memory() {
+    // Pages of 7 entries: the layer is written as pages and read back.
+    // SAFETY: set before any thread starts, in this test's own process
+    // (nextest runs each test in one).
+    unsafe { std::env::set_var("LAYBAK_PAGE_ENTRIES", "7") };
+    let env = Env::new();
+    let root = env.path("tree");
+    std::fs::create_dir(&root).unwrap();
+    for d in 0..12 {
+        let dir = root.join(format!("d{}", d % 4)).join(format!("s{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(root.join(format!("d{}-{d}", d % 4))).unwrap();
+        std::fs::write(root.join(format!("d{}.{d}", d % 4)), format!("dot {d}")).unwrap();
+        for f in 0..40 {
+            std::fs::write(dir.join(format!("f{f}")), format!("file {d} {f}")).unwrap();
+        }
+    }
+    // Groups whose names are far apart in the walk and in path order.
+    std::fs::hard_link(root.join("d0/s0/f1"), root.join("d3/s11/zz-link")).unwrap();
+    std::fs::hard_link(root.join("d0/s0/f1"), root.join("d1-1/first")).unwrap();
+    std::fs::hard_link(root.join("d2/s6/f7"), root.join("d0-0/again")).unwrap();
+    // An inode with another name outside the tree: no group.
+    std::fs::hard_link(root.join("d1/s5/f3"), env.path("outside")).unwrap();
+
+    let repo = Repo::init(&env.path("repo"), &laybak::repo::Protection::Plaintext).unwrap();
+    let scan_with = |budget: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = laybak::spill::Spill {
+            dir: dir.path().into(),
+            budget,
+        };
+        let packer = Packer::new(&repo);
+        let (scanned, summary) =
+            scan::scan(&root, Source::Base, &packer, &repo.config, None, &spill).unwrap();
+        let file = repo
+            .stage_entries(&|| Ok(scanned.entries()), &packer)
+            .unwrap();
+        packer.finish().unwrap();
+        let id = repo.put_layer(file).unwrap();
+        // Unnamed: nothing left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        (scanned.layer().unwrap(), scanned.runs(), summary, id)
+    };
+    let (memory, none, summary, mem_id) = scan_with(usize::MAX);
+    let (runs, many, _, runs_id) = scan_with(8 << 10);
+    assert_eq!(none, 0);
+    assert!(many > 10, "only {many} runs");
+    memory.validate().unwrap();
+    assert_eq!(runs, memory);
+    assert_eq!(summary.entries, memory.entries.len() as u64);
+    assert_eq!(summary.files, 12 * 40 + 12 + 3);
+
+    let get = |p: &str| {
+        memory
+            .entries
+            .iter()
+            .find(|e| e.path == p.as_bytes())
+            .unwrap_or_else(|| panic!("{p} missing"))
+    };
+    let groups: Vec<Option<u32>> = ["d0-0/again", "d0/s0/f1", "d1-1/first", "d2/s6/f7"]
+        .iter()
+        .map(|p| get(p).link)
+        .collect();
+    // Numbered in path order: d0-0/again is group 0, d0/s0/f1 group 1.
+    assert_eq!(groups, [Some(0), Some(1), Some(1), Some(0)]);
+    assert_eq!(get("d3/s11/zz-link").link, Some(1));
+    assert_eq!(get("d1/s5/f3").link, None);
+    for (a, b) in [("d0/s0/f1", "d3/s11/zz-link"), ("d2/s6/f7", "d0-0/again")] {
+        assert_eq!(get(a).node, get(b).node);
+        assert_eq!(
+            content(&repo, &get(b).node),
+            std::fs::read(root.join(a)).unwrap()
+        );
+    }
+
+    let paged = walk_files(&env.path("repo").join("layers"))
+        .iter()
+        .filter(|f| std::fs::read(f).unwrap()[7] == laybak::format::LAYER_PAGES)
+        .count();
+    assert!(paged > 0, "the layer was not written as pages");
+    assert_eq!(repo.read_layer(&mem_id).unwrap(), memory);
+    assert_eq!(repo.read_layer(&runs_id).unwrap(), memory);
+}
+
+fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

@@ -519,7 +519,8 @@ fn random_directory_renames_with_strict_rotation() {
 /// The same with layer manifests cut into pages of three entries (format
 /// version 4), so every command meets paged layers: attach, snapshots,
 /// restore from the repository alone, squash and prune, historical
-/// mounts from the cache, detach.
+/// mounts from the cache, detach; and every scan sorts its entries through
+/// runs on disk (a run budget of 2,000 bytes).
 #[test]
 fn random_directory_renames_with_paged_manifests() {
     random_rounds_opts(
@@ -528,7 +529,7 @@ fn random_directory_renames_with_paged_manifests() {
         25,
         Some("3"),
         true,
-        &[("LAYBAK_PAGE_ENTRIES", "3")],
+        &[("LAYBAK_PAGE_ENTRIES", "3"), ("LAYBAK_RUN_BYTES", "2000")],
     );
 }
 

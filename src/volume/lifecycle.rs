@@ -174,7 +174,7 @@ pub fn attach(state_dir: &Path, repo: &Repo, path: &Path, opts: AttachOpts) -> R
     let _attach_lock = state_lock(state_dir)?;
     refuse_attach(state_dir, repo, &path, &name)?;
     // Refuse overlay artefacts in user data before touching anything.
-    scan::walk(&path, Source::Base)?;
+    scan::check_tree(&path, Source::Base)?;
     let root_md = fs::symlink_metadata(&path)?;
     let store = path.join(STORE);
     make_store(&path, &store)?;
