@@ -1003,7 +1003,15 @@ impl Repo {
         Ok(lock(&self.added).get(id).copied())
     }
 
+    /// Remember where blobs just listed in an index file are, for
+    /// [`Repo::locate`] — only when the index is loaded already: one loaded
+    /// later reads that index file from the repository, and an import of
+    /// millions of blobs with the blob cache never loads it (so this
+    /// table, the largest per blob, is not built for it).
     fn note_written(&self, packs: &[IndexPack]) {
+        if self.index.get().is_none() {
+            return;
+        }
         let mut added = lock(&self.added);
         for p in packs {
             for b in &p.blobs {
@@ -1825,10 +1833,15 @@ pub struct Packer<'r> {
     /// Where the blob cache lives; opened on first use, so a snapshot
     /// without new data never touches it.
     cache_dir: Option<PathBuf>,
-    cache: OnceLock<Option<crate::blobcache::BlobCache>>,
+    cache: OnceLock<Option<std::sync::RwLock<crate::blobcache::BlobCache>>>,
+    /// Blobs stored by this packer and not yet handed to the cache.
     seen: Mutex<HashSet<BlobId>>,
     cur: Mutex<PackBuf>,
-    done: Mutex<Vec<IndexPack>>,
+    /// Packs written and not yet listed in an index file, with the number
+    /// of blobs in them.
+    done: Mutex<(Vec<IndexPack>, usize)>,
+    /// An index file is written once that number reaches this.
+    index_every: usize,
     stats: Mutex<(u64, u64)>,
 }
 
@@ -1841,8 +1854,24 @@ impl<'r> Packer<'r> {
             cache: OnceLock::new(),
             seen: Mutex::new(HashSet::new()),
             cur: Mutex::new(PackBuf::new(&repo.crypt)),
-            done: Mutex::new(Vec::new()),
+            done: Mutex::new((Vec::new(), 0)),
+            index_every: index_blobs(),
             stats: Mutex::new((0, 0)),
+        }
+    }
+
+    /// Blobs this packer holds in memory to skip repeats (tests).
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        lock(&self.seen).len()
+    }
+
+    /// This packer, writing an index file every `n` blobs (tests).
+    #[cfg(test)]
+    pub(crate) fn index_every(self, n: usize) -> Packer<'r> {
+        Packer {
+            index_every: n,
+            ..self
         }
     }
 
@@ -1874,12 +1903,14 @@ impl<'r> Packer<'r> {
     /// Index loading or pack writing failed.
     pub fn add(&self, id: BlobId, data: &[u8]) -> Result<()> {
         let cache = self.cache.get_or_init(|| {
-            self.cache_dir
-                .as_ref()
-                .and_then(|d| crate::blobcache::BlobCache::open(d, self.repo).ok())
+            self.cache_dir.as_ref().and_then(|d| {
+                crate::blobcache::BlobCache::open(d, self.repo)
+                    .ok()
+                    .map(std::sync::RwLock::new)
+            })
         });
         let present = match cache {
-            Some(c) => c.contains(&id)? || lock(&self.repo.added).contains_key(&id),
+            Some(c) => read_lock(c).contains(&id)? || lock(&self.repo.added).contains_key(&id),
             None => self.repo.locate(&id)?.is_some(),
         };
         if present {
@@ -1948,24 +1979,55 @@ impl<'r> Packer<'r> {
         self.repo
             .put(&pack.file)
             .with_context(|| format!("cannot write a pack to {}", self.repo.location.display()))?;
-        lock(&self.done).push(pack.index);
+        let due = {
+            let mut done = lock(&self.done);
+            done.1 += pack.index.blobs.len();
+            done.0.push(pack.index);
+            done.1 >= self.index_every
+        };
+        if due {
+            self.write_index()?;
+        }
+        Ok(())
+    }
+
+    /// List the packs written so far in an index file. An import of
+    /// millions of blobs writes one every [`INDEX_BLOBS`] blobs: the list
+    /// of packs, and the set of blobs stored (handed to the blob cache,
+    /// which keeps most of them on disk), stay bounded.
+    fn write_index(&self) -> Result<()> {
+        let (done, _) = std::mem::take(&mut *lock(&self.done));
+        if done.is_empty() {
+            return Ok(());
+        }
+        crate::failpoint::hit("index-write")?;
+        let index = self.repo.write_index(&done)?;
+        self.repo.note_written(&done);
+        if let Some(Some(cache)) = self.cache.get() {
+            let ids = || done.iter().flat_map(|p| p.blobs.iter().map(|b| b.id));
+            // In the cache first, then out of `seen`: a blob is always in
+            // one of them. (A merge that fails keeps them in memory.)
+            if write_lock(cache).absorb(index, ids()).is_ok() {
+                let mut seen = lock(&self.seen);
+                for id in ids() {
+                    seen.remove(&id);
+                }
+                let keep = seen.len() * 2;
+                seen.shrink_to(keep);
+            }
+        }
         Ok(())
     }
 
     /// Flush the last pack and write the index for everything this packer
-    /// stored.
+    /// stored and did not list yet.
     ///
     /// # Errors
     /// Pack or index write failed.
     pub fn finish(self) -> Result<Added> {
         let last = std::mem::replace(&mut *lock(&self.cur), PackBuf::new(&self.repo.crypt));
         self.write_pack(last)?;
-        let done = std::mem::take(&mut *lock(&self.done));
-        if !done.is_empty() {
-            crate::failpoint::hit("index-write")?;
-            self.repo.write_index(&done)?;
-            self.repo.note_written(&done);
-        }
+        self.write_index()?;
         let (blobs, bytes) = *lock(&self.stats);
         Ok(Added { blobs, bytes })
     }
@@ -1988,6 +2050,22 @@ fn borrowed(layer: &Layer) -> Entries<'_> {
     Box::new(layer.entries.iter().map(|e| Ok(Cow::Borrowed(e))))
 }
 
+/// A packer writes an index file once its unlisted packs hold this many
+/// blobs.
+pub const INDEX_BLOBS: usize = 1 << 16;
+
+/// [`INDEX_BLOBS`], or `LAYBAK_INDEX_BLOBS` (for tests).
+fn index_blobs() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("LAYBAK_INDEX_BLOBS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(INDEX_BLOBS)
+    })
+}
+
 /// Entries per layer page: [`crate::layer::PAGE_ENTRIES`], or
 /// `LAYBAK_PAGE_ENTRIES` (for tests: small pages on small trees).
 fn page_entries() -> usize {
@@ -1999,6 +2077,14 @@ fn page_entries() -> usize {
             .filter(|&n| n > 0)
             .unwrap_or(crate::layer::PAGE_ENTRIES)
     })
+}
+
+fn read_lock<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write_lock<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
