@@ -2057,26 +2057,24 @@ pub const INDEX_BLOBS: usize = 1 << 16;
 /// [`INDEX_BLOBS`], or `LAYBAK_INDEX_BLOBS` (for tests).
 fn index_blobs() -> usize {
     static N: OnceLock<usize> = OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("LAYBAK_INDEX_BLOBS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or(INDEX_BLOBS)
-    })
+    *N.get_or_init(|| env_count("LAYBAK_INDEX_BLOBS", INDEX_BLOBS))
+}
+
+/// The positive number in environment variable `name` (a test knob), or
+/// `default`.
+pub(crate) fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(default)
 }
 
 /// Entries per layer page: [`crate::layer::PAGE_ENTRIES`], or
 /// `LAYBAK_PAGE_ENTRIES` (for tests: small pages on small trees).
 fn page_entries() -> usize {
     static N: OnceLock<usize> = OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("LAYBAK_PAGE_ENTRIES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or(crate::layer::PAGE_ENTRIES)
-    })
+    *N.get_or_init(|| env_count("LAYBAK_PAGE_ENTRIES", crate::layer::PAGE_ENTRIES))
 }
 
 fn read_lock<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {

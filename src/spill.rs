@@ -84,14 +84,9 @@ impl Spill {
     /// Runs in `dir`, past [`RUN_BYTES`] (or `LAYBAK_RUN_BYTES`, for
     /// tests: runs on small trees).
     pub fn in_dir(dir: &Path) -> Spill {
-        let budget = std::env::var("LAYBAK_RUN_BYTES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n: &usize| n > 0)
-            .unwrap_or(RUN_BYTES);
         Spill {
             dir: dir.to_path_buf(),
-            budget,
+            budget: crate::repo::env_count("LAYBAK_RUN_BYTES", RUN_BYTES),
         }
     }
 }
